@@ -1,0 +1,372 @@
+"""The activation store: dense activations of one or more hook points, on disk as a Zarr v3 group.
+
+Layout (readable with plain ``zarr.open_group``, no saecore import needed)::
+
+    activations.zarr/
+      zarr.json            group; attrs["saecore"] holds the metadata below once the store is complete
+      acts/<hook>          [N, d] float16 | bfloat16 | float32, chunks of ``chunk_rows`` rows
+      token_ids            [N] int32   token id of each row
+      doc_ids              [N] int64   document index in the corpus
+      positions            [N] int32   position of the token inside its context
+      commit.json          how far a (possibly interrupted) writer got; written by atomic rename
+
+Rows are written in whole batches and a batch becomes part of the store only when ``commit.json`` says
+so. zarr-python writes every chunk and metadata document by write-aside-then-rename, so a killed
+writer leaves committed rows intact, and a rerun continues at the first uncommitted batch. Readers
+refuse an incomplete store instead of silently reading a prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .errors import StoreError, StoreMismatchError
+
+FORMAT = "saecore.activations/1"
+COMMIT_FILE = "commit.json"
+DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _zarr_dtype(dtype: str) -> Any:
+    if dtype not in DTYPES:
+        raise ValueError(f"activation dtype must be one of {DTYPES}, got {dtype!r}")
+    if dtype == "bfloat16":
+        import ml_dtypes  # shipped with recent numpy stacks; bfloat16 has no NumPy-native dtype
+
+        return ml_dtypes.bfloat16
+    return np.dtype(dtype)
+
+
+def hook_array_name(hook: str) -> str:
+    """Zarr array name of a hook point (hook names may contain dots, which zarr allows)."""
+    return f"acts/{hook}"
+
+
+def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _spec_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: store has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+@dataclass
+class CommitState:
+    """What an activation-store writer has made durable so far."""
+
+    batches_done: int
+    rows_committed: int
+    sum_sq_norm: dict[str, float]
+    complete: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "batches_done": self.batches_done,
+            "rows_committed": self.rows_committed,
+            "sum_sq_norm": self.sum_sq_norm,
+            "complete": self.complete,
+        }
+
+    @classmethod
+    def from_file(cls, path: Path) -> CommitState:
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                batches_done=int(data["batches_done"]),
+                rows_committed=int(data["rows_committed"]),
+                sum_sq_norm={k: float(v) for k, v in data["sum_sq_norm"].items()},
+                complete=bool(data.get("complete", False)),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise StoreError(f"{path}: unreadable commit record ({e}); the store is corrupt") from e
+
+
+class ActivationStoreWriter:
+    """Creates or resumes an activation store and appends whole batches to it.
+
+    ``spec`` is every argument that determines the store's content (model, hooks, corpus fingerprint,
+    context length, dtype, exclusions, batch size …). Reopening a store with a different spec raises
+    :class:`StoreMismatchError` naming each difference, so a rerun never mixes two harvests.
+    """
+
+    def __init__(self, path: Path, group: zarr.Group, spec: dict[str, Any], state: CommitState, chunk_rows: int):
+        self.path = path
+        self._group = group
+        self.spec = spec
+        self.state = state
+        self.chunk_rows = chunk_rows
+        self.hooks: list[str] = list(spec["hooks"])
+        self._buffer: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]] = []
+        self._buffered_batches = 0
+        self._buffered_rows = 0
+
+    # -- opening ---------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        spec: dict[str, Any],
+        hook_dims: Mapping[str, int],
+        capacity_rows: int,
+        chunk_rows: int = 4096,
+    ) -> ActivationStoreWriter:
+        """Open ``path`` for writing: resume it if it holds the same spec, create it if absent."""
+        path = Path(path)
+        spec = json.loads(json.dumps(dict(spec)))  # normalise tuples → lists so comparison is exact
+        if set(hook_dims) != set(spec["hooks"]):
+            raise ValueError(f"hook_dims {sorted(hook_dims)} do not match spec hooks {spec['hooks']}")
+        if path.exists() and (path / COMMIT_FILE).exists():
+            return cls._resume(path, spec, chunk_rows)
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(f"{path}: exists and is not an activation store (no {COMMIT_FILE}); refusing to overwrite it")
+        return cls._create(path, spec, hook_dims, capacity_rows, chunk_rows)
+
+    @classmethod
+    def _resume(cls, path: Path, spec: dict[str, Any], chunk_rows: int) -> ActivationStoreWriter:
+        group = zarr.open_group(str(path), mode="r+")
+        stored_spec = dict(group.attrs.get("saecore_spec", {}))
+        differences = _spec_differences(stored_spec, spec)
+        if differences:
+            raise StoreMismatchError(
+                f"{path}: holds a harvest made with other arguments; use a new output path or delete it.\n  "
+                + "\n  ".join(differences)
+            )
+        state = CommitState.from_file(path / COMMIT_FILE)
+        stored_chunk_rows = int(group["token_ids"].chunks[0])
+        return cls(path, group, spec, state, stored_chunk_rows if stored_chunk_rows else chunk_rows)
+
+    @classmethod
+    def _create(
+        cls, path: Path, spec: dict[str, Any], hook_dims: Mapping[str, int], capacity_rows: int, chunk_rows: int
+    ) -> ActivationStoreWriter:
+        # Build the empty store beside its final name and rename it into place, so a crash during
+        # creation never leaves a folder that looks like a store.
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.creating")
+        capacity_rows = max(int(capacity_rows), 1)
+        group = zarr.open_group(str(staging), mode="w", zarr_format=3)
+        compressors = [zarr.codecs.ZstdCodec(level=3)]
+        for hook in spec["hooks"]:
+            group.create_array(
+                hook_array_name(hook),
+                shape=(capacity_rows, int(hook_dims[hook])),
+                chunks=(chunk_rows, int(hook_dims[hook])),
+                dtype=_zarr_dtype(spec["dtype"]),
+                compressors=compressors,
+                fill_value=0,
+            )
+        for name, dtype in (("token_ids", "int32"), ("doc_ids", "int64"), ("positions", "int32")):
+            group.create_array(
+                name, shape=(capacity_rows,), chunks=(chunk_rows,), dtype=dtype, compressors=compressors, fill_value=-1
+            )
+        group.attrs["saecore_spec"] = spec
+        state = CommitState(batches_done=0, rows_committed=0, sum_sq_norm={h: 0.0 for h in spec["hooks"]})
+        _write_json_atomic(staging / COMMIT_FILE, state.to_json())
+        if path.exists():
+            path.rmdir()  # an empty folder the user made for us
+        os.replace(staging, path)
+        return cls(path, zarr.open_group(str(path), mode="r+"), spec, state, chunk_rows)
+
+    # -- writing ---------------------------------------------------------------------------------
+    @property
+    def batches_done(self) -> int:
+        """Batches durably committed; a harvest resumes at this batch index."""
+        return self.state.batches_done + self._buffered_batches
+
+    def append(
+        self,
+        acts: Mapping[str, np.ndarray],
+        token_ids: np.ndarray,
+        doc_ids: np.ndarray,
+        positions: np.ndarray,
+    ) -> None:
+        """Queue one batch's kept rows (possibly zero rows); flushes whole chunks as they fill."""
+        rows = len(token_ids)
+        for hook in self.hooks:
+            a = acts[hook]
+            if a.ndim != 2 or a.shape[0] != rows:
+                raise ValueError(f"acts[{hook!r}] has shape {a.shape}, expected ({rows}, d)")
+            if not np.isfinite(a).all():
+                bad = int(np.argwhere(~np.isfinite(a).all(axis=1))[0, 0])
+                raise ValueError(
+                    f"hook {hook!r}: non-finite activation in batch {self.batches_done}, row {bad} "
+                    f"(token id {int(token_ids[bad])}); the model produced NaN/Inf"
+                )
+        if not (len(doc_ids) == len(positions) == rows):
+            raise ValueError("token_ids, doc_ids and positions must have the same length")
+        self._buffer.append((dict(acts), token_ids, doc_ids, positions))
+        self._buffered_batches += 1
+        self._buffered_rows += rows
+        if self._buffered_rows >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered batches and commit them (atomic rename of the commit record)."""
+        if not self._buffered_batches:
+            return
+        start = self.state.rows_committed
+        stop = start + self._buffered_rows
+        self._ensure_capacity(stop)
+        if self._buffered_rows:
+            sum_sq = dict(self.state.sum_sq_norm)
+            for hook in self.hooks:
+                block = np.concatenate([b[0][hook] for b in self._buffer], axis=0)
+                self._group[hook_array_name(hook)][start:stop] = block.astype(self._group[hook_array_name(hook)].dtype)
+                sum_sq[hook] += float(np.square(block.astype(np.float64)).sum())
+            for i, name in enumerate(("token_ids", "doc_ids", "positions"), start=1):
+                self._group[name][start:stop] = np.concatenate([b[i] for b in self._buffer])
+        else:
+            sum_sq = self.state.sum_sq_norm
+        new_state = CommitState(self.state.batches_done + self._buffered_batches, stop, sum_sq)
+        _write_json_atomic(self.path / COMMIT_FILE, new_state.to_json())
+        self.state = new_state
+        self._buffer.clear()
+        self._buffered_batches = 0
+        self._buffered_rows = 0
+
+    def _ensure_capacity(self, rows: int) -> None:
+        capacity = self._group["token_ids"].shape[0]
+        if rows <= capacity:
+            return
+        new_capacity = max(rows, 2 * capacity)
+        for name in [hook_array_name(h) for h in self.hooks] + ["token_ids", "doc_ids", "positions"]:
+            arr = self._group[name]
+            arr.resize((new_capacity, *arr.shape[1:]))
+
+    def finish(self, extra_attrs: Mapping[str, Any] | None = None) -> ActivationStore:
+        """Flush, trim the arrays to the rows written, record the metadata, and mark the store complete."""
+        self.flush()
+        rows = self.state.rows_committed
+        if rows == 0:
+            raise StoreError(f"{self.path}: no rows were harvested (every token was excluded or the corpus is empty)")
+        for name in [hook_array_name(h) for h in self.hooks] + ["token_ids", "doc_ids", "positions"]:
+            arr = self._group[name]
+            if arr.shape[0] != rows:
+                arr.resize((rows, *arr.shape[1:]))
+        meta = dict(self.spec)
+        meta.update(extra_attrs or {})
+        meta["format"] = FORMAT
+        meta["num_rows"] = rows
+        meta["d_model"] = {h: int(self._group[hook_array_name(h)].shape[1]) for h in self.hooks}
+        meta["mean_squared_norm"] = {h: self.state.sum_sq_norm[h] / rows for h in self.hooks}
+        self._group.attrs["saecore"] = meta
+        self.state = CommitState(self.state.batches_done, rows, self.state.sum_sq_norm, complete=True)
+        _write_json_atomic(self.path / COMMIT_FILE, self.state.to_json())
+        return ActivationStore(self.path)
+
+
+class ActivationStore:
+    """Read-only view of a complete activation store.
+
+    >>> store = ActivationStore("runs/demo/activations.zarr")      # doctest: +SKIP
+    >>> x = store.read(store.hooks[0], 0, 4096)                      # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no activation store here")
+        commit_path = self.path / COMMIT_FILE
+        if not commit_path.exists():
+            raise StoreError(f"{self.path}: not an activation store (no {COMMIT_FILE})")
+        state = CommitState.from_file(commit_path)
+        if not state.complete:
+            raise StoreError(
+                f"{self.path}: incomplete activation store ({state.rows_committed} rows from "
+                f"{state.batches_done} batches committed); rerun the same harvest command to finish it"
+            )
+        try:
+            self._group = zarr.open_group(str(self.path), mode="r")
+            self.attrs: dict[str, Any] = dict(self._group.attrs["saecore"])
+        except Exception as e:  # zarr raises several types for damaged metadata
+            raise StoreError(f"{self.path}: unreadable zarr metadata ({e})") from e
+        if self.attrs.get("format") != FORMAT:
+            raise StoreError(f"{self.path}: format {self.attrs.get('format')!r}, expected {FORMAT!r}")
+        self.hooks: list[str] = list(self.attrs["hooks"])
+        self.num_rows: int = int(self.attrs["num_rows"])
+        for name in [hook_array_name(h) for h in self.hooks] + ["token_ids", "doc_ids", "positions"]:
+            if self._group[name].shape[0] != self.num_rows:
+                raise StoreError(
+                    f"{self.path}: array {name} has {self._group[name].shape[0]} rows, metadata says {self.num_rows}"
+                )
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def __repr__(self) -> str:
+        dims = ", ".join(f"{h}: {self.d_model(h)}" for h in self.hooks)
+        return f"ActivationStore({str(self.path)!r}, rows={self.num_rows}, {dims})"
+
+    def _check_hook(self, hook: str | None) -> str:
+        if hook is None:
+            if len(self.hooks) != 1:
+                raise ValueError(f"{self.path}: store holds hooks {self.hooks}; name one")
+            return self.hooks[0]
+        if hook not in self.hooks:
+            raise KeyError(f"{self.path}: no hook {hook!r}; the store holds {self.hooks}")
+        return hook
+
+    def d_model(self, hook: str | None = None) -> int:
+        """Width of the activations at ``hook``."""
+        return int(self.attrs["d_model"][self._check_hook(hook)])
+
+    def mean_squared_norm(self, hook: str | None = None) -> float:
+        """Mean ‖x‖² over all rows at ``hook`` (Anthropic's input scaling divides by its square root)."""
+        return float(self.attrs["mean_squared_norm"][self._check_hook(hook)])
+
+    def array(self, hook: str | None = None) -> zarr.Array:
+        """The raw zarr array of activations at ``hook`` ([N, d])."""
+        return self._group[hook_array_name(self._check_hook(hook))]
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._group["token_ids"].chunks[0])
+
+    @property
+    def token_ids(self) -> zarr.Array:
+        return self._group["token_ids"]
+
+    @property
+    def doc_ids(self) -> zarr.Array:
+        return self._group["doc_ids"]
+
+    @property
+    def positions(self) -> zarr.Array:
+        return self._group["positions"]
+
+    def read(self, hook: str | None, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
+        """Rows ``start:stop`` at ``hook`` as a NumPy array of ``dtype``."""
+        if not (0 <= start <= stop <= self.num_rows):
+            raise IndexError(f"{self.path}: rows {start}:{stop} outside 0:{self.num_rows}")
+        return np.asarray(self.array(hook)[start:stop]).astype(dtype, copy=False)
+
+    def iter_blocks(
+        self, hook: str | None = None, block_rows: int | None = None, start: int = 0, stop: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_row, float32 block)`` over rows ``start:stop``; memory is one block."""
+        stop = self.num_rows if stop is None else stop
+        block_rows = block_rows or self.chunk_rows
+        for first in range(start, stop, block_rows):
+            yield first, self.read(hook, first, min(first + block_rows, stop))
+
+
+def remove_store(path: str | os.PathLike[str]) -> None:
+    """Delete an activation store (used by ``--overwrite``)."""
+    p = Path(path)
+    if p.exists():
+        if not (p / COMMIT_FILE).exists() and any(p.iterdir()):
+            raise StoreError(f"{p}: not an activation store; refusing to delete it")
+        shutil.rmtree(p)

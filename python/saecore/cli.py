@@ -1,0 +1,88 @@
+"""The ``saecore`` command line: one verb per pipeline stage.
+
+Each verb lives in its own module, which defines ``cli_configure(parser)`` and ``cli_run(args)``. The
+module is imported only when its verb runs, so ``saecore --help`` answers without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> (module, one-line help). Order is the pipeline's order.
+VERBS: dict[str, tuple[str, str]] = {
+    "quickstart": ("saecore.quickstart", "run the whole pipeline on the built-in model and corpus"),
+    "harvest": ("saecore.harvest", "capture hook-point activations of a causal LM into a Zarr store"),
+    "train": ("saecore.train", "train a sparse autoencoder on an activation store"),
+    "eval": ("saecore.evaluate", "evaluate an SAE: L0, explained variance, dead fraction, CE-loss recovered"),
+    "sweep": ("saecore.sweep", "scaling-law sweep over dictionary size x training tokens"),
+    "encode": ("saecore.encode", "encode an activation store through an SAE into a sparse feature store"),
+    "index": ("saecore.index", "per-feature statistics, histograms, top-k and quantile samples"),
+    "neighbours": ("saecore.geometry", "cosine neighbours of decoder directions within and across SAEs"),
+    "splitting": ("saecore.geometry", "feature splitting across SAEs of increasing size"),
+    "geometry": ("saecore.geometry", "decoder-geometry baselines, encoder/decoder cosines and a 2-D feature map"),
+    "steer": ("saecore.interventions", "clamp features during generation; baseline vs steered completion"),
+    "attribute": ("saecore.interventions", "features behind a logit difference: activation, attribution, ablation"),
+    "probe": ("saecore.interventions", "top features on the final token of each prompt (concept probe)"),
+    "pages": ("saecore.pages", "write static HTML feature pages for a run"),
+    "serve": ("saecore.pages", "serve a run's feature pages on localhost"),
+}
+
+
+def _top_level_help() -> str:
+    width = max(map(len, VERBS))
+    lines = [f"  {verb:<{width}}  {help_}" for verb, (_, help_) in VERBS.items()]
+    return "verbs:\n" + "\n".join(lines) + "\n\nRun 'saecore VERB --help' for a verb's options."
+
+
+def build_parser(verb: str) -> argparse.ArgumentParser:
+    """The argument parser of one verb (imports that verb's module)."""
+    module_name, help_ = VERBS[verb]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"saecore {verb}", description=help_)
+    configure = getattr(module, f"cli_configure_{verb}", None) or module.cli_configure
+    configure(parser)
+    parser.set_defaults(_run=getattr(module, f"cli_run_{verb}", None) or module.cli_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
+        prog="saecore",
+        description="Sparse-autoencoder dictionary learning on transformer activations.",
+        epilog=_top_level_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    top.add_argument("--version", action="store_true", help="print the version and exit")
+    top.add_argument("verb", nargs="?", choices=list(VERBS), metavar="VERB", help="the stage to run")
+    if not argv or argv[0] in ("-h", "--help"):
+        top.print_help()
+        return 0
+    if argv[0] == "--version":
+        from . import __version__
+
+        print(__version__)
+        return 0
+    if argv[0] not in VERBS:
+        top.error(f"unknown verb {argv[0]!r}; choose from {', '.join(VERBS)}")
+    verb, rest = argv[0], argv[1:]
+    try:
+        parser = build_parser(verb)
+    except ModuleNotFoundError as e:
+        if e.name == VERBS[verb][0]:
+            print(f"saecore {verb}: not available in this build", file=sys.stderr)
+            return 2
+        raise
+    args = parser.parse_args(rest)
+    try:
+        code = args._run(args)
+    except KeyboardInterrupt:
+        print(f"saecore {verb}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+//! Python wrappers of `saecore::mining`.
+
+use pyo3::prelude::*;
+
+pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+    Ok(())
+}

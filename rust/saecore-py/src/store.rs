@@ -1,0 +1,7 @@
+//! Python wrappers of `saecore::store`.
+
+use pyo3::prelude::*;
+
+pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! One-pass mining of sparse feature activations: statistics, histograms, top-k, quantile samples.

@@ -1,0 +1,1 @@
+//! Cosine neighbours of decoder vectors: blocked products with bounded per-row heaps.

@@ -1,0 +1,1 @@
+//! Sparse feature-activation store (token-major shards, manifest, feature-major copy).

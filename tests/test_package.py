@@ -1,0 +1,25 @@
+"""The package imports, the native module loads, and the CLI describes every verb."""
+
+import subprocess
+import sys
+
+import saecore
+from saecore import _native
+from saecore.cli import VERBS
+
+
+def test_native_module_reports_version_and_threads():
+    assert saecore.__version__ == _native.__version__
+    assert _native.num_threads() >= 1
+
+
+def test_cli_help_lists_every_verb():
+    out = subprocess.run([sys.executable, "-m", "saecore.cli", "--help"], capture_output=True, text=True, check=True)
+    for verb in VERBS:
+        assert verb in out.stdout
+
+
+def test_cli_rejects_unknown_verb():
+    proc = subprocess.run([sys.executable, "-m", "saecore.cli", "frobnicate"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "frobnicate" in proc.stderr
