@@ -23,7 +23,7 @@ import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,37 @@ def _zarr_dtype(dtype: str) -> Any:
     if dtype not in DTYPES:
         raise ValueError(f"activation dtype must be one of {DTYPES}, got {dtype!r}")
     if dtype == "bfloat16":
-        import ml_dtypes  # shipped with recent numpy stacks; bfloat16 has no NumPy-native dtype
-
-        return ml_dtypes.bfloat16
+        # zarr-python 3.1 has no bfloat16 data type, so bfloat16 rows are stored as their raw 16 bits
+        # (uint16, the top half of the float32 bit pattern) with attrs["saecore_dtype"] = "bfloat16".
+        # Any reader decodes them with: (bits.astype(np.uint32) << 16).view(np.float32).
+        return np.dtype(np.uint16)
     return np.dtype(dtype)
+
+
+def float_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 → bfloat16 bit patterns (uint16), rounding to nearest, ties to even (as torch does)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def bf16_bits_to_float(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) → float32 (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _encode_rows(block: np.ndarray, dtype: str, hook: str) -> np.ndarray:
+    """Activations as stored: float16 / float32 / bfloat16 bits; refuses values the dtype cannot hold."""
+    if dtype == "bfloat16":
+        return float_to_bf16_bits(block)
+    with np.errstate(over="ignore"):  # overflow is reported below, by hook name
+        out = block.astype(dtype)
+    if not np.isfinite(out).all():
+        big = float(np.abs(block[np.isfinite(block)]).max())
+        raise ValueError(
+            f"hook {hook!r}: activations up to {big:.4g} overflow {dtype}; harvest with dtype bfloat16 or float32"
+        )
+    return out
 
 
 def hook_array_name(hook: str) -> str:
@@ -71,6 +98,8 @@ class CommitState:
     rows_committed: int
     sum_sq_norm: dict[str, float]
     complete: bool = False
+    #: Running totals the harvester keeps with each commit (tokens seen, rows excluded and why).
+    counters: dict[str, int] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -78,6 +107,7 @@ class CommitState:
             "rows_committed": self.rows_committed,
             "sum_sq_norm": self.sum_sq_norm,
             "complete": self.complete,
+            "counters": self.counters,
         }
 
     @classmethod
@@ -89,6 +119,7 @@ class CommitState:
                 rows_committed=int(data["rows_committed"]),
                 sum_sq_norm={k: float(v) for k, v in data["sum_sq_norm"].items()},
                 complete=bool(data.get("complete", False)),
+                counters={k: int(v) for k, v in data.get("counters", {}).items()},
             )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{path}: unreadable commit record ({e}); the store is corrupt") from e
@@ -112,6 +143,7 @@ class ActivationStoreWriter:
         self._buffer: list[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray]] = []
         self._buffered_batches = 0
         self._buffered_rows = 0
+        self._buffered_counters: dict[str, int] = {}
 
     # -- opening ---------------------------------------------------------------------------------
     @classmethod
@@ -160,7 +192,7 @@ class ActivationStoreWriter:
         group = zarr.open_group(str(staging), mode="w", zarr_format=3)
         compressors = [zarr.codecs.ZstdCodec(level=3)]
         for hook in spec["hooks"]:
-            group.create_array(
+            arr = group.create_array(
                 hook_array_name(hook),
                 shape=(capacity_rows, int(hook_dims[hook])),
                 chunks=(chunk_rows, int(hook_dims[hook])),
@@ -168,6 +200,7 @@ class ActivationStoreWriter:
                 compressors=compressors,
                 fill_value=0,
             )
+            arr.attrs["saecore_dtype"] = spec["dtype"]
         for name, dtype in (("token_ids", "int32"), ("doc_ids", "int64"), ("positions", "int32")):
             group.create_array(
                 name, shape=(capacity_rows,), chunks=(chunk_rows,), dtype=dtype, compressors=compressors, fill_value=-1
@@ -192,8 +225,12 @@ class ActivationStoreWriter:
         token_ids: np.ndarray,
         doc_ids: np.ndarray,
         positions: np.ndarray,
+        counters: Mapping[str, int] | None = None,
     ) -> None:
-        """Queue one batch's kept rows (possibly zero rows); flushes whole chunks as they fill."""
+        """Queue one batch's kept rows (possibly zero rows); flushes whole chunks as they fill.
+
+        ``counters`` (e.g. tokens seen, rows excluded) are added to running totals committed with the rows.
+        """
         rows = len(token_ids)
         for hook in self.hooks:
             a = acts[hook]
@@ -210,6 +247,8 @@ class ActivationStoreWriter:
         self._buffer.append((dict(acts), token_ids, doc_ids, positions))
         self._buffered_batches += 1
         self._buffered_rows += rows
+        for k, v in (counters or {}).items():
+            self._buffered_counters[k] = self._buffered_counters.get(k, 0) + int(v)
         if self._buffered_rows >= self.chunk_rows:
             self.flush()
 
@@ -224,18 +263,22 @@ class ActivationStoreWriter:
             sum_sq = dict(self.state.sum_sq_norm)
             for hook in self.hooks:
                 block = np.concatenate([b[0][hook] for b in self._buffer], axis=0)
-                self._group[hook_array_name(hook)][start:stop] = block.astype(self._group[hook_array_name(hook)].dtype)
+                self._group[hook_array_name(hook)][start:stop] = _encode_rows(block, self.spec["dtype"], hook)
                 sum_sq[hook] += float(np.square(block.astype(np.float64)).sum())
             for i, name in enumerate(("token_ids", "doc_ids", "positions"), start=1):
                 self._group[name][start:stop] = np.concatenate([b[i] for b in self._buffer])
         else:
             sum_sq = self.state.sum_sq_norm
-        new_state = CommitState(self.state.batches_done + self._buffered_batches, stop, sum_sq)
+        counters = dict(self.state.counters)
+        for k, v in self._buffered_counters.items():
+            counters[k] = counters.get(k, 0) + v
+        new_state = CommitState(self.state.batches_done + self._buffered_batches, stop, sum_sq, counters=counters)
         _write_json_atomic(self.path / COMMIT_FILE, new_state.to_json())
         self.state = new_state
         self._buffer.clear()
         self._buffered_batches = 0
         self._buffered_rows = 0
+        self._buffered_counters = {}
 
     def _ensure_capacity(self, rows: int) -> None:
         capacity = self._group["token_ids"].shape[0]
@@ -262,8 +305,11 @@ class ActivationStoreWriter:
         meta["num_rows"] = rows
         meta["d_model"] = {h: int(self._group[hook_array_name(h)].shape[1]) for h in self.hooks}
         meta["mean_squared_norm"] = {h: self.state.sum_sq_norm[h] / rows for h in self.hooks}
+        meta["counters"] = dict(self.state.counters)
         self._group.attrs["saecore"] = meta
-        self.state = CommitState(self.state.batches_done, rows, self.state.sum_sq_norm, complete=True)
+        self.state = CommitState(
+            self.state.batches_done, rows, self.state.sum_sq_norm, complete=True, counters=self.state.counters
+        )
         _write_json_atomic(self.path / COMMIT_FILE, self.state.to_json())
         return ActivationStore(self.path)
 
@@ -328,7 +374,7 @@ class ActivationStore:
         return float(self.attrs["mean_squared_norm"][self._check_hook(hook)])
 
     def array(self, hook: str | None = None) -> zarr.Array:
-        """The raw zarr array of activations at ``hook`` ([N, d])."""
+        """The raw zarr array of activations at ``hook`` ([N, d]); uint16 bit patterns for bfloat16 stores."""
         return self._group[hook_array_name(self._check_hook(hook))]
 
     @property
@@ -351,7 +397,10 @@ class ActivationStore:
         """Rows ``start:stop`` at ``hook`` as a NumPy array of ``dtype``."""
         if not (0 <= start <= stop <= self.num_rows):
             raise IndexError(f"{self.path}: rows {start}:{stop} outside 0:{self.num_rows}")
-        return np.asarray(self.array(hook)[start:stop]).astype(dtype, copy=False)
+        raw = np.asarray(self.array(hook)[start:stop])
+        if self.attrs.get("dtype") == "bfloat16":
+            raw = bf16_bits_to_float(raw)
+        return raw.astype(dtype, copy=False)
 
     def iter_blocks(
         self, hook: str | None = None, block_rows: int | None = None, start: int = 0, stop: int | None = None

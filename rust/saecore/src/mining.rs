@@ -1,1 +1,631 @@
 //! One-pass mining of sparse feature activations: statistics, histograms, top-k, quantile samples.
+//!
+//! Mining is a mergeable reduction over the store's shards: each worker thread folds the shards it
+//! pulls into its own accumulator, and the accumulators are merged at the end, so one shard, many
+//! threads or many machines run the same code and give the same answer.
+//!
+//! * **Pass 1** (one streaming pass): per feature the count, sum, max and min of its nonzero
+//!   activations, and its top-k examples — ordered by larger value first, then smaller row, so ties
+//!   are broken the same way whatever the shard or thread order.
+//! * **Pass 2** (needs each feature's min and max from pass 1): a log-spaced histogram between the
+//!   feature's min and max, and *quantile samples*: the activations are binned by fraction of the
+//!   feature's max (`[b/B, (b+1)/B) · max`) and `s` examples are drawn uniformly from each bin. The
+//!   draw is a bottom-s sketch: each activation gets a pseudo-random key `hash(seed, feature, row)`
+//!   and a bin keeps the `s` smallest keys. Bottom-s sets merge exactly, so the sample is a uniform
+//!   sample without replacement and identical for any sharding or thread count.
+//!
+//! Bin rule (histograms, sample bins, density histogram): a value `x` with edges `e[0..=n]` falls in
+//! the largest bin `j < n` with `e[j] <= x`; the edges are part of the output.
+//!
+//! Memory: `threads × (one decoded shard + d_sae × (40 + 16·k + 8·hist_bins + sample_bins·(16 + 24·s)) bytes)`,
+//! never proportional to the number of tokens.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use crate::error::{Error, Result};
+use crate::parallel;
+use crate::store::{FeatureStore, Shard};
+
+/// What to compute.
+#[derive(Clone, Copy, Debug)]
+pub struct MineOptions {
+    /// Top examples kept per feature.
+    pub k: usize,
+    /// Log-spaced histogram bins per feature.
+    pub hist_bins: usize,
+    /// Activation-level bins (fractions of the feature's max) for quantile samples.
+    pub sample_bins: usize,
+    /// Examples drawn per sample bin.
+    pub samples_per_bin: usize,
+    /// Seed of the sampling hash.
+    pub seed: u64,
+    /// Run pass 2 (histograms and samples); pass 1 alone gives statistics and top-k.
+    pub second_pass: bool,
+}
+
+impl Default for MineOptions {
+    fn default() -> Self {
+        MineOptions { k: 20, hist_bins: 32, sample_bins: 10, samples_per_bin: 10, seed: 0, second_pass: true }
+    }
+}
+
+/// Everything mining produces; per-feature arrays are indexed by feature id.
+#[derive(Clone, Debug, Default)]
+pub struct MineResult {
+    /// Token rows mined.
+    pub n_rows: u64,
+    /// Number of features.
+    pub d_sae: u32,
+    /// Nonzero activations per feature.
+    pub count: Vec<u64>,
+    /// Sum of activations per feature.
+    pub sum: Vec<f64>,
+    /// Largest activation per feature (0 for a feature that never fires).
+    pub max: Vec<f32>,
+    /// Smallest nonzero activation per feature (0 for a feature that never fires).
+    pub min: Vec<f32>,
+    /// Top-k examples, flattened in (feature, rank) order: feature ids.
+    pub top_feature: Vec<u32>,
+    /// Rank within the feature (0 = largest value).
+    pub top_rank: Vec<u16>,
+    /// Token row of each top example.
+    pub top_row: Vec<u64>,
+    /// Activation of each top example.
+    pub top_value: Vec<f32>,
+    /// Histogram edges, `d_sae × (hist_bins + 1)`, log-spaced from min to max (zeros if dead).
+    pub hist_edges: Vec<f32>,
+    /// Histogram counts, `d_sae × hist_bins`.
+    pub hist_counts: Vec<u64>,
+    /// Sample-bin edges, `d_sae × (sample_bins + 1)`: `max · b / sample_bins`.
+    pub sample_edges: Vec<f32>,
+    /// Quantile samples, flattened in (feature, bin, value desc, row asc) order: feature ids.
+    pub sample_feature: Vec<u32>,
+    /// Sample bin of each sample.
+    pub sample_bin: Vec<u16>,
+    /// Token row of each sample.
+    pub sample_row: Vec<u64>,
+    /// Activation of each sample.
+    pub sample_value: Vec<f32>,
+}
+
+/// SplitMix64 finaliser: the sampling hash (reproduced in the Python reference).
+pub fn mix64(z: u64) -> u64 {
+    let mut z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Sampling key of activation (`feature`, `row`).
+pub fn sample_key(seed: u64, feature: u32, row: u64) -> u64 {
+    mix64(mix64(seed ^ u64::from(feature)) ^ row)
+}
+
+/// `true` when example `(va, ra)` ranks above `(vb, rb)`: larger value, then smaller row.
+#[inline]
+fn ranks_above(va: f32, ra: u64, vb: f32, rb: u64) -> bool {
+    va > vb || (va == vb && ra < rb)
+}
+
+/// Per-feature running statistics plus the admission threshold of its top-k heap.
+#[derive(Clone, Copy, Debug)]
+struct FeatureAcc {
+    sum: f64,
+    count: u64,
+    worst_row: u64,
+    max: f32,
+    min: f32,
+    worst_value: f32,
+    len: u32,
+}
+
+const EMPTY_ACC: FeatureAcc = FeatureAcc {
+    sum: 0.0,
+    count: 0,
+    worst_row: 0,
+    max: f32::NEG_INFINITY,
+    min: f32::INFINITY,
+    worst_value: f32::NEG_INFINITY,
+    len: 0,
+};
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Example {
+    value: f32,
+    row: u64,
+}
+
+/// Pass-1 accumulator: statistics and a top-k min-heap (worst example at the root) per feature.
+struct Pass1 {
+    k: usize,
+    acc: Vec<FeatureAcc>,
+    heap: Vec<Example>,
+}
+
+impl Pass1 {
+    fn new(d: usize, k: usize) -> Self {
+        Pass1 { k, acc: vec![EMPTY_ACC; d], heap: vec![Example::default(); d * k] }
+    }
+
+    #[inline]
+    fn add(&mut self, f: usize, value: f32, row: u64) {
+        let a = &mut self.acc[f];
+        a.count += 1;
+        a.sum += f64::from(value);
+        a.max = a.max.max(value);
+        a.min = a.min.min(value);
+        if self.k == 0 {
+            return;
+        }
+        if a.len as usize == self.k && !ranks_above(value, row, a.worst_value, a.worst_row) {
+            return;
+        }
+        let heap = &mut self.heap[f * self.k..(f + 1) * self.k];
+        let len = a.len as usize;
+        if len < self.k {
+            heap[len] = Example { value, row };
+            sift_up(heap, len);
+            a.len += 1;
+        } else {
+            heap[0] = Example { value, row };
+            sift_down(heap, 0, len);
+        }
+        if a.len as usize == self.k {
+            a.worst_value = heap[0].value;
+            a.worst_row = heap[0].row;
+        }
+    }
+
+    fn add_shard(&mut self, shard: &Shard) {
+        for r in 0..shard.rows() {
+            let row = shard.row_start + r as u64;
+            let (lo, hi) = (shard.row_ptr[r] as usize, shard.row_ptr[r + 1] as usize);
+            for (&f, &v) in shard.feature[lo..hi].iter().zip(&shard.value[lo..hi]) {
+                self.add(f as usize, v, row);
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Pass1) {
+        for f in 0..self.acc.len() {
+            let b = other.acc[f];
+            let a = &mut self.acc[f];
+            a.count += b.count;
+            a.sum += b.sum;
+            a.max = a.max.max(b.max);
+            a.min = a.min.min(b.min);
+            // The other side's examples re-enter through `add`, minus the statistics already merged.
+            for e in &other.heap[f * self.k..f * self.k + b.len as usize] {
+                self.offer_example(f, *e);
+            }
+        }
+    }
+
+    fn offer_example(&mut self, f: usize, e: Example) {
+        let saved = self.acc[f];
+        self.add(f, e.value, e.row);
+        let a = &mut self.acc[f];
+        (a.count, a.sum, a.max, a.min) = (saved.count, saved.sum, saved.max, saved.min);
+    }
+}
+
+/// Heap order: the root is the example ranking lowest.
+#[inline]
+fn below(a: Example, b: Example) -> bool {
+    ranks_above(b.value, b.row, a.value, a.row)
+}
+
+fn sift_up(heap: &mut [Example], mut i: usize) {
+    while i > 0 {
+        let parent = (i - 1) / 2;
+        if below(heap[i], heap[parent]) {
+            heap.swap(i, parent);
+            i = parent;
+        } else {
+            break;
+        }
+    }
+}
+
+fn sift_down(heap: &mut [Example], mut i: usize, len: usize) {
+    loop {
+        let (l, r) = (2 * i + 1, 2 * i + 2);
+        let mut lowest = i;
+        if l < len && below(heap[l], heap[lowest]) {
+            lowest = l;
+        }
+        if r < len && below(heap[r], heap[lowest]) {
+            lowest = r;
+        }
+        if lowest == i {
+            return;
+        }
+        heap.swap(i, lowest);
+        i = lowest;
+    }
+}
+
+/// A drawn sample: key decides membership, (row, value) is the payload.
+#[derive(Clone, Copy, Debug, Default)]
+struct Drawn {
+    key: u64,
+    row: u64,
+    value: f32,
+}
+
+/// Pass-2 accumulator: histogram counts and bottom-s reservoirs per (feature, sample bin).
+struct Pass2<'a> {
+    edges: &'a Edges,
+    seed_mix: &'a [u64],
+    hist: Vec<u64>,
+    s: usize,
+    slot_len: Vec<u32>,
+    slots: Vec<Drawn>,
+}
+
+/// Per-feature bin edges and the constants that make a first guess of the bin cheap.
+struct Edges {
+    hist_bins: usize,
+    sample_bins: usize,
+    hist: Vec<f32>,
+    sample: Vec<f32>,
+    ln_min: Vec<f64>,
+    hist_scale: Vec<f64>,
+    sample_scale: Vec<f64>,
+}
+
+impl Edges {
+    fn new(pass1: &Pass1, hist_bins: usize, sample_bins: usize) -> Self {
+        let d = pass1.acc.len();
+        let (hb, sb) = (hist_bins, sample_bins);
+        let mut e = Edges {
+            hist_bins: hb,
+            sample_bins: sb,
+            hist: vec![0.0; d * (hb + 1)],
+            sample: vec![0.0; d * (sb + 1)],
+            ln_min: vec![0.0; d],
+            hist_scale: vec![0.0; d],
+            sample_scale: vec![0.0; d],
+        };
+        for (f, a) in pass1.acc.iter().enumerate() {
+            if a.count == 0 {
+                continue;
+            }
+            let (lo, hi) = (f64::from(a.min), f64::from(a.max));
+            let ratio = hi / lo;
+            let hist = &mut e.hist[f * (hb + 1)..(f + 1) * (hb + 1)];
+            for (j, edge) in hist.iter_mut().enumerate() {
+                *edge = (lo * ratio.powf(j as f64 / hb as f64)) as f32;
+            }
+            hist[0] = a.min;
+            hist[hb] = a.max;
+            let sample = &mut e.sample[f * (sb + 1)..(f + 1) * (sb + 1)];
+            for (b, edge) in sample.iter_mut().enumerate() {
+                *edge = (hi * b as f64 / sb as f64) as f32;
+            }
+            sample[sb] = a.max;
+            e.ln_min[f] = lo.ln();
+            e.hist_scale[f] = if hi > lo { hb as f64 / (hi.ln() - lo.ln()) } else { 0.0 };
+            e.sample_scale[f] = sb as f64 / hi;
+        }
+        e
+    }
+}
+
+/// The largest `j < n` with `edges[j] <= x`, starting the search from the estimate `guess`.
+#[inline]
+fn locate(edges: &[f32], x: f32, guess: f64) -> usize {
+    let n = edges.len() - 1;
+    let mut j = if guess.is_finite() && guess > 0.0 { (guess as usize).min(n - 1) } else { 0 };
+    while j + 1 < n && edges[j + 1] <= x {
+        j += 1;
+    }
+    while j > 0 && edges[j] > x {
+        j -= 1;
+    }
+    j
+}
+
+impl<'a> Pass2<'a> {
+    fn new(edges: &'a Edges, seed_mix: &'a [u64], s: usize) -> Self {
+        let d = seed_mix.len();
+        let slots = d * edges.sample_bins;
+        Pass2 {
+            edges,
+            seed_mix,
+            hist: vec![0; d * edges.hist_bins],
+            s,
+            slot_len: vec![0; slots],
+            slots: vec![Drawn::default(); slots * s],
+        }
+    }
+
+    #[inline]
+    fn add(&mut self, f: usize, value: f32, row: u64) {
+        let e = self.edges;
+        let (hb, sb) = (e.hist_bins, e.sample_bins);
+        if hb > 0 {
+            let guess = (f64::from(value).ln() - e.ln_min[f]) * e.hist_scale[f];
+            let j = locate(&e.hist[f * (hb + 1)..(f + 1) * (hb + 1)], value, guess);
+            self.hist[f * hb + j] += 1;
+        }
+        if sb > 0 && self.s > 0 {
+            let guess = f64::from(value) * e.sample_scale[f];
+            let b = locate(&e.sample[f * (sb + 1)..(f + 1) * (sb + 1)], value, guess);
+            let key = mix64(self.seed_mix[f] ^ row);
+            self.offer(f * sb + b, Drawn { key, row, value });
+        }
+    }
+
+    /// Keep the `s` smallest keys of a slot in a max-heap on (key, row).
+    #[inline]
+    fn offer(&mut self, slot: usize, d: Drawn) {
+        let s = self.s;
+        let len = self.slot_len[slot] as usize;
+        let heap = &mut self.slots[slot * s..(slot + 1) * s];
+        let above = |a: Drawn, b: Drawn| (a.key, a.row) > (b.key, b.row);
+        if len < s {
+            heap[len] = d;
+            let mut i = len;
+            while i > 0 && above(heap[i], heap[(i - 1) / 2]) {
+                heap.swap(i, (i - 1) / 2);
+                i = (i - 1) / 2;
+            }
+            self.slot_len[slot] += 1;
+        } else if above(heap[0], d) {
+            heap[0] = d;
+            let mut i = 0;
+            loop {
+                let (l, r) = (2 * i + 1, 2 * i + 2);
+                let mut top = i;
+                if l < s && above(heap[l], heap[top]) {
+                    top = l;
+                }
+                if r < s && above(heap[r], heap[top]) {
+                    top = r;
+                }
+                if top == i {
+                    break;
+                }
+                heap.swap(i, top);
+                i = top;
+            }
+        }
+    }
+
+    fn add_shard(&mut self, shard: &Shard) {
+        for r in 0..shard.rows() {
+            let row = shard.row_start + r as u64;
+            let (lo, hi) = (shard.row_ptr[r] as usize, shard.row_ptr[r + 1] as usize);
+            for (&f, &v) in shard.feature[lo..hi].iter().zip(&shard.value[lo..hi]) {
+                self.add(f as usize, v, row);
+            }
+        }
+    }
+
+    fn merge(&mut self, other: Pass2<'a>) {
+        self.hist.iter_mut().zip(&other.hist).for_each(|(a, b)| *a += b);
+        for slot in 0..self.slot_len.len() {
+            for i in 0..other.slot_len[slot] as usize {
+                self.offer(slot, other.slots[slot * self.s + i]);
+            }
+        }
+    }
+}
+
+/// Fold every shard of `store` into per-thread accumulators and merge them. `progress` counts
+/// finished shards (a caller may poll it from another thread).
+fn fold_shards<A: Send>(
+    store: &FeatureStore,
+    with_values: bool,
+    progress: &AtomicU64,
+    make: impl Fn() -> A + Sync,
+    step: impl Fn(&mut A, &Shard) + Sync,
+    merge: impl Fn(&mut A, A),
+) -> Result<A> {
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let failure: Mutex<Option<Error>> = Mutex::new(None);
+    let finished: Mutex<Vec<A>> = Mutex::new(Vec::new());
+    let n = store.num_shards();
+    let workers = rayon::current_num_threads().min(n.max(1));
+    rayon::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|_| {
+                let mut acc = make();
+                while !stop.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n {
+                        break;
+                    }
+                    match store.read_shard_parts(i, with_values) {
+                        Ok(shard) => step(&mut acc, &shard),
+                        Err(e) => {
+                            stop.store(true, Ordering::Relaxed);
+                            failure.lock().expect("failure lock").get_or_insert(e);
+                        }
+                    }
+                    progress.fetch_add(1, Ordering::Relaxed);
+                }
+                finished.lock().expect("accumulator lock").push(acc);
+            });
+        }
+    });
+    if let Some(e) = failure.into_inner().expect("failure lock") {
+        return Err(e);
+    }
+    let mut parts = finished.into_inner().expect("accumulator lock").into_iter();
+    let mut total = parts.next().unwrap_or_else(&make);
+    for part in parts {
+        merge(&mut total, part);
+    }
+    Ok(total)
+}
+
+/// Mine the complete store at `store`; see the module docs. `progress` counts shards processed
+/// over both passes (`2 × num_shards` in all when `second_pass`).
+pub fn mine(store: &FeatureStore, options: &MineOptions, progress: &AtomicU64) -> Result<MineResult> {
+    store.require_complete()?;
+    check_options(options)?;
+    parallel::install(|| mine_inner(store, options, progress))
+}
+
+fn check_options(o: &MineOptions) -> Result<()> {
+    if o.k > usize::from(u16::MAX) || o.hist_bins > usize::from(u16::MAX) || o.sample_bins > usize::from(u16::MAX) {
+        return Err(Error::Invalid(format!(
+            "k ({}), hist_bins ({}) and sample_bins ({}) must be at most 65535",
+            o.k, o.hist_bins, o.sample_bins
+        )));
+    }
+    Ok(())
+}
+
+fn mine_inner(store: &FeatureStore, o: &MineOptions, progress: &AtomicU64) -> Result<MineResult> {
+    let d = store.d_sae() as usize;
+    let pass1 = fold_shards(store, true, progress, || Pass1::new(d, o.k), Pass1::add_shard, Pass1::merge)?;
+    let mut result = pass1_result(store, &pass1, o.k);
+    if !o.second_pass {
+        return Ok(result);
+    }
+    let edges = Edges::new(&pass1, o.hist_bins, o.sample_bins);
+    drop(pass1);
+    let seed_mix: Vec<u64> = (0..d as u32).map(|f| mix64(o.seed ^ u64::from(f))).collect();
+    let s = o.samples_per_bin;
+    let pass2 = fold_shards(store, true, progress, || Pass2::new(&edges, &seed_mix, s), Pass2::add_shard, Pass2::merge)?;
+    pass2_result(&mut result, &pass2);
+    result.hist_edges.clone_from(&edges.hist);
+    result.sample_edges.clone_from(&edges.sample);
+    Ok(result)
+}
+
+fn pass1_result(store: &FeatureStore, p: &Pass1, k: usize) -> MineResult {
+    let mut r = MineResult { n_rows: store.n_rows(), d_sae: store.d_sae(), ..Default::default() };
+    let fired = |a: &FeatureAcc, x: f32| if a.count > 0 { x } else { 0.0 };
+    r.count = p.acc.iter().map(|a| a.count).collect();
+    r.sum = p.acc.iter().map(|a| a.sum).collect();
+    r.max = p.acc.iter().map(|a| fired(a, a.max)).collect();
+    r.min = p.acc.iter().map(|a| fired(a, a.min)).collect();
+    for (f, a) in p.acc.iter().enumerate() {
+        let mut examples = p.heap[f * k..f * k + a.len as usize].to_vec();
+        examples.sort_by(|x, y| y.value.total_cmp(&x.value).then(x.row.cmp(&y.row)));
+        for (rank, e) in examples.iter().enumerate() {
+            r.top_feature.push(f as u32);
+            r.top_rank.push(rank as u16);
+            r.top_row.push(e.row);
+            r.top_value.push(e.value);
+        }
+    }
+    r
+}
+
+fn pass2_result(r: &mut MineResult, p: &Pass2<'_>) {
+    let sb = p.edges.sample_bins;
+    r.hist_counts.clone_from(&p.hist);
+    for slot in 0..p.slot_len.len() {
+        let mut drawn = p.slots[slot * p.s..slot * p.s + p.slot_len[slot] as usize].to_vec();
+        drawn.sort_by(|x, y| y.value.total_cmp(&x.value).then(x.row.cmp(&y.row)));
+        for d in drawn {
+            r.sample_feature.push((slot / sb) as u32);
+            r.sample_bin.push((slot % sb) as u16);
+            r.sample_row.push(d.row);
+            r.sample_value.push(d.value);
+        }
+    }
+}
+
+/// Histogram of log10 firing density across features.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct DensityHistogram {
+    /// Lower edge of each bin (log10 density). Row 0 holds dead features: `-inf..-inf`.
+    pub lo_log10: Vec<f64>,
+    /// Upper edge of each bin.
+    pub hi_log10: Vec<f64>,
+    /// Features per bin.
+    pub count: Vec<u64>,
+}
+
+/// Bin `log10(count / n_rows)` of every feature into `n_bins` equal bins spanning
+/// `[floor(log10(1 / n_rows)), 0]`; features that never fire go to a first `-inf` row.
+pub fn density_histogram(count: &[u64], n_rows: u64, n_bins: usize) -> Result<DensityHistogram> {
+    if n_rows == 0 || n_bins == 0 {
+        return Err(Error::Invalid(format!("density histogram needs n_rows > 0 and n_bins > 0 (got {n_rows}, {n_bins})")));
+    }
+    if let Some(bad) = count.iter().position(|&c| c > n_rows) {
+        return Err(Error::Invalid(format!("feature {bad} fires {} times in {n_rows} rows", count[bad])));
+    }
+    let left = (1.0 / n_rows as f64).log10().floor();
+    let edges: Vec<f64> = (0..=n_bins).map(|j| left - left * j as f64 / n_bins as f64).collect();
+    let mut h = DensityHistogram {
+        lo_log10: std::iter::once(f64::NEG_INFINITY).chain(edges[..n_bins].iter().copied()).collect(),
+        hi_log10: std::iter::once(f64::NEG_INFINITY).chain(edges[1..].iter().copied()).collect(),
+        count: vec![0; n_bins + 1],
+    };
+    for &c in count {
+        if c == 0 {
+            h.count[0] += 1;
+            continue;
+        }
+        let x = (c as f64 / n_rows as f64).log10();
+        let mut j = 0;
+        while j + 1 < n_bins && edges[j + 1] <= x {
+            j += 1;
+        }
+        h.count[j + 1] += 1;
+    }
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heap_keeps_largest_with_row_tiebreak() {
+        let mut p = Pass1::new(1, 3);
+        for (row, v) in [(5, 1.0), (1, 2.0), (9, 2.0), (3, 2.0), (0, 0.5), (2, 2.0)] {
+            p.add(0, v, row);
+        }
+        let r = pass1_result(&FeatureStoreStub::store(), &p, 3);
+        assert_eq!(r.top_row, vec![1, 2, 3]);
+        assert_eq!(r.top_value, vec![2.0, 2.0, 2.0]);
+        assert_eq!(r.count, vec![6]);
+    }
+
+    #[test]
+    fn locate_follows_the_edge_rule() {
+        let edges = [1.0f32, 2.0, 2.0, 4.0];
+        assert_eq!(locate(&edges, 1.0, 0.0), 0);
+        assert_eq!(locate(&edges, 2.0, 0.0), 2);
+        assert_eq!(locate(&edges, 3.9, 9.0), 2);
+        assert_eq!(locate(&edges, 4.0, 1.0), 2);
+        assert_eq!(locate(&edges, 1.5, 2.0), 0);
+    }
+
+    #[test]
+    fn density_histogram_puts_dead_features_first() {
+        let h = density_histogram(&[0, 1, 10, 100], 100, 4).unwrap();
+        assert_eq!(h.count, vec![1, 1, 0, 1, 1]);
+        assert_eq!(h.lo_log10[1], -2.0);
+        assert_eq!(h.hi_log10[4], 0.0);
+    }
+
+    /// A store is only needed for its row and feature counts in `pass1_result`.
+    struct FeatureStoreStub;
+    impl FeatureStoreStub {
+        fn store() -> FeatureStore {
+            let dir = std::env::temp_dir().join(format!("saecore-mining-stub-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let options = crate::store::WriterOptions {
+                d_sae: 1,
+                value_dtype: crate::store::ValueDtype::F32,
+                shard_rows: 4,
+                spec: serde_json::Value::Null,
+                threads: 1,
+            };
+            let mut w = crate::store::ShardWriter::open(&dir, options).unwrap();
+            w.finish().unwrap();
+            FeatureStore::open(&dir).unwrap()
+        }
+    }
+}

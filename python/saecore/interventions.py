@@ -1,0 +1,905 @@
+"""Interventions on a model through an SAE: steering by clamping, ablation, attribution, concept probes.
+
+Everything here works through one *splice* at the SAE's hook point. With x the model's activation there
+and f = encode(x), the spliced activation is
+
+    x' = decode(f') + (x - decode(f))          computed as   x + (decode(f') - decode(f))
+
+where f' is f with the chosen features edited (clamped, zeroed, scaled). The SAE error term
+x - decode(f) is taken from the *unedited* f, so it cannot cancel the edit (re-encoding the edited
+activation, or computing the error after clamping, would). With no edit, f' == f and the difference is
+exactly zero, so the spliced model reproduces the clean model's logits bit for bit.
+
+Public API: :func:`steer`, :func:`attribute`, :func:`attribution`, :func:`ablation_effects`,
+:func:`probe`, :func:`splice` (context manager) and the CLI verbs ``steer``, ``attribute`` and ``probe``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import textwrap
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# --------------------------------------------------------------------------------------------------
+# Checks: every error names the thing at fault.
+# --------------------------------------------------------------------------------------------------
+
+
+def _cfg(sae: Any) -> Any:
+    return sae.cfg
+
+
+def d_sae_of(sae: Any) -> int:
+    """Number of features of an SAE."""
+    return int(sae.W_dec.shape[0])
+
+
+def check_features(sae: Any, features: Sequence[int] | int) -> list[int]:
+    """Validate feature ids against the SAE's dictionary size; returns them as a list of ints."""
+    ids = [features] if isinstance(features, (int, np.integer)) else list(features)
+    n = d_sae_of(sae)
+    for fid in ids:
+        if isinstance(fid, bool) or not isinstance(fid, (int, np.integer)):
+            raise TypeError(f"feature id {fid!r} is not an integer (valid ids are 0..{n - 1})")
+        if not 0 <= int(fid) < n:
+            raise ValueError(
+                f"feature id {int(fid)} is out of range for SAE at hook {_cfg(sae).hook_name!r} "
+                f"(valid ids are 0..{n - 1}, d_sae={n})"
+            )
+    return [int(f) for f in ids]
+
+
+def _model_label(model: torch.nn.Module) -> str:
+    if getattr(model, "saecore_name", None):  # set by saecore.models.load / tiny_llama
+        return str(model.saecore_name)
+    cfg = getattr(model, "config", None)
+    return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or type(model).__name__)
+
+
+def check_compatible(model: torch.nn.Module, sae: Any) -> None:
+    """Raise ValueError if the SAE's hook point does not exist in ``model`` or its width differs."""
+    from . import hooks
+
+    hook = _cfg(sae).hook_name
+    valid = hooks.valid_hook_names(model)
+    if hook not in valid:
+        shown = ", ".join([*valid[:4], "...", *valid[-2:]]) if len(valid) > 8 else ", ".join(valid)
+        raise ValueError(
+            f"SAE hook {hook!r} (SAE trained on model {getattr(_cfg(sae), 'model_name', '?')!r}) is not a hook "
+            f"point of model {_model_label(model)!r}; valid hooks: {shown}"
+        )
+    d_model = int(model.config.hidden_size)
+    d_in = int(_cfg(sae).d_in)
+    if d_in != d_model:
+        raise ValueError(
+            f"SAE hook {hook!r} expects d_in={d_in} but model {_model_label(model)!r} has d_model={d_model} "
+            f"(SAE trained on model {getattr(_cfg(sae), 'model_name', '?')!r})"
+        )
+
+
+def context_length(model: torch.nn.Module) -> int:
+    """The model's maximum number of positions."""
+    return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 62)
+
+
+def check_context(model: torch.nn.Module, n_prompt: int, n_new: int = 0) -> None:
+    """Raise ValueError if a prompt (plus the tokens to generate) does not fit in the model's context."""
+    ctx = context_length(model)
+    if n_prompt + n_new > ctx:
+        extra = f" + {n_new} new tokens" if n_new else ""
+        raise ValueError(
+            f"prompt is {n_prompt} tokens{extra} = {n_prompt + n_new}, longer than the context of model "
+            f"{_model_label(model)!r} ({ctx} positions); shorten the prompt"
+            + (" or lower max_new_tokens" if n_new else "")
+        )
+    if n_prompt == 0:
+        raise ValueError("prompt is empty (0 tokens)")
+
+
+def tokenize(model: torch.nn.Module, tokenizer: Any, prompt: str, n_new: int = 0) -> torch.Tensor:
+    """Token ids [1, T] of a prompt on the model's device, checked against the context length."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]  # [1, T]
+    check_context(model, int(ids.shape[1]), n_new)
+    return ids.to(_device(model))
+
+
+def single_token_id(tokenizer: Any, text: str | int) -> int:
+    """The id of a string that must be exactly one token (e.g. ``" sad"`` — the leading space matters)."""
+    if isinstance(text, (int, np.integer)):
+        return int(text)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) != 1:
+        pieces = [tokenizer.decode([i]) for i in ids]
+        raise ValueError(f"{text!r} is {len(ids)} tokens {pieces}, not one; choose a single-token string")
+    return int(ids[0])
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sae_dtype(sae: Any) -> torch.dtype:
+    return sae.W_dec.dtype
+
+
+# --------------------------------------------------------------------------------------------------
+# The splice.
+# --------------------------------------------------------------------------------------------------
+
+
+class FeatureEdit:
+    """Base of the hook functions: x -> x + decode(edit(f)) - decode(f) at the SAE's hook point.
+
+    Keeps ``offset``, the absolute position of the first row of the next activation it sees, so that
+    with a KV cache (one new token per forward) edits tied to positions land on the right token.
+    Subclasses implement :meth:`edit_features`. After a call, ``last_features`` holds the clean f of
+    that call ([B, T, d_sae], detached), which callers use to read activations without a second pass.
+    """
+
+    def __init__(self, sae: Any) -> None:
+        self.sae = sae
+        self.offset = 0
+        self.last_features: torch.Tensor | None = None
+
+    def edit_features(self, f: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Return the edited copy of f [B, T, d_sae]; ``positions`` [T] are absolute token positions."""
+        return f
+
+    def __call__(self, act: torch.Tensor) -> torch.Tensor:
+        n = act.shape[1]
+        positions = torch.arange(self.offset, self.offset + n, device=act.device)  # [T]
+        self.offset += n
+        x = act.to(_sae_dtype(self.sae))
+        with torch.no_grad():
+            f = self.sae.encode(x)  # [B, T, d_sae]
+            self.last_features = f
+            f_edit = self.edit_features(f.clone(), positions)
+            # decode(f') + (x - decode(f)), written so that an edit that changes nothing adds exactly 0.
+            delta = self.sae.decode(f_edit) - self.sae.decode(f)  # [B, T, d_in]
+        return act + delta.to(act.dtype)
+
+
+class ClampEdit(FeatureEdit):
+    """Clamp features to fixed values at all positions (``positions=None``) or at chosen ones.
+
+    Positions are absolute token positions; negative ones count back from the end of the prompt
+    (``-1`` is its last token) and need ``prompt_length``.
+    """
+
+    def __init__(
+        self,
+        sae: Any,
+        values: Mapping[int, float],
+        positions: Sequence[int] | None = None,
+        prompt_length: int | None = None,
+    ) -> None:
+        super().__init__(sae)
+        feats = check_features(sae, list(values))
+        self.features = torch.tensor(feats, dtype=torch.long)
+        self.values = torch.tensor([float(values[f]) for f in feats], dtype=_sae_dtype(sae))
+        self.positions: set[int] | None = None
+        if positions is not None:
+            if any(p < 0 for p in positions) and prompt_length is None:
+                raise ValueError("negative positions count from the end of the prompt; give prompt_length")
+            self.positions = {p if p >= 0 else int(prompt_length) + p for p in positions}  # type: ignore[arg-type]
+            if any(p < 0 for p in self.positions):
+                raise ValueError(f"positions {sorted(positions)} reach before the start of the prompt")
+
+    def edit_features(self, f: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if len(self.features) == 0:
+            return f
+        feats = self.features.to(f.device)
+        vals = self.values.to(f.device, f.dtype)
+        if self.positions is None:
+            f[:, :, feats] = vals
+        else:
+            rows = [i for i, p in enumerate(positions.tolist()) if p in self.positions]
+            if rows:
+                idx = torch.tensor(rows, device=f.device)
+                f[:, idx[:, None], feats[None, :]] = vals
+        return f
+
+
+class PointEdit(FeatureEdit):
+    """One edit per batch row: f[row, position, feature] = factor * f[row, position, feature].
+
+    ``factor=0`` is an ablation; ``factor=1-eps`` a small scaling (for checking attribution).
+    Used to measure many single-feature ablations in one batched forward.
+    """
+
+    def __init__(self, sae: Any, positions: Sequence[int], features: Sequence[int], factor: float = 0.0) -> None:
+        super().__init__(sae)
+        if len(positions) != len(features):
+            raise ValueError(f"{len(positions)} positions but {len(features)} features")
+        self.features = torch.tensor(check_features(sae, features), dtype=torch.long)
+        self.positions = torch.tensor(list(positions), dtype=torch.long)
+        self.factor = float(factor)
+
+    def edit_features(self, f: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if f.shape[0] != len(self.features):
+            raise ValueError(f"batch has {f.shape[0]} rows but {len(self.features)} point edits")
+        local = self.positions.to(f.device) - positions[0]  # [B] row inside this forward's window
+        inside = (local >= 0) & (local < f.shape[1])
+        rows = torch.arange(f.shape[0], device=f.device)[inside]
+        loc, feats = local[inside], self.features.to(f.device)[inside]
+        f[rows, loc, feats] = f[rows, loc, feats] * self.factor
+        return f
+
+
+@contextlib.contextmanager
+def splice(model: torch.nn.Module, sae: Any, edit: FeatureEdit | None = None) -> Iterator[FeatureEdit]:
+    """Context manager: run ``model`` with the SAE spliced in at its hook point.
+
+    With ``edit=None`` nothing is edited and the model's outputs are unchanged (exactly). Otherwise
+    ``edit`` (a :class:`ClampEdit`, :class:`PointEdit`, ...) decides f' on every forward.
+    """
+    from . import hooks
+
+    check_compatible(model, sae)
+    fn = edit if edit is not None else FeatureEdit(sae)
+    with hooks.edit(model, _cfg(sae).hook_name, fn):
+        yield fn
+
+
+# --------------------------------------------------------------------------------------------------
+# Steering.
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int, eos_token_id: int | None = None
+) -> torch.Tensor:
+    """Greedy decoding with a KV cache; returns the new token ids [n_new] (stops early at EOS).
+
+    Written out (rather than ``model.generate``) so the prefill/one-token-per-step pattern that the
+    position-tracking edits rely on is explicit.
+    """
+    out = model(input_ids=input_ids, use_cache=True)
+    new: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [1, 1]
+        new.append(int(nxt))
+        if len(new) == max_new_tokens or (eos_token_id is not None and int(nxt) == eos_token_id):
+            break
+        out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True)
+    return torch.tensor(new, dtype=torch.long)
+
+
+def index_dir_for(sae_dir: str | Path) -> Path:
+    """``runs/NAME/index/SAE`` for an SAE saved at ``runs/NAME/saes/SAE`` (the run layout)."""
+    sae_dir = Path(sae_dir)
+    return sae_dir.parent.parent / "index" / sae_dir.name
+
+
+def max_activations_from_index(index_dir: str | Path, features: Sequence[int]) -> dict[int, float] | None:
+    """Max activation of each feature from ``index_dir/stats.parquet``; None when there is no index."""
+    path = Path(index_dir) / "stats.parquet"
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=["feature", "max"])
+    ids = table.column("feature").to_numpy()
+    maxes = table.column("max").to_numpy()
+    lookup = dict(zip(ids.tolist(), maxes.tolist()))
+    missing = [f for f in features if f not in lookup]
+    if missing:
+        raise ValueError(f"features {missing} are not in {path} ({len(ids)} features listed)")
+    return {f: float(lookup[f]) for f in features}
+
+
+@torch.no_grad()
+def feature_activations(model: torch.nn.Module, sae: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """SAE feature activations f [B, T, d_sae] at the SAE's hook point (stops the forward there)."""
+    from . import hooks
+
+    check_compatible(model, sae)
+    hook = _cfg(sae).hook_name
+    x = hooks.run_to_hooks(model, input_ids, [hook])[hook]  # [B, T, d_in]
+    return sae.encode(x.to(_sae_dtype(sae)))
+
+
+@dataclass
+class SteerResult:
+    """Baseline and steered greedy completions of one prompt."""
+
+    prompt: str
+    baseline: str
+    steered: str
+    clamps: dict[int, float]
+    """feature id -> the activation value it was clamped to"""
+    max_activations: dict[int, float]
+    """feature id -> the max activation used for scaling (empty when values were given directly)"""
+    max_source: str
+    """where max activations came from: "index", "prompt", "explicit" or "" (absolute values)"""
+    positions: list[int] | None
+    baseline_ids: list[int] = field(default_factory=list)
+    steered_ids: list[int] = field(default_factory=list)
+
+
+def resolve_clamp_values(
+    model: torch.nn.Module,
+    sae: Any,
+    input_ids: torch.Tensor,
+    features: Sequence[int],
+    scale: float | None,
+    value: float | None,
+    max_activations: Mapping[int, float] | None,
+    index_dir: str | Path | None,
+) -> tuple[dict[int, float], dict[int, float], str]:
+    """Clamp value per feature: ``value`` as given, or ``scale`` × the feature's max activation.
+
+    The max activation comes from ``max_activations`` if given, else the index's stats table, else the
+    feature's max over this prompt (the paper clamps to multiples of the max over the dataset, so an
+    index is the better source).
+    """
+    feats = check_features(sae, features)
+    if (scale is None) == (value is None):
+        raise ValueError("give exactly one of scale (a multiple of the max activation) or value")
+    if value is not None:
+        return {f: float(value) for f in feats}, {}, ""
+    if max_activations is not None:
+        maxes, source = {f: float(max_activations[f]) for f in feats}, "explicit"
+    else:
+        found = max_activations_from_index(index_dir, feats) if index_dir is not None else None
+        if found is not None:
+            maxes, source = found, "index"
+        else:
+            f = feature_activations(model, sae, input_ids)[0]  # [T, d_sae]
+            maxes, source = {g: float(f[:, g].max()) for g in feats}, "prompt"
+    dead = [g for g in feats if not maxes[g] > 0]
+    if dead:
+        where = {"index": "in the index", "prompt": "anywhere on this prompt", "explicit": "as given"}[source]
+        raise ValueError(
+            f"features {dead} have max activation 0 {where}, so a multiple of it is 0; give an absolute value"
+        )
+    return {g: float(scale) * maxes[g] for g in feats}, maxes, source  # type: ignore[arg-type]
+
+
+def steer(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sae: Any,
+    prompt: str,
+    features: Sequence[int] | int,
+    *,
+    scale: float | None = None,
+    value: float | None = None,
+    positions: Sequence[int] | None = None,
+    max_new_tokens: int = 30,
+    max_activations: Mapping[int, float] | None = None,
+    index_dir: str | Path | None = None,
+) -> SteerResult:
+    """Greedy completions of ``prompt`` without and with ``features`` clamped.
+
+    Clamp to ``value``, or to ``scale`` × max activation (see :func:`resolve_clamp_values`). The
+    clamp applies at every position — the prompt's and each generated token's — or only at
+    ``positions`` (absolute; negative counts back from the end of the prompt).
+    """
+    feats = check_features(sae, features)
+    check_compatible(model, sae)
+    ids = tokenize(model, tokenizer, prompt, max_new_tokens)
+    clamps, maxes, source = resolve_clamp_values(model, sae, ids, feats, scale, value, max_activations, index_dir)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    base = greedy_generate(model, ids, max_new_tokens, eos)
+    edit = ClampEdit(sae, clamps, positions=positions, prompt_length=int(ids.shape[1]))
+    with splice(model, sae, edit):
+        steered = greedy_generate(model, ids, max_new_tokens, eos)
+    return SteerResult(
+        prompt=prompt,
+        baseline=tokenizer.decode(base.tolist()),
+        steered=tokenizer.decode(steered.tolist()),
+        clamps=clamps,
+        max_activations=maxes,
+        max_source=source,
+        positions=None if positions is None else list(positions),
+        baseline_ids=base.tolist(),
+        steered_ids=steered.tolist(),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Attribution and ablation.
+# --------------------------------------------------------------------------------------------------
+
+
+def _logit_diff(logits: torch.Tensor, target: int, baseline: int) -> torch.Tensor:
+    """logit[target] - logit[baseline] at the last position, per batch row: [B]."""
+    last = logits[:, -1].double()  # [B, vocab]; float64 so small edits' effects are not lost to rounding
+    return last[:, target] - last[:, baseline]
+
+
+class _GradEdit(FeatureEdit):
+    """Pass x through unchanged in value while making it depend on f: x + decode(f) - decode(f).detach()."""
+
+    def __init__(self, sae: Any) -> None:
+        super().__init__(sae)
+        self.f: torch.Tensor | None = None
+
+    def __call__(self, act: torch.Tensor) -> torch.Tensor:
+        x = act.detach().to(_sae_dtype(self.sae))
+        with torch.no_grad():
+            f = self.sae.encode(x)
+        self.f = f.requires_grad_(True)
+        recon = self.sae.decode(self.f)
+        return act + (recon - recon.detach()).to(act.dtype)
+
+
+@dataclass
+class Attribution:
+    """Features at every position of a prompt and their linear effect on a logit difference.
+
+    ``attribution[p, i] = f[p, i] * d(logit_diff)/d f[p, i]`` estimates ``logit_diff(clean) -
+    logit_diff(f[p, i] set to 0)``: positive means the feature pushes towards ``target``.
+    """
+
+    tokens: list[str]
+    target: int
+    baseline: int
+    logit_diff: float
+    activations: torch.Tensor
+    """[T, d_sae] feature activations"""
+    attribution: torch.Tensor
+    """[T, d_sae] gradient x activation"""
+    gradient: torch.Tensor
+    """[T, d_sae] d(logit_diff)/d f"""
+
+
+def attribution(
+    model: torch.nn.Module, tokenizer: Any, sae: Any, prompt: str, target: str | int, baseline: str | int
+) -> Attribution:
+    """Gradient × activation of every feature at every position for logit[target] − logit[baseline]."""
+    check_compatible(model, sae)
+    t_id, b_id = single_token_id(tokenizer, target), single_token_id(tokenizer, baseline)
+    ids = tokenize(model, tokenizer, prompt)
+    grad_edit = _GradEdit(sae)
+    with torch.enable_grad(), splice(model, sae, grad_edit):
+        logits = model(input_ids=ids).logits  # [1, T, vocab]
+        diff = _logit_diff(logits, t_id, b_id)[0]
+        assert grad_edit.f is not None
+        (grad,) = torch.autograd.grad(diff, grad_edit.f)  # [1, T, d_sae]
+    f = grad_edit.f.detach()[0]
+    g = grad[0].detach()
+    return Attribution(
+        tokens=[tokenizer.decode([i]) for i in ids[0].tolist()],
+        target=t_id,
+        baseline=b_id,
+        logit_diff=float(diff.detach()),
+        activations=f,
+        attribution=f * g,
+        gradient=g,
+    )
+
+
+@torch.no_grad()
+def ablation_effects(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sae: Any,
+    prompt: str,
+    target: str | int,
+    baseline: str | int,
+    units: Sequence[tuple[int, int]],
+    *,
+    factor: float = 0.0,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Exact effect of each (position, feature) edit: ``logit_diff(clean) - logit_diff(edited)``.
+
+    The edit multiplies that one activation by ``factor`` (0 = ablation) and keeps the SAE error term.
+    Units are measured ``batch_size`` at a time, one per batch row.
+    """
+    check_compatible(model, sae)
+    t_id, b_id = single_token_id(tokenizer, target), single_token_id(tokenizer, baseline)
+    ids = tokenize(model, tokenizer, prompt)
+    clean = float(_logit_diff(model(input_ids=ids).logits, t_id, b_id)[0])
+    effects = np.zeros(len(units), dtype=np.float64)
+    for start in range(0, len(units), batch_size):
+        chunk = units[start : start + batch_size]
+        edit = PointEdit(sae, [p for p, _ in chunk], [f for _, f in chunk], factor)
+        with splice(model, sae, edit):
+            logits = model(input_ids=ids.expand(len(chunk), -1)).logits  # [b, T, vocab]
+        effects[start : start + len(chunk)] = clean - _logit_diff(logits, t_id, b_id).double().cpu().numpy()
+    return effects
+
+
+@dataclass
+class Ranked:
+    """One (position, feature) unit in a ranking."""
+
+    position: int
+    token: str
+    feature: int
+    activation: float
+    attribution: float
+    ablation: float | None
+
+
+@dataclass
+class AttributeReport:
+    """Rankings of (position, feature) units by activation, attribution and exact ablation effect."""
+
+    prompt: str
+    target: str
+    baseline: str
+    logit_diff: float
+    by_activation: list[Ranked]
+    by_attribution: list[Ranked]
+    by_ablation: list[Ranked]
+    overlaps: dict[str, int]
+    """'activation∩ablation', 'attribution∩ablation', 'activation∩attribution' among the top ``top``"""
+    top: int
+    n_active: int
+    """active (position, feature) units considered"""
+    n_ablated: int
+    """units whose ablation was measured exactly"""
+
+
+def _default_positions(tokenizer: Any, ids: Sequence[int]) -> list[int]:
+    # A BOS/special token at position 0 carries huge activations that dominate every ranking and
+    # whose ablation wrecks the attention sink; the question is about the content tokens.
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return [p for p, t in enumerate(ids) if not (p == 0 and t in special)]
+
+
+def attribute(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sae: Any,
+    prompt: str,
+    target: str | int,
+    baseline: str | int,
+    *,
+    top: int = 10,
+    candidates: int = 30,
+    exhaustive: bool = False,
+    batch_size: int = 16,
+    positions: Sequence[int] | None = None,
+) -> AttributeReport:
+    """Which features drive logit[target] − logit[baseline] at the prompt's last position?
+
+    Ranks the active (position, feature) units by activation, by |attribution| and by |exact ablation
+    effect|. Ablation is measured for the union of the top ``candidates`` by |attribution| and by
+    activation, or for every active unit with ``exhaustive=True``. ``positions`` restricts the units
+    (default: every position except a leading BOS/special token).
+    """
+    att = attribution(model, tokenizer, sae, prompt, target, baseline)
+    ids = tokenizer(prompt)["input_ids"]
+    allowed = list(positions) if positions is not None else _default_positions(tokenizer, ids)
+    units = _active_units(att.activations, allowed)
+    by_act = _rank(units, att.activations)
+    by_att = _rank(units, att.attribution.abs())
+    measure = units if exhaustive else _union(by_act[:candidates], by_att[:candidates])
+    effects = (
+        ablation_effects(model, tokenizer, sae, prompt, target, baseline, measure, batch_size=batch_size)
+        if measure
+        else np.zeros(0)
+    )
+    abl = dict(zip(measure, effects.tolist()))
+    by_abl = sorted(measure, key=lambda u: -abs(abl[u]))
+
+    def row(u: tuple[int, int]) -> Ranked:
+        p, i = u
+        return Ranked(p, att.tokens[p], i, float(att.activations[p, i]), float(att.attribution[p, i]), abl.get(u))
+
+    k_act, k_att, k_abl = (set(r[:top]) for r in (by_act, by_att, by_abl))
+    return AttributeReport(
+        prompt=prompt,
+        target=target if isinstance(target, str) else tokenizer.decode([target]),
+        baseline=baseline if isinstance(baseline, str) else tokenizer.decode([baseline]),
+        logit_diff=att.logit_diff,
+        by_activation=[row(u) for u in by_act[:top]],
+        by_attribution=[row(u) for u in by_att[:top]],
+        by_ablation=[row(u) for u in by_abl[:top]],
+        overlaps={
+            "activation∩ablation": len(k_act & k_abl),
+            "attribution∩ablation": len(k_att & k_abl),
+            "activation∩attribution": len(k_act & k_att),
+        },
+        top=top,
+        n_active=len(units),
+        n_ablated=len(measure),
+    )
+
+
+def _active_units(f: torch.Tensor, positions: Sequence[int]) -> list[tuple[int, int]]:
+    mask = torch.zeros_like(f, dtype=torch.bool)
+    pos = [p for p in positions if 0 <= p < f.shape[0]]
+    mask[pos] = f[pos] > 0
+    return [(int(p), int(i)) for p, i in mask.nonzero().tolist()]
+
+
+def _rank(units: list[tuple[int, int]], score: torch.Tensor) -> list[tuple[int, int]]:
+    return sorted(units, key=lambda u: -float(score[u[0], u[1]]))
+
+
+def _union(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return list(dict.fromkeys(a + b))
+
+
+# --------------------------------------------------------------------------------------------------
+# Concept probe.
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProbeRow:
+    """One of the top features on the final token of a prompt."""
+
+    prompt: str
+    rank: int
+    feature: int
+    activation: float
+    fraction_of_max: float | None
+    """activation / the feature's max over the indexed dataset (None without an index)"""
+    promotes: str | None
+    """the feature's most promoted tokens from the logit-lens table (None without one)"""
+
+
+def probe(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    sae: Any,
+    prompts: Sequence[str],
+    *,
+    top: int = 5,
+    index_dir: str | Path | None = None,
+) -> list[ProbeRow]:
+    """The paper's completeness probe: the top ``top`` features on the final token of each prompt."""
+    check_compatible(model, sae)
+    rows: list[ProbeRow] = []
+    maxes_path = Path(index_dir) / "stats.parquet" if index_dir is not None else None
+    lens_path = Path(index_dir) / "logit_lens.parquet" if index_dir is not None else None
+    for prompt in prompts:
+        ids = tokenize(model, tokenizer, prompt)
+        f = feature_activations(model, sae, ids)[0, -1]  # [d_sae]
+        vals, feats = f.topk(min(top, f.shape[0]))
+        for r, (v, i) in enumerate(zip(vals.tolist(), feats.tolist())):
+            if v <= 0:
+                break
+            rows.append(ProbeRow(prompt, r, int(i), float(v), None, None))
+    _annotate(rows, maxes_path, lens_path)
+    return rows
+
+
+def _annotate(rows: list[ProbeRow], stats: Path | None, lens: Path | None) -> None:
+    feats = sorted({r.feature for r in rows})
+    if stats is not None and stats.exists() and feats:
+        maxes = max_activations_from_index(stats.parent, feats) or {}
+        for r in rows:
+            m = maxes.get(r.feature, 0.0)
+            r.fraction_of_max = r.activation / m if m > 0 else None
+    if lens is not None and lens.exists() and feats:
+        from .logit_lens import read_logit_lens
+
+        tokens = read_logit_lens(lens, feats, kind="promote", top=5)
+        for r in rows:
+            r.promotes = " ".join(repr(t) for t in tokens.get(r.feature, []))
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI.
+# --------------------------------------------------------------------------------------------------
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sae", required=True, help="SAE directory (cfg.json + sae_weights.safetensors)")
+    parser.add_argument("--model", help="model name or local HF folder (default: the SAE's model_name)")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+
+
+def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any]:
+    from . import models
+    from .sae import SAE
+
+    sae = SAE.load(args.sae)
+    name = args.model or getattr(_cfg(sae), "model_name", None)
+    if not name:
+        raise ValueError(f"SAE at {args.sae} records no model_name; pass --model")
+    try:
+        model, tokenizer = models.load(name, device=args.device)
+    except ValueError:
+        # harvest records built-in models as "NAME@CHECKSUM"; load the built-in NAME then.
+        base = str(name).split("@", 1)[0]
+        if base == name or base not in models.KNOWN_MODELS:
+            raise
+        model, tokenizer = models.load(base, device=args.device)
+    model.eval()
+    sae = sae.to(_device(model))
+    check_compatible(model, sae)
+    return model, tokenizer, sae
+
+
+def _fail(verb: str, err: Exception) -> int:
+    print(f"saecore {verb}: error: {err}", file=sys.stderr)
+    return 2
+
+
+def _side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 100) -> str:
+    col = (width - 3) // 2
+    lw = textwrap.wrap(left.replace("\n", " ⏎ "), col) or [""]
+    rw = textwrap.wrap(right.replace("\n", " ⏎ "), col) or [""]
+    lines = [f"{left_title[:col]:<{col}} | {right_title[:col]}", f"{'-' * col}-+-{'-' * col}"]
+    for i in range(max(len(lw), len(rw))):
+        a = lw[i] if i < len(lw) else ""
+        b = rw[i] if i < len(rw) else ""
+        lines.append(f"{a:<{col}} | {b}")
+    return "\n".join(lines)
+
+
+def cli_configure_steer(parser: argparse.ArgumentParser) -> None:
+    """Options of ``saecore steer``."""
+    _add_common(parser)
+    parser.add_argument("--feature", type=int, action="append", required=True, help="feature id (repeatable)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--scale", type=float, help="clamp to SCALE x the feature's max activation (default 10)")
+    group.add_argument("--value", type=float, help="clamp to this absolute activation value")
+    parser.add_argument("--max-act", type=float, help="max activation to scale (default: index, else the prompt)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument(
+        "--positions", type=int, nargs="+", help="clamp only at these prompt positions (negative: from the end)"
+    )
+
+
+def cli_run_steer(args: argparse.Namespace) -> int:
+    """Run ``saecore steer``: print the baseline and steered completions side by side."""
+    try:
+        model, tokenizer, sae = _load(args)
+        scale = None if args.value is not None else (args.scale if args.scale is not None else 10.0)
+        maxes = {f: args.max_act for f in args.feature} if args.max_act is not None else None
+        res = steer(
+            model,
+            tokenizer,
+            sae,
+            args.prompt,
+            args.feature,
+            scale=scale,
+            value=args.value,
+            positions=args.positions,
+            max_new_tokens=args.max_new_tokens,
+            max_activations=maxes,
+            index_dir=index_dir_for(args.sae),
+        )
+    except ValueError as e:
+        return _fail("steer", e)
+    clamp = ", ".join(f"#{f}={v:.4g}" for f, v in res.clamps.items())
+    how = f"{scale:g}x max ({res.max_source})" if scale is not None else "absolute value"
+    where = "all positions" if res.positions is None else f"positions {res.positions}"
+    print(f"prompt: {res.prompt!r}")
+    print(f"clamp: {clamp} ({how}; {where})\n")
+    print(_side_by_side("baseline", res.baseline, "steered", res.steered))
+    return 0
+
+
+def cli_configure_attribute(parser: argparse.ArgumentParser) -> None:
+    """Options of ``saecore attribute``."""
+    _add_common(parser)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--target", required=True, help="a single token, e.g. ' sad' (mind the leading space)")
+    parser.add_argument("--baseline", required=True, help="a single token, e.g. ' happy'")
+    parser.add_argument("--top", type=int, default=10, help="rows per ranking and size of the overlap sets")
+    parser.add_argument(
+        "--candidates", type=int, default=30, help="ablate the top N by |attribution| and by activation"
+    )
+    parser.add_argument("--exhaustive", action="store_true", help="ablate every active (position, feature) unit")
+    parser.add_argument("--batch-size", type=int, default=16)
+
+
+def _print_ranking(title: str, rows: list[Ranked]) -> None:
+    print(f"\n{title}")
+    print(f"  {'pos':>4} {'token':<14} {'feature':>8} {'activation':>11} {'attribution':>12} {'ablation':>10}")
+    for r in rows:
+        abl = f"{r.ablation:>10.4f}" if r.ablation is not None else f"{'-':>10}"
+        print(f"  {r.position:>4} {r.token!r:<14} {r.feature:>8} {r.activation:>11.4f} {r.attribution:>12.4f} {abl}")
+
+
+def cli_run_attribute(args: argparse.Namespace) -> int:
+    """Run ``saecore attribute``: the three rankings and their overlaps."""
+    try:
+        model, tokenizer, sae = _load(args)
+        rep = attribute(
+            model,
+            tokenizer,
+            sae,
+            args.prompt,
+            args.target,
+            args.baseline,
+            top=args.top,
+            candidates=args.candidates,
+            exhaustive=args.exhaustive,
+            batch_size=args.batch_size,
+        )
+    except ValueError as e:
+        return _fail("attribute", e)
+    print(f"prompt: {rep.prompt!r}")
+    print(f"logit[{rep.target!r}] - logit[{rep.baseline!r}] at the last position: {rep.logit_diff:.4f}")
+    print(f"active (position, feature) units: {rep.n_active}; ablated exactly: {rep.n_ablated}")
+    print("attribution = activation x gradient (linear estimate); ablation = clean - ablated logit difference")
+    _print_ranking(f"top {rep.top} by activation", rep.by_activation)
+    _print_ranking(f"top {rep.top} by |attribution|", rep.by_attribution)
+    _print_ranking(f"top {rep.top} by |ablation effect|", rep.by_ablation)
+    print(f"\noverlap of the top {rep.top}:")
+    for name, n in rep.overlaps.items():
+        print(f"  {name}: {n}/{rep.top}")
+    return 0
+
+
+def cli_configure_probe(parser: argparse.ArgumentParser) -> None:
+    """Options of ``saecore probe``."""
+    _add_common(parser)
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--prompts", type=Path, help="file with one prompt per line")
+    parser.add_argument("--top", type=int, default=5, help="features per prompt (the paper uses 5)")
+    parser.add_argument(
+        "--logit-lens",
+        action="store_true",
+        help="also (re)write index/SAE/logit_lens.parquet: the tokens each feature promotes/suppresses",
+    )
+    parser.add_argument("--logit-lens-top", type=int, default=10, help="tokens per feature and direction")
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts is not None:
+        if not args.prompts.exists():
+            raise ValueError(f"prompts file {args.prompts} does not exist")
+        prompts += [ln.rstrip("\n") for ln in args.prompts.read_text().splitlines() if ln.strip()]
+    return prompts
+
+
+def cli_run_probe(args: argparse.Namespace) -> int:
+    """Run ``saecore probe``: top features on the final token of each prompt, as a table."""
+    try:
+        prompts = _read_prompts(args)
+        if not prompts and not args.logit_lens:
+            raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+        model, tokenizer, sae = _load(args)
+        index_dir = index_dir_for(args.sae)
+        if args.logit_lens:
+            from .logit_lens import write_logit_lens
+
+            path = write_logit_lens(sae, model, tokenizer, index_dir / "logit_lens.parquet", top=args.logit_lens_top)
+            print(f"wrote {path}")
+        rows = probe(model, tokenizer, sae, prompts, top=args.top, index_dir=index_dir)
+    except ValueError as e:
+        return _fail("probe", e)
+    if prompts:
+        print(f"{'prompt':<40} {'rank':>4} {'feature':>8} {'activation':>11} {'of max':>7}  promotes")
+        for r in rows:
+            frac = f"{r.fraction_of_max:>7.2f}" if r.fraction_of_max is not None else f"{'-':>7}"
+            text = r.prompt if len(r.prompt) <= 40 else "…" + r.prompt[-39:]
+            print(f"{text:<40} {r.rank:>4} {r.feature:>8} {r.activation:>11.4f} {frac}  {r.promotes or ''}")
+    return 0
+
+
+__all__ = [
+    "AttributeReport",
+    "Attribution",
+    "ClampEdit",
+    "FeatureEdit",
+    "PointEdit",
+    "ProbeRow",
+    "Ranked",
+    "SteerResult",
+    "ablation_effects",
+    "attribute",
+    "attribution",
+    "check_compatible",
+    "check_context",
+    "check_features",
+    "greedy_generate",
+    "index_dir_for",
+    "probe",
+    "splice",
+    "steer",
+]

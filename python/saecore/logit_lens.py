@@ -1,0 +1,237 @@
+"""Logit lens of SAE features: the tokens each decoder direction most promotes and suppresses.
+
+For feature i with decoder direction d_i (row i of ``W_dec``, in the raw hook-activation space), the
+score of token t is
+
+    lens[i, t] = (d_i ⊙ g) · W_U[t]
+
+where ``W_U`` is the model's unembedding and ``g`` the weight (gain) of the model's final norm
+(``1 + weight`` for Gemma-style RMSNorm). The norm's division by the RMS of the whole residual stream
+is left out: it rescales all tokens of one position by the same positive factor and so does not change
+which tokens a direction promotes; its gain does, per dimension, hence it is applied by default
+(``apply_norm_weight=False`` gives the plain ``W_dec @ W_U``). A LayerNorm's bias and the mean
+subtraction are also left out: they do not depend on the feature.
+
+Table ``index/SAE/logit_lens.parquet`` (one row per feature, direction and rank):
+``feature u32, kind str ("promote"|"suppress"), rank u16, token_id u32, token str, value f32``.
+``rank 0`` is the most promoted (largest score) or most suppressed (most negative score) token.
+Features are processed ``batch_features`` at a time, so memory is ``batch_features × vocab`` floats
+whatever ``d_sae`` is, and each batch is streamed to the file as a row group.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+KINDS = ("promote", "suppress")
+
+
+def _schema() -> Any:
+    import pyarrow as pa
+
+    return pa.schema(
+        [
+            ("feature", pa.uint32()),
+            ("kind", pa.string()),
+            ("rank", pa.uint16()),
+            ("token_id", pa.uint32()),
+            ("token", pa.string()),
+            ("value", pa.float32()),
+        ]
+    )
+
+
+def final_norm_gain(model: torch.nn.Module) -> torch.Tensor | None:
+    """The per-dimension gain of the model's final norm [d_model], or None if it has none."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    for name in ("norm", "final_layernorm", "ln_f", "final_norm"):
+        norm = getattr(base, name, None)
+        weight = getattr(norm, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            gain = weight.detach().float()
+            # Gemma's RMSNorm multiplies by (1 + weight); its weights sit around 0.
+            if str(getattr(model.config, "model_type", "")).startswith("gemma"):
+                gain = 1.0 + gain
+            return gain
+    return None
+
+
+def unembedding(model: torch.nn.Module) -> torch.Tensor:
+    """The unembedding matrix W_U [vocab, d_model] (float32)."""
+    return model.get_output_embeddings().weight.detach().float()
+
+
+def lens_scores(directions: torch.Tensor, model: torch.nn.Module, apply_norm_weight: bool = True) -> torch.Tensor:
+    """Logit-lens scores [n, vocab] of directions [n, d_model] (see the module docstring)."""
+    W_U = unembedding(model)  # [vocab, d]
+    d = directions.to(W_U.device, torch.float32)  # [n, d]
+    if apply_norm_weight:
+        gain = final_norm_gain(model)
+        if gain is not None:
+            d = d * gain.to(d.device)
+    return d @ W_U.T  # [n, vocab]
+
+
+def iter_logit_lens(
+    sae: Any,
+    model: torch.nn.Module,
+    top: int = 10,
+    batch_features: int = 256,
+    apply_norm_weight: bool = True,
+    features: Sequence[int] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield per batch: features [b], promote ids/values [b, top], suppress ids/values [b, top]."""
+    if top < 1:
+        raise ValueError(f"top must be at least 1, got {top}")
+    if batch_features < 1:
+        raise ValueError(f"batch_features must be at least 1, got {batch_features}")
+    W_dec = sae.W_dec.detach()  # [d_sae, d_in]
+    d_model = int(model.config.hidden_size)
+    if W_dec.shape[1] != d_model:
+        raise ValueError(f"SAE decoder has d_in={W_dec.shape[1]} but the model's d_model is {d_model}")
+    feats = np.arange(W_dec.shape[0]) if features is None else np.asarray(list(features), dtype=np.int64)
+    if len(feats) and (feats.min() < 0 or feats.max() >= W_dec.shape[0]):
+        bad = int(feats[(feats < 0) | (feats >= W_dec.shape[0])][0])
+        raise ValueError(f"feature id {bad} is out of range (valid ids are 0..{W_dec.shape[0] - 1})")
+    k = min(top, int(unembedding(model).shape[0]))
+    with torch.no_grad():
+        for start in range(0, len(feats), batch_features):
+            chunk = feats[start : start + batch_features]
+            scores = lens_scores(W_dec[torch.as_tensor(chunk, device=W_dec.device)], model, apply_norm_weight)
+            pv, pi = scores.topk(k, dim=1)  # [b, k] largest first
+            sv, si = (-scores).topk(k, dim=1)  # [b, k] most negative first
+            yield chunk, pi.cpu().numpy(), pv.cpu().numpy(), si.cpu().numpy(), (-sv).cpu().numpy()
+
+
+def _batch_table(
+    chunk: np.ndarray,
+    ids: Sequence[np.ndarray],
+    vals: Sequence[np.ndarray],
+    token_text: Any,
+) -> Any:
+    import pyarrow as pa
+
+    b, k = ids[0].shape
+    cols: dict[str, list[np.ndarray]] = {n: [] for n in ("feature", "kind", "rank", "token_id", "value")}
+    for kind, tid, val in zip(KINDS, ids, vals):
+        cols["feature"].append(np.repeat(chunk, k))
+        cols["kind"].append(np.full(b * k, kind, dtype=object))
+        cols["rank"].append(np.tile(np.arange(k), b))
+        cols["token_id"].append(tid.reshape(-1))
+        cols["value"].append(val.reshape(-1))
+    token_ids = np.concatenate(cols["token_id"])
+    return pa.table(
+        {
+            "feature": pa.array(np.concatenate(cols["feature"]).astype(np.uint32)),
+            "kind": pa.array(np.concatenate(cols["kind"]), type=pa.string()),
+            "rank": pa.array(np.concatenate(cols["rank"]).astype(np.uint16)),
+            "token_id": pa.array(token_ids.astype(np.uint32)),
+            "token": pa.array([token_text(int(t)) for t in token_ids], type=pa.string()),
+            "value": pa.array(np.concatenate(cols["value"]).astype(np.float32)),
+        },
+        schema=_schema(),
+    )
+
+
+def write_logit_lens(
+    sae: Any,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    path: str | Path,
+    top: int = 10,
+    batch_features: int = 256,
+    apply_norm_weight: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Write the logit-lens table for every feature to ``path`` (atomically); returns the path."""
+    import pyarrow.parquet as pq
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cache: dict[int, str] = {}
+
+    def token_text(t: int) -> str:
+        if t not in cache:
+            cache[t] = tokenizer.decode([t])
+        return cache[t]
+
+    schema = _schema().with_metadata(
+        {"saecore.logit_lens": f'{{"apply_norm_weight": {str(apply_norm_weight).lower()}, "top": {top}}}'}
+    )
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    n_feat = int(sae.W_dec.shape[0])
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            batches = iter_logit_lens(sae, model, top, batch_features, apply_norm_weight)
+            total = -(-n_feat // batch_features)
+            for chunk, pi, pv, si, sv in tqdm(batches, total=total, desc="logit lens", disable=not progress):
+                writer.write_table(_batch_table(chunk, (pi, si), (pv, sv), token_text).cast(schema))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_logit_lens(
+    path: str | Path, features: Sequence[int] | None = None, kind: str = "promote", top: int | None = None
+) -> dict[int, list[str]]:
+    """Token strings per feature from a logit-lens table, best first (``kind``: promote|suppress)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    table = pq.read_table(path)
+    mask = pc.equal(table["kind"], kind)
+    if features is not None:
+        mask = pc.and_(mask, pc.is_in(table["feature"], value_set=_u32(features)))
+    if top is not None:
+        mask = pc.and_(mask, pc.less(table["rank"], top))
+    sub = table.filter(mask).sort_by([("feature", "ascending"), ("rank", "ascending")])
+    out: dict[int, list[str]] = {}
+    for f, tok in zip(sub["feature"].to_pylist(), sub["token"].to_pylist()):
+        out.setdefault(int(f), []).append(tok)
+    return out
+
+
+def _u32(values: Sequence[int]) -> Any:
+    import pyarrow as pa
+
+    return pa.array(list(values), type=pa.uint32())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m saecore.logit_lens --sae DIR``: write ``index/SAE/logit_lens.parquet`` for an SAE."""
+    import argparse
+
+    from . import models
+    from .interventions import check_compatible, index_dir_for
+    from .sae import SAE
+
+    parser = argparse.ArgumentParser(prog="python -m saecore.logit_lens", description=main.__doc__)
+    parser.add_argument("--sae", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--device")
+    parser.add_argument("--top", type=int, default=10)
+    parser.add_argument("--out", type=Path, help="default: the run's index/SAE/logit_lens.parquet")
+    parser.add_argument("--no-norm-weight", action="store_true", help="plain W_dec @ W_U")
+    args = parser.parse_args(argv)
+    sae = SAE.load(args.sae)
+    model, tokenizer = models.load(args.model or sae.cfg.model_name, device=args.device)
+    check_compatible(model, sae)
+    out = args.out or index_dir_for(args.sae) / "logit_lens.parquet"
+    print(write_logit_lens(sae, model, tokenizer, out, args.top, apply_norm_weight=not args.no_norm_weight))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,946 @@
+"""Static HTML feature pages: browse an SAE's features in a browser, offline.
+
+``saecore pages RUN`` reads whatever index tables exist under ``RUN/index/SAE/`` and writes a static site
+under ``RUN/pages/`` that opens straight from disk (``file://``): no server, no CDN, no network fetch.
+Every script and style sheet ships inside the package (``saecore/page_assets``)::
+
+    pages/
+      index.html                 the SAEs of the run, with links
+      assets/                    style.css, common.js, index.js, feature.js (copied from the package)
+      SAE/index.html             searchable, sortable feature table + clickable feature map
+      SAE/sae.js                 SAE-wide data every page of this SAE loads (density histogram, meta)
+      SAE/summary/NNNN.js        the feature table, in chunks of SUMMARY_CHUNK rows
+      SAE/map.js                 the 2-D feature map (if map.parquet exists)
+      SAE/f/B/F.html             one page per feature F, in folders B = F // 1000; its data inline
+      SAE/about.json             counts the root index is made from
+
+Data travels as ``.js`` files loaded by ``<script>`` tags because Chromium forbids ``fetch()`` from
+``file://`` pages. Each feature page carries only its own data, so the site scales to tens of
+thousands of features; the index loads the compact summary chunk by chunk.
+
+Any table may be missing; that part of the page is then absent (and says why where it matters).
+Each SAE's folder is built beside its final name and renamed into place, so an interrupted build never
+leaves a half-written site behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import json
+import math
+import os
+import shutil
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CorruptDataError
+
+PAGES_FORMAT = "saecore.pages/1"
+SUMMARY_CHUNK = 4096
+"""Features per summary chunk file; the index page renders after the first chunk arrives."""
+FEATURES_PER_FOLDER = 1000
+CONTEXT_BEFORE = 16
+"""Tokens of the same document shown before an example's activating token."""
+CONTEXT_AFTER = 6
+MAX_TOP_EXAMPLES = 20
+MAX_SAMPLES_PER_BIN = 5
+FEATURE_BATCH = 8192
+"""Features whose example windows are read from the activation store in one pass (~100 bytes per
+example, so a few tens of MB)."""
+DENSE_ACTIVATION_LIMIT = 20_000_000
+"""Features firing more often than this get partial per-token highlighting (their full activation list
+would be too large to hold just to colour a few windows)."""
+ASSET_FILES = ("style.css", "common.js", "index.js", "feature.js")
+
+# Column name -> NumPy dtype of each index table (interfaces #4-#6 of the project brief).
+SCHEMAS: dict[str, dict[str, str]] = {
+    "stats": {"feature": "u4", "count": "u8", "density": "f8", "sum": "f8", "max": "f4", "mean_nonzero": "f8"},
+    "histograms": {"feature": "u4", "bin": "u2", "lo": "f4", "hi": "f4", "count": "u8"},
+    "topk": {"feature": "u4", "rank": "u2", "row": "u8", "doc_id": "i8", "position": "i4", "value": "f4"},
+    "samples": {"feature": "u4", "bin": "u2", "row": "u8", "doc_id": "i8", "position": "i4", "value": "f4"},
+    "density_histogram": {"lo_log10": "f8", "hi_log10": "f8", "count": "u8"},
+    "neighbours": {"feature": "u4", "rank": "u2", "other_sae": "str", "neighbour": "u4", "cosine": "f4"},
+    "map": {"feature": "u4", "sae": "str", "x": "f4", "y": "f4"},
+    "enc_dec_cosine": {"feature": "u4", "cosine": "f4"},
+    "logit_lens": {"feature": "u4", "kind": "str", "rank": "u2", "token_id": "u4", "token": "str", "value": "f4"},
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading the index tables
+# --------------------------------------------------------------------------------------------------
+def read_table(path: Path, name: str) -> dict[str, np.ndarray] | None:
+    """Columns of ``path`` (schema ``SCHEMAS[name]``) as NumPy arrays, or None when the file is absent.
+
+    Raises ValueError naming the file and column when a column is missing or has an unusable type, and
+    CorruptDataError when the file is not readable Parquet.
+    """
+    if not path.exists():
+        return None
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = SCHEMAS[name]
+    try:
+        table = pq.read_table(path, columns=list(schema))
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, pa.ArrowInvalid) and "No match for FieldRef" in str(e):
+            present = pq.read_schema(path).names
+            missing = [c for c in schema if c not in present]
+            raise ValueError(f"{path}: missing column(s) {missing}; a {name} table has {list(schema)}") from e
+        raise CorruptDataError(f"{path}: unreadable Parquet table ({e})") from e
+    columns: dict[str, np.ndarray] = {}
+    for col, dtype in schema.items():
+        arr = table.column(col)
+        if dtype == "str":
+            if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+                raise ValueError(f"{path}: column {col!r} has type {arr.type}, expected string")
+            columns[col] = np.asarray(arr.to_pylist(), dtype=object)
+            continue
+        if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
+            raise ValueError(f"{path}: column {col!r} has type {arr.type}, expected a number ({dtype})")
+        if arr.null_count:
+            raise ValueError(f"{path}: column {col!r} holds {arr.null_count} null value(s)")
+        values = arr.to_numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            bad = int(np.argwhere(~np.isfinite(values))[0, 0])
+            raise ValueError(f"{path}: column {col!r} holds a non-finite value at row {bad}")
+        columns[col] = values.astype(dtype, copy=False)
+    return columns
+
+
+@dataclass
+class Grouped:
+    """A table's columns sorted by ``feature``, so one feature's rows are one contiguous slice."""
+
+    columns: dict[str, np.ndarray]
+    order_by: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        keys = [self.columns[c] for c in reversed(self.order_by)] + [self.columns["feature"]]
+        order = np.lexsort(keys)
+        self.columns = {k: v[order] for k, v in self.columns.items()}
+        self._features = self.columns["feature"]
+
+    def slice(self, feature: int) -> slice:
+        lo = int(np.searchsorted(self._features, feature, side="left"))
+        hi = int(np.searchsorted(self._features, feature, side="right"))
+        return slice(lo, hi)
+
+    def features(self) -> np.ndarray:
+        return np.unique(self._features)
+
+
+@dataclass
+class IndexTables:
+    """Every index table of one SAE that exists (None for the absent ones) plus ``meta.json``."""
+
+    sae: str
+    index_dir: Path
+    meta: dict[str, Any]
+    stats: Grouped | None = None
+    histograms: Grouped | None = None
+    topk: Grouped | None = None
+    samples: Grouped | None = None
+    neighbours: Grouped | None = None
+    enc_dec_cosine: Grouped | None = None
+    logit_lens: Grouped | None = None
+    density_histogram: dict[str, np.ndarray] | None = None
+    map: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def load(cls, index_dir: Path) -> IndexTables:
+        """Read the tables under ``index_dir`` (``RUN/index/SAE``)."""
+        meta_path = index_dir / "meta.json"
+        meta: dict[str, Any] = {}
+        if meta_path.exists():
+            try:
+                meta = json.loads(meta_path.read_text())
+            except ValueError as e:
+                raise CorruptDataError(f"{meta_path}: not valid JSON ({e})") from e
+        tables = cls(sae=index_dir.name, index_dir=index_dir, meta=meta)
+        order = {"histograms": ("bin",), "topk": ("rank",), "samples": ("bin", "value"), "neighbours": ("rank",),
+                 "logit_lens": ("kind", "rank")}
+        for name in ("stats", "histograms", "topk", "samples", "neighbours", "enc_dec_cosine", "logit_lens"):
+            columns = read_table(index_dir / f"{name}.parquet", name)
+            if columns is not None:
+                setattr(tables, name, Grouped(columns, order.get(name, ())))
+        tables.density_histogram = read_table(index_dir / "density_histogram.parquet", "density_histogram")
+        tables.map = read_table(index_dir / "map.parquet", "map")
+        return tables
+
+    def feature_ids(self) -> np.ndarray:
+        """Every feature id to write a page for: all of ``0..d_sae-1`` when the width is known."""
+        width = self.width()
+        if width is not None:
+            return np.arange(width, dtype=np.int64)
+        present = [g.features() for g in (self.stats, self.topk, self.samples, self.histograms) if g is not None]
+        if not present:
+            return np.zeros(0, dtype=np.int64)
+        return np.unique(np.concatenate(present)).astype(np.int64)
+
+    def width(self) -> int | None:
+        """The SAE's number of features, from meta.json, the stats table, or the SAE's cfg.json."""
+        for key in ("d_sae", "n_features", "num_features"):
+            if isinstance(self.meta.get(key), int):
+                return int(self.meta[key])
+        if self.stats is not None and len(self.stats.columns["feature"]):
+            features = self.stats.columns["feature"]
+            if len(features) == int(features[-1]) + 1:  # the index writes one row per feature, dead ones too
+                return len(features)
+        cfg = self.index_dir.parent.parent / "saes" / self.sae / "cfg.json"
+        if cfg.exists():
+            try:
+                return int(json.loads(cfg.read_text())["d_sae"])
+            except (ValueError, KeyError, TypeError):
+                return None
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Token text and example contexts
+# --------------------------------------------------------------------------------------------------
+class TokenText:
+    """Token id -> display text, cached; shows ``#id`` when no tokenizer is available."""
+
+    def __init__(self, tokenizer: Any | None):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, str] = {}
+
+    @property
+    def available(self) -> bool:
+        return self.tokenizer is not None
+
+    def __call__(self, token_id: int) -> str:
+        token_id = int(token_id)
+        text = self._cache.get(token_id)
+        if text is None:
+            if self.tokenizer is None:
+                text = f"#{token_id}"
+            else:
+                # decode() of one id gives the text a reader sees ("Ġthe" from convert_ids_to_tokens does not).
+                text = self.tokenizer.decode([token_id])
+            self._cache[token_id] = text
+        return text
+
+
+def load_tokenizer(model_name: str | None) -> Any | None:
+    """The tokenizer of ``model_name`` (the activation store's "model" attribute), or None if unavailable."""
+    if not model_name:
+        return None
+    try:
+        from . import models
+    except ImportError:
+        models = None  # type: ignore[assignment]
+    if models is not None and hasattr(models, "load_tokenizer"):
+        try:
+            return models.load_tokenizer(model_name)
+        except (OSError, ValueError, KeyError) as e:
+            print(f"saecore pages: no tokenizer for {model_name!r} ({e}); showing token ids", file=sys.stderr)
+            return None
+    if Path(model_name).is_dir():
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(model_name, local_files_only=True)
+        except (OSError, ValueError) as e:
+            print(f"saecore pages: no tokenizer in {model_name} ({e}); showing token ids", file=sys.stderr)
+            return None
+    if models is not None and hasattr(models, "load"):
+        try:
+            return models.load(model_name, device="cpu")[1]
+        except (OSError, ValueError, KeyError) as e:
+            print(f"saecore pages: could not load {model_name!r} ({e}); showing token ids", file=sys.stderr)
+    return None
+
+
+@dataclass
+class Example:
+    """One activation to show: the row it sits at in the activation store and its value."""
+
+    row: int
+    doc_id: int
+    position: int
+    value: float
+    rank_or_bin: int
+
+
+class ContextReader:
+    """Reads the tokens around examples from the activation store, for many features in one pass.
+
+    ``prefetch`` takes every example row of a group of features, then streams the store's token ids,
+    doc ids and positions block by block (skipping blocks with no example) and keeps only each
+    example's window. Memory is about 100 bytes per example plus one block, never the whole store:
+    reading scattered rows one by one (or by zarr coordinate selection per small batch) would decode
+    every chunk of the store again for each batch.
+    """
+
+    def __init__(
+        self, store: Any | None, before: int = CONTEXT_BEFORE, after: int = CONTEXT_AFTER, block_rows: int = 1 << 20
+    ):
+        self.store = store
+        self.before = before
+        self.after = after
+        self.num_rows = int(store.num_rows) if store is not None else 0
+        if store is not None:  # whole zarr chunks per read: a block boundary never splits a chunk
+            block_rows = max(store.chunk_rows, block_rows // store.chunk_rows * store.chunk_rows)
+        self.block_rows = block_rows
+        width = before + after + 1
+        self._centres = np.zeros(0, dtype=np.int64)
+        self._tok = np.zeros((0, width), dtype=np.int32)  # [U, W] token ids of each window
+        self._lo = self._hi = np.zeros(0, dtype=np.int64)  # same-document span inside each window
+        self._doc = self._pos = np.zeros(0, dtype=np.int64)  # the centre row's doc id and position
+
+    def prefetch(self, rows: Iterable[int]) -> None:
+        """Read the same-document window around every row in ``rows``."""
+        if self.store is None:
+            return
+        centres = np.unique(np.fromiter(rows, dtype=np.int64))
+        if centres.size and centres[-1] >= self.num_rows:
+            raise ValueError(
+                f"index row {int(centres[-1])} is outside the activation store {self.store.path} "
+                f"({self.num_rows} rows); the index was built from another store"
+            )
+        offsets = np.arange(-self.before, self.after + 1, dtype=np.int64)  # [W]
+        parts: list[tuple[np.ndarray, ...]] = []
+        block_of = centres // self.block_rows
+        for block in np.unique(block_of):
+            here = centres[block_of == block]  # [n]
+            first = max(int(block) * self.block_rows - self.before, 0)
+            last = min((int(block) + 1) * self.block_rows + self.after, self.num_rows)
+            tok = np.asarray(self.store.token_ids[first:last]).astype(np.int32)
+            doc = np.asarray(self.store.doc_ids[first:last]).astype(np.int64)
+            pos = np.asarray(self.store.positions[first:last]).astype(np.int64)
+            idx = here[:, None] + offsets[None, :]  # [n, W] store rows of each window
+            inside = (idx >= 0) & (idx < self.num_rows)
+            local = np.clip(idx, first, last - 1) - first
+            centre_doc = doc[here - first]  # [n]
+            same = inside & (doc[local] == centre_doc[:, None])
+            lo, hi = _contiguous_span(same, self.before)
+            parts.append((here, tok[local], lo, hi, centre_doc, pos[here - first]))
+        if parts:
+            self._centres, self._tok, self._lo, self._hi, self._doc, self._pos = (
+                np.concatenate(col) for col in zip(*parts)
+            )
+
+    def window(self, ex: Example, table: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(rows, token ids, index of the example's own token) of the same-document window, or None."""
+        if self.store is None:
+            return None
+        i = int(np.searchsorted(self._centres, ex.row))
+        if i >= len(self._centres) or self._centres[i] != ex.row:
+            raise RuntimeError(f"row {ex.row} was not prefetched")  # a bug here, not bad input
+        if self._doc[i] != ex.doc_id or self._pos[i] != ex.position:
+            raise ValueError(
+                f"{table}: row {ex.row} says doc {ex.doc_id} position {ex.position}, but the activation store "
+                f"{self.store.path} has doc {int(self._doc[i])} position {int(self._pos[i])} there; the index "
+                "was built from another activation store"
+            )
+        lo, hi = int(self._lo[i]), int(self._hi[i])
+        rows = np.arange(ex.row - self.before + lo, ex.row - self.before + hi, dtype=np.int64)
+        return rows, self._tok[i, lo:hi], self.before - lo
+
+
+def _contiguous_span(same: np.ndarray, centre: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``same`` [n, W], the span [lo, hi) of True around column ``centre`` (which is True).
+
+    Stores hold documents back to back, so a window keeps the run of same-document rows around its
+    centre and stops at the first row of another document on either side.
+    """
+    n, width = same.shape
+    cols = np.arange(width)
+    breaks_left = np.where(~same[:, :centre], cols[None, :centre], -1)  # [n, centre]
+    lo = breaks_left.max(axis=1, initial=-1) + 1
+    breaks_right = np.where(~same[:, centre:], cols[None, centre:], width)  # [n, W - centre]
+    hi = breaks_right.min(axis=1, initial=width)
+    return lo.astype(np.int64), hi.astype(np.int64)
+
+
+def open_activation_store(run: Path, meta: dict[str, Any]) -> Any | None:
+    """The activation store the index was built from, or None when it cannot be found."""
+    from .activations import ActivationStore
+
+    candidates: list[Path] = []
+    for key in ("activation_store", "activations", "activation_store_path", "store"):
+        value = meta.get(key)
+        if isinstance(value, str) and value:
+            p = Path(value)
+            candidates += [p] if p.is_absolute() else [run / p, Path.cwd() / p]
+    candidates.append(run / "activations.zarr")
+    for path in candidates:
+        if path.exists():
+            return ActivationStore(path)
+    return None
+
+
+ActivationLookup = Callable[[int], "tuple[np.ndarray, np.ndarray] | None"]
+
+
+def feature_activation_lookup(index_dir: Path) -> tuple[ActivationLookup | None, str]:
+    """A function feature -> (sorted rows, values) of all its activations, and a note when there is none.
+
+    Uses ``saecore.FeatureIndex(index_dir).activations(feature)`` (the feature-major store) when the
+    index module provides it; without it, pages highlight only the activations the index recorded.
+    """
+    from .errors import SaecoreError
+
+    unavailable = (ImportError, AttributeError, NotImplementedError, OSError, ValueError, SaecoreError)
+    try:
+        from .index import FeatureIndex  # type: ignore[import-not-found]
+
+        activations = FeatureIndex(index_dir).activations
+    except unavailable as e:
+        if not isinstance(e, (ImportError, AttributeError)):
+            print(f"saecore pages: {index_dir}: per-token activations unavailable ({e})", file=sys.stderr)
+        return None, f"{type(e).__name__}: {e}"
+    failed: list[str] = []
+
+    def lookup(feature: int) -> tuple[np.ndarray, np.ndarray] | None:
+        if failed:  # one failure (no feature store, say) means every later call fails the same way
+            return None
+        try:
+            rows, values = _rows_values(activations(int(feature)))
+        except unavailable as e:
+            failed.append(f"{type(e).__name__}: {e}")
+            print(f"saecore pages: {index_dir}: per-token activations unavailable ({e})", file=sys.stderr)
+            return None
+        order = np.argsort(rows, kind="stable")
+        return rows[order], values[order]
+
+    return lookup, ""
+
+
+def _bound_lookup(activations: Callable[[str, int], Any], sae: str) -> ActivationLookup:
+    def lookup(feature: int) -> tuple[np.ndarray, np.ndarray] | None:
+        result = activations(sae, feature)
+        if result is None:
+            return None
+        rows, values = _rows_values(result)
+        order = np.argsort(rows, kind="stable")
+        return rows[order], values[order]
+
+    return lookup
+
+
+def _rows_values(result: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Normalise what FeatureIndex.activations returns: a (rows, values) pair, a dict or an Arrow table."""
+    if isinstance(result, tuple) and len(result) == 2:
+        rows, values = result
+    elif hasattr(result, "column"):  # pyarrow Table / RecordBatch
+        rows, values = result.column("row").to_numpy(), result.column("value").to_numpy()
+    else:
+        rows, values = result["row"], result["value"]
+    return np.asarray(rows, dtype=np.int64), np.asarray(values, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Building one SAE's pages
+# --------------------------------------------------------------------------------------------------
+def feature_href(feature: int) -> str:
+    """Path of a feature's page relative to its SAE's folder."""
+    return f"f/{feature // FEATURES_PER_FOLDER}/{feature}.html"
+
+
+def _script_json(value: Any) -> str:
+    """JSON safe to place inside a <script> element (no '</script>' or '<!--' can appear)."""
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return text.replace("<", "\\u003c").replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+
+
+def _round(x: float, digits: int = 4) -> float:
+    """Round to ``digits`` significant digits (keeps the page data small)."""
+    x = float(x)
+    if x == 0 or not math.isfinite(x):  # tables are checked finite on reading; this guards derived values
+        return x if x == 0 else 0.0
+    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+
+
+def _round_array(x: np.ndarray, digits: int) -> np.ndarray:
+    """``_round`` for an array: ``digits`` significant digits, as float64 with short decimal reprs."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(x)
+    nz = x != 0
+    k = digits - 1 - np.floor(np.log10(np.abs(x[nz]))).astype(np.int64)
+    # Dividing an integer by an exact power of ten gives the double nearest the decimal, so JSON
+    # prints "0.123", not "0.12300000000000001".
+    scale = 10.0 ** np.abs(k)
+    out[nz] = np.where(k >= 0, np.round(x[nz] * scale) / scale, np.round(x[nz] / scale) * scale)
+    return out
+
+
+def _template(name: str) -> str:
+    return resources.files("saecore.page_assets").joinpath(name).read_text(encoding="utf-8")
+
+
+def _fill(template: str, **values: str) -> str:
+    for key, value in values.items():
+        template = template.replace("@@" + key + "@@", value)
+    return template
+
+
+@dataclass
+class SaeBuild:
+    """Everything one SAE's page writer needs; ``write_into`` builds the folder."""
+
+    run: Path
+    tables: IndexTables
+    tokens: TokenText
+    context: ContextReader
+    lookup: ActivationLookup | None
+    lookup_note: str
+    linkable_saes: set[str]
+    model: str = ""
+    summary_top_tokens: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def sae(self) -> str:
+        return self.tables.sae
+
+    # -- examples --------------------------------------------------------------------------------
+    def _examples(self, grouped: Grouped | None, feature: int, key: str, limit: int | None) -> list[Example]:
+        if grouped is None:
+            return []
+        s = grouped.slice(feature)
+        c = grouped.columns
+        out = [
+            Example(int(c["row"][i]), int(c["doc_id"][i]), int(c["position"][i]), float(c["value"][i]), int(c[key][i]))
+            for i in range(s.start, s.stop)
+        ]
+        return out[:limit] if limit is not None else out
+
+    def _samples_by_bin(self, feature: int) -> dict[int, list[Example]]:
+        by_bin: dict[int, list[Example]] = {}
+        for ex in self._examples(self.tables.samples, feature, "bin", None):
+            by_bin.setdefault(ex.rank_or_bin, []).append(ex)
+        # Within a bin, spread the shown examples over its value range instead of taking the lowest few.
+        for b, exs in by_bin.items():
+            if len(exs) > MAX_SAMPLES_PER_BIN:
+                pick = np.linspace(0, len(exs) - 1, MAX_SAMPLES_PER_BIN).round().astype(int)
+                by_bin[b] = [exs[i] for i in sorted(set(pick.tolist()))]
+        return by_bin
+
+    def _known_values(self, feature: int, examples: Sequence[Example]) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(sorted rows, values) of this feature's activations to colour tokens with, and whether complete."""
+        count = self._count(feature)
+        if self.lookup is not None and count <= DENSE_ACTIVATION_LIMIT:
+            got = self.lookup(feature)
+            if got is not None:
+                return got[0], got[1], True
+        rows = np.array([e.row for e in examples], dtype=np.int64)
+        values = np.array([e.value for e in examples], dtype=np.float32)
+        order = np.argsort(rows, kind="stable")
+        return rows[order], values[order], False
+
+    def _count(self, feature: int) -> int:
+        if self.tables.stats is None:
+            return 0
+        s = self.tables.stats.slice(feature)
+        return int(self.tables.stats.columns["count"][s.start]) if s.stop > s.start else 0
+
+    def _render_example(
+        self, ex: Example, known: tuple[np.ndarray, np.ndarray], table: str, complete: bool
+    ) -> dict[str, Any]:
+        window = self.context.window(ex, table)
+        if window is None:
+            return {"row": ex.row, "doc": ex.doc_id, "pos": ex.position, "v": _round(ex.value), "c": -1}
+        rows, toks, centre = window
+        krows, kvals = known
+        idx = np.minimum(np.searchsorted(krows, rows), max(len(krows) - 1, 0))
+        hit = krows[idx] == rows if len(krows) else np.zeros(len(rows), dtype=bool)
+        values = np.where(hit, kvals[idx] if len(krows) else 0.0, 0.0)
+        values[centre] = ex.value
+        hit[centre] = True
+        rounded = _round_array(values, 3).tolist()
+        # With every activation of the feature known, a token absent from them is a known zero;
+        # with only the recorded ones, it is unknown (None) and the page says so.
+        acts = rounded if complete else [v if h else None for v, h in zip(rounded, hit.tolist())]
+        return {"row": ex.row, "doc": ex.doc_id, "pos": ex.position, "v": _round(ex.value), "c": centre,
+                "id": toks.tolist(),  # their text is in the page's "vocab", once per distinct token
+                "a": acts}
+
+    # -- one feature's data ----------------------------------------------------------------------
+    def feature_data(self, feature: int, n_features: int) -> dict[str, Any]:
+        """The JSON embedded in a feature's page."""
+        t = self.tables
+        top = self._examples(t.topk, feature, "rank", MAX_TOP_EXAMPLES)
+        samples = self._samples_by_bin(feature)
+        all_examples = top + [e for exs in samples.values() for e in exs]
+        krows, kvals, complete = self._known_values(feature, all_examples)
+        known = (krows, kvals)
+        data: dict[str, Any] = {
+            "sae": self.sae,
+            "feature": feature,
+            "n_features": n_features,
+            "href": {"prev": feature_href(feature - 1) if feature > 0 else None,
+                     "next": feature_href(feature + 1) if feature + 1 < n_features else None},
+            "stats": self._stats(feature),
+            "enc_dec_cosine": self._enc_dec(feature),
+            "histogram": self._histogram(feature),
+            "top": [self._render_example(e, known, "topk.parquet", complete) for e in top] if t.topk is not None else None,
+            "samples": self._samples_json(samples, known, complete) if t.samples is not None else None,
+            "logit_lens": self._logit_lens(feature),
+            "neighbours": self._neighbours(feature),
+            "per_token": "all" if complete else "recorded",
+            "per_token_note": "" if complete else self.lookup_note,
+            "tokens": "text" if self.tokens.available else "ids",
+            "context": self.context.store is not None,
+        }
+        shown = {i for group in (data["top"] or [], *[b["examples"] for b in data["samples"] or []])
+                 for e in group for i in e.get("id", ())}
+        data["vocab"] = {str(i): self.tokens(i) for i in sorted(shown)}
+        if top and self.context.store is not None:
+            counts = Counter(self.tokens(e["id"][e["c"]]).strip() or repr(self.tokens(e["id"][e["c"]]))
+                             for e in data["top"] if e["c"] >= 0)
+            self.summary_top_tokens[feature] = " · ".join(tok for tok, _ in counts.most_common(3))
+        return data
+
+    def _stats(self, feature: int) -> dict[str, float] | None:
+        if self.tables.stats is None:
+            return None
+        s = self.tables.stats.slice(feature)
+        if s.stop == s.start:
+            return None
+        c = self.tables.stats.columns
+        i = s.start
+        return {"count": int(c["count"][i]), "density": float(c["density"][i]), "sum": _round(c["sum"][i], 6),
+                "max": _round(c["max"][i]), "mean_nonzero": _round(c["mean_nonzero"][i])}
+
+    def _enc_dec(self, feature: int) -> float | None:
+        g = self.tables.enc_dec_cosine
+        if g is None:
+            return None
+        s = g.slice(feature)
+        return _round(g.columns["cosine"][s.start]) if s.stop > s.start else None
+
+    def _histogram(self, feature: int) -> list[list[float]] | None:
+        g = self.tables.histograms
+        if g is None:
+            return None
+        s = g.slice(feature)
+        c = g.columns
+        return [[_round(c["lo"][i]), _round(c["hi"][i]), int(c["count"][i])] for i in range(s.start, s.stop)]
+
+    def _samples_json(
+        self, samples: dict[int, list[Example]], known: tuple[np.ndarray, np.ndarray], complete: bool
+    ) -> list[dict]:
+        out = []
+        for b in sorted(samples, reverse=True):  # strongest activations first, as in the paper's figures
+            exs = sorted(samples[b], key=lambda e: -e.value)
+            out.append({"bin": b, "lo": _round(min(e.value for e in exs)), "hi": _round(max(e.value for e in exs)),
+                        "examples": [self._render_example(e, known, "samples.parquet", complete) for e in exs]})
+        return out
+
+    def _logit_lens(self, feature: int) -> dict[str, list] | None:
+        g = self.tables.logit_lens
+        if g is None:
+            return None
+        s = g.slice(feature)
+        c = g.columns
+        out: dict[str, list] = {"promote": [], "suppress": []}
+        for i in range(s.start, s.stop):
+            kind = str(c["kind"][i])
+            if kind not in out:
+                raise ValueError(f"{self.tables.index_dir / 'logit_lens.parquet'}: kind {kind!r} for feature "
+                                 f"{feature}; expected 'promote' or 'suppress'")
+            out[kind].append([str(c["token"][i]), int(c["token_id"][i]), _round(c["value"][i])])
+        return out
+
+    def _neighbours(self, feature: int) -> list[dict[str, Any]] | None:
+        g = self.tables.neighbours
+        if g is None:
+            return None
+        s = g.slice(feature)
+        c = g.columns
+        out = []
+        for i in range(s.start, s.stop):
+            other = str(c["other_sae"][i]) or self.sae
+            n = int(c["neighbour"][i])
+            if other == self.sae:
+                href = "../../" + feature_href(n)
+            elif other in self.linkable_saes:
+                href = f"../../../{other}/" + feature_href(n)
+            else:
+                href = None
+            out.append({"sae": other, "feature": n, "cosine": _round(c["cosine"][i]), "href": href})
+        return out
+
+    # -- the SAE folder ---------------------------------------------------------------------------
+    def write_into(self, out: Path, progress: bool = True) -> dict[str, Any]:
+        """Write this SAE's folder into ``out`` (a fresh staging folder); returns its about.json."""
+        features = self.tables.feature_ids()
+        n_features = int(features[-1]) + 1 if len(features) else 0
+        (out / "f").mkdir(parents=True)
+        self._write_feature_pages(out, features, n_features, progress)
+        summary_files = self._write_summary(out, features)
+        has_map = self._write_map(out)
+        about = self._about(features, n_features, has_map)
+        (out / "sae.js").write_text("window.SAECORE_SAE=" + _script_json(self._sae_data(about)) + ";\n")
+        (out / "index.html").write_text(_fill(
+            _template("sae_index.html"),
+            TITLE=_html_escape(f"{self.sae} · saecore features"),
+            SCRIPTS="\n".join(f'<script src="{p}"></script>' for p in (["map.js"] if has_map else [])),
+            CHUNKS=_script_json(summary_files),
+        ))
+        (out / "about.json").write_text(json.dumps(about, indent=2))
+        return about
+
+    def _write_feature_pages(self, out: Path, features: np.ndarray, n_features: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        template = _template("feature.html")
+        bar = tqdm(total=len(features), desc=f"pages {self.sae}", unit="feature", disable=not progress)
+        for start in range(0, len(features), FEATURE_BATCH):
+            batch = [int(f) for f in features[start:start + FEATURE_BATCH]]
+            rows: list[int] = []
+            for f in batch:
+                rows += [e.row for e in self._examples(self.tables.topk, f, "rank", MAX_TOP_EXAMPLES)]
+                rows += [e.row for exs in self._samples_by_bin(f).values() for e in exs]
+            self.context.prefetch(rows)
+            for f in batch:
+                data = self.feature_data(f, n_features)
+                path = out / feature_href(f)
+                path.parent.mkdir(exist_ok=True)
+                path.write_text(_fill(
+                    template,
+                    TITLE=_html_escape(f"{self.sae} · feature {f}"),
+                    DATA=_script_json(data),
+                ), encoding="utf-8")
+            bar.update(len(batch))
+        bar.close()
+
+    def _write_summary(self, out: Path, features: np.ndarray) -> list[str]:
+        """Compact rows [feature, count, density, max, mean_nonzero, top tokens] in chunk files."""
+        (out / "summary").mkdir()
+        stats = self.tables.stats
+        names = []
+        for k, start in enumerate(range(0, max(len(features), 1), SUMMARY_CHUNK)):
+            rows = []
+            for f in features[start:start + SUMMARY_CHUNK]:
+                f = int(f)
+                st = self._stats(f) if stats is not None else None
+                rows.append([f, st["count"] if st else None, st["density"] if st else None,
+                             st["max"] if st else None, st["mean_nonzero"] if st else None,
+                             self.summary_top_tokens.get(f, "")])
+            name = f"summary/{k:04d}.js"
+            (out / name).write_text("(window.SAECORE_SUMMARY=window.SAECORE_SUMMARY||[]).push("
+                                    + _script_json(rows) + ");\n", encoding="utf-8")
+            names.append(name)
+        return names
+
+    def _write_map(self, out: Path) -> bool:
+        m = self.tables.map
+        if m is None or len(m["feature"]) == 0:
+            return False
+        saes = sorted(set(str(s) for s in m["sae"]))
+        sae_index = {s: i for i, s in enumerate(saes)}
+        links = {s: (s == self.sae or s in self.linkable_saes) for s in saes}
+        data = {
+            "sae": self.sae,
+            "saes": saes,
+            "linked": [links[s] for s in saes],
+            "f": m["feature"].astype(int).tolist(),
+            "s": [sae_index[str(s)] for s in m["sae"]],
+            "x": [_round(v) for v in m["x"]],
+            "y": [_round(v) for v in m["y"]],
+            "per_folder": FEATURES_PER_FOLDER,
+        }
+        (out / "map.js").write_text("window.SAECORE_MAP=" + _script_json(data) + ";\n", encoding="utf-8")
+        return True
+
+    def _about(self, features: np.ndarray, n_features: int, has_map: bool) -> dict[str, Any]:
+        stats = self.tables.stats
+        alive = int((stats.columns["count"] > 0).sum()) if stats is not None else None
+        present = [n for n in ("stats", "histograms", "topk", "samples", "neighbours", "enc_dec_cosine", "logit_lens",
+                               "density_histogram", "map") if getattr(self.tables, n) is not None]
+        return {"format": PAGES_FORMAT, "sae": self.sae, "n_features": n_features, "pages": len(features),
+                "alive": alive, "model": self.model, "tables": present, "map": has_map,
+                "n_tokens": self.tables.meta.get("n_tokens"), "per_folder": FEATURES_PER_FOLDER}
+
+    def _sae_data(self, about: dict[str, Any]) -> dict[str, Any]:
+        dh = self.tables.density_histogram
+        return {**about,
+                "density_histogram": None if dh is None else [
+                    [float(a), float(b), int(c)] for a, b, c in zip(dh["lo_log10"], dh["hi_log10"], dh["count"])],
+                "tokens": "text" if self.tokens.available else "ids"}
+
+
+def _html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text, quote=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole site
+# --------------------------------------------------------------------------------------------------
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace folder ``final`` by ``staging`` with renames, so readers see the old or the new, never half."""
+    old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _clean_leftovers(pages: Path) -> None:
+    """Remove staging folders of an interrupted earlier build."""
+    for p in pages.iterdir():
+        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
+            shutil.rmtree(p)
+        elif p.name.endswith(".partial"):
+            p.unlink()
+
+
+def _write_assets(pages: Path) -> None:
+    staging = pages / f".tmp-assets-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    src = resources.files("saecore.page_assets")
+    for name in ASSET_FILES:
+        (staging / name).write_bytes(src.joinpath(name).read_bytes())
+    _swap_in(staging, pages / "assets")
+
+
+def _write_root_index(pages: Path) -> None:
+    abouts = []
+    for d in sorted(p for p in pages.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (d / "about.json").exists():
+            abouts.append(json.loads((d / "about.json").read_text()))
+    items = []
+    for a in abouts:
+        alive = "" if a.get("alive") is None else f" · {a['alive']:,} alive"
+        name = _html_escape(a["sae"])
+        items.append(f'<li><a href="{name}/index.html">{name}</a> <span class="muted">{a["n_features"]:,} features'
+                     f'{alive}{" · map" if a.get("map") else ""}</span></li>')
+    body = "\n".join(items) or "<li>No SAE has an index yet: run <code>saecore index</code>.</li>"
+    _write_text_atomic(pages / "index.html", _fill(_template("root_index.html"), ITEMS=body))
+
+
+def available_saes(run: Path) -> list[str]:
+    """SAE names with an index folder in the run."""
+    index = run / "index"
+    if not index.is_dir():
+        return []
+    return sorted(p.name for p in index.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def build_pages(
+    run: str | os.PathLike[str],
+    saes: Sequence[str] | None = None,
+    tokenizer: Any | None = None,
+    load_model_tokenizer: bool = True,
+    activations: Callable[[str, int], tuple[np.ndarray, np.ndarray] | None] | None | str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Write ``RUN/pages/`` for the SAEs in ``RUN/index/`` (or only ``saes``); returns pages/index.html.
+
+    ``tokenizer`` decodes token ids for display; when None, the tokenizer of the activation store's
+    model is loaded (``load_model_tokenizer``), and without one the pages show token ids.
+    ``activations(sae, feature) -> (rows, values) | None`` gives every activation of a feature, to shade
+    each token of an example's window (None: not known for this SAE); "auto" asks ``saecore.FeatureIndex``, None shades only the
+    activations the index tables recorded.
+    """
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: no run directory here")
+    names = list(saes) if saes else available_saes(run)
+    if not names:
+        raise FileNotFoundError(f"{run / 'index'}: no SAE index found; run 'saecore index' first")
+    for name in names:
+        if not (run / "index" / name).is_dir():
+            raise FileNotFoundError(f"{run / 'index' / name}: no index for SAE {name!r} "
+                                    f"(have: {', '.join(available_saes(run)) or 'none'})")
+    pages = run / "pages"
+    pages.mkdir(exist_ok=True)
+    _clean_leftovers(pages)
+    linkable = set(available_saes(run)) | {p.name for p in pages.iterdir() if (p / "about.json").exists()}
+    _write_assets(pages)
+    token_text: TokenText | None = TokenText(tokenizer) if tokenizer is not None else None
+    for name in names:
+        tables = IndexTables.load(run / "index" / name)
+        store = open_activation_store(run, tables.meta)
+        model = str(store.attrs.get("model", "")) if store is not None else ""
+        if token_text is None:
+            token_text = TokenText(load_tokenizer(model) if (load_model_tokenizer and store is not None) else None)
+        if activations == "auto":
+            lookup, note = feature_activation_lookup(run / "index" / name)
+        elif activations is None:
+            lookup, note = None, "no feature store given"
+        else:
+            lookup, note = _bound_lookup(activations, name), ""  # type: ignore[arg-type]
+        build = SaeBuild(run, tables, token_text, ContextReader(store), lookup, note, linkable, model)
+        staging = pages / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            build.write_into(staging, progress=progress)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # the old pages of this SAE stay as they were
+            raise
+        _swap_in(staging, pages / name)
+    _write_root_index(pages)
+    return pages / "index.html"
+
+
+# --------------------------------------------------------------------------------------------------
+# Serving
+# --------------------------------------------------------------------------------------------------
+def make_server(pages: Path, port: int = 0) -> http.server.ThreadingHTTPServer:
+    """An HTTP server for ``pages`` bound to 127.0.0.1 only (port 0 picks a free port)."""
+    handler = functools.partial(_QuietHandler, directory=str(pages))
+    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+        pass
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+def cli_configure_pages(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="run directory (holds index/SAE/ tables)")
+    parser.add_argument("--sae", action="append", help="only this SAE (repeatable); default: every indexed SAE")
+    parser.add_argument("--no-tokenizer", action="store_true", help="show token ids instead of loading the model's tokenizer")
+
+
+def cli_run_pages(args: argparse.Namespace) -> int:
+    index = build_pages(args.run, saes=args.sae, load_model_tokenizer=not args.no_tokenizer)
+    print(f"feature pages written; open file://{index.resolve()}")
+    return 0
+
+
+def cli_configure_serve(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run", type=Path, help="run directory (its pages/ are served; built first if absent)")
+    parser.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000)")
+
+
+def cli_run_serve(args: argparse.Namespace) -> int:
+    pages = Path(args.run) / "pages"
+    if not (pages / "index.html").exists():
+        build_pages(args.run)
+    server = make_server(pages, args.port)
+    print(f"serving {pages} at http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

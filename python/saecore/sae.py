@@ -1,0 +1,534 @@
+"""Sparse autoencoders: one interface for four architectures.
+
+=============  ===================================================================================
+``relu``       Anthropic's Scaling Monosemanticity SAE: f = ReLU(W_encᵀx + b_enc); loss = ‖x − x̂‖² +
+               λ·Σᵢ fᵢ·‖W_dec,i‖₂ (the L1 penalty weighted by decoder norms, so no norm constraint).
+``topk``       Gao et al. 2024: keep the k largest pre-activations per token (then ReLU); AuxK loss
+               on dead latents. Decoder rows kept at unit norm.
+``batchtopk``  Bussmann et al. 2024: keep the B·k largest over the whole batch while training; at
+               inference a learned global threshold (EMA of the smallest kept activation) replaces it.
+``jumprelu``   Rajamanoharan et al. 2024: f = z·H(z − θ) with a learned per-latent θ, trained with
+               straight-through estimators (rectangle kernel) and an L0 penalty.
+=============  ===================================================================================
+
+Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
+``b_dec [d_in]`` (plus ``threshold [d_sae]`` for jumprelu / batchtopk). The encoder does not subtract
+``b_dec`` (Anthropic's form; SAELens' ``apply_b_dec_to_input = False``).
+
+Input scaling. Anthropic scales activations by one dataset-wide constant ``s`` so that E‖s·x‖² = d_in
+(``s = sqrt(d_in / store.mean_squared_norm(hook))``). While training, the module holds parameters in
+the scaled space and applies ``s`` inside :meth:`SAE.encode` / :meth:`SAE.decode`, so both always take
+and return RAW hook activations. :meth:`SAE.save` folds ``s`` into the weights (W_enc·s, W_dec/s,
+b_dec/s; the latents themselves are unchanged) and writes ``input_scale = 1``: a saved checkpoint is a
+plain SAE on raw activations, which is what SAELens and the rest of saecore expect.
+
+Fast paths. TopK and BatchTopK select few latents per token, so their decode is an ``embedding_bag``
+over the selected rows of W_dec and their encoder backward touches only the selected columns of W_enc
+(:class:`_SelectedPreacts`): after the one dense encoder product, a step costs O(k·d_in) per token
+instead of O(d_sae·d_in). ``SAE(cfg, fast=False)`` runs the plain dense reference (a dense feature
+matrix times W_dec, autograd throughout); tests hold the two to each other.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import uuid
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+# SAELens treats configs without a version as pre-6.0 and rewrites them; we write its 6.x layout.
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+
+@dataclass
+class SAEConfig:
+    """Shape and architecture of one SAE (everything needed to rebuild it from its weights)."""
+
+    architecture: str
+    """One of ``relu`` | ``topk`` | ``batchtopk`` | ``jumprelu``."""
+
+    d_in: int
+    """Width of the hook activations the SAE reads."""
+
+    d_sae: int
+    """Number of latents (dictionary size)."""
+
+    k: int = 32
+    """Active latents per token for topk; the batch average for batchtopk. Unused otherwise."""
+
+    hook_name: str = ""
+    """Hook point the activations come from (TransformerLens naming, e.g. ``blocks.15.hook_resid_post``)."""
+
+    model_name: str = ""
+    """Model the activations come from (HF name or local path)."""
+
+    input_scale: float = 1.0
+    """Multiplier applied to raw inputs inside encode (and undone after decode). Training sets it to
+    Anthropic's dataset-wide constant; saved checkpoints fold it into the weights and store 1.0."""
+
+    jumprelu_bandwidth: float = 0.05
+    """Width ε of the rectangle kernel of JumpReLU's straight-through estimators (scaled units)."""
+
+    jumprelu_init_threshold: float = 0.1
+    """Initial θ of every JumpReLU latent (scaled units)."""
+
+    aux_k: int = 0
+    """Dead latents used by the AuxK loss per token (topk / batchtopk); 0 → min(d_in // 2, d_sae)."""
+
+    batchtopk_threshold_momentum: float = 0.01
+    """EMA rate of the batchtopk inference threshold towards the smallest activation kept in a batch."""
+
+    dec_init_norm: float = 0.0
+    """Initial norm of each decoder row; 0 → 0.1 for relu (Anthropic: small), 1.0 for the others
+    (their decoder rows are kept at unit norm)."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"SAEConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        for name in ("d_in", "d_sae"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"SAEConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.architecture in ("topk", "batchtopk") and not (1 <= self.k <= self.d_sae):
+            raise ValueError(f"SAEConfig.k must be in 1..d_sae={self.d_sae} for {self.architecture}, got {self.k}")
+        if not (math.isfinite(self.input_scale) and self.input_scale > 0):
+            raise ValueError(f"SAEConfig.input_scale must be a positive finite number, got {self.input_scale}")
+        if self.jumprelu_bandwidth <= 0 or self.jumprelu_init_threshold <= 0:
+            raise ValueError("SAEConfig.jumprelu_bandwidth and jumprelu_init_threshold must be positive")
+        if self.aux_k < 0:
+            raise ValueError(f"SAEConfig.aux_k must be >= 0, got {self.aux_k}")
+        if not (0.0 < self.batchtopk_threshold_momentum <= 1.0):
+            raise ValueError("SAEConfig.batchtopk_threshold_momentum must be in (0, 1]")
+        if self.dec_init_norm < 0:
+            raise ValueError(f"SAEConfig.dec_init_norm must be >= 0, got {self.dec_init_norm}")
+
+    @property
+    def unit_norm_decoder(self) -> bool:
+        """Whether training keeps decoder rows at unit norm (all but Anthropic's relu, whose L1 penalty
+        is weighted by the decoder norms instead)."""
+        return self.architecture != "relu"
+
+    @property
+    def effective_aux_k(self) -> int:
+        return min(self.aux_k or max(self.d_in // 2, 1), self.d_sae)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+class SAEOutput(NamedTuple):
+    """What :meth:`SAE.forward` returns. Loss terms are means over rows, in scaled units."""
+
+    x_hat: Tensor
+    """[B, d_in] reconstruction in raw activation units."""
+    feature_acts: Tensor | None
+    """[B, d_sae] dense latent activations; None on the sparse fast path (use the sparse triple)."""
+    rows: Tensor | None
+    """[nnz] row of each active latent (sparse architectures), else None."""
+    latents: Tensor | None
+    """[nnz] latent id of each active entry (sparse architectures), else None."""
+    values: Tensor | None
+    """[nnz] activation of each active entry (sparse architectures), else None."""
+    mse: Tensor
+    """Scalar: mean over rows of ‖s·x − s·x̂‖² (s = input_scale)."""
+    sparsity_loss: Tensor
+    """Scalar: relu → mean Σᵢ fᵢ‖W_dec,i‖; jumprelu → mean L0 (straight-through); topk family → 0."""
+    aux_loss: Tensor
+    """Scalar: AuxK loss (dead latents reconstructing the residual), 0 without a dead mask."""
+    l0: Tensor
+    """Scalar: mean number of active latents per row."""
+    fired: Tensor
+    """[d_sae] bool: latents active on at least one row."""
+
+
+# --- autograd pieces ----------------------------------------------------------------------------
+
+
+def _rectangle(z: Tensor) -> Tensor:
+    return ((z > -0.5) & (z < 0.5)).to(z.dtype)
+
+
+class _JumpReLU(torch.autograd.Function):
+    """z·H(z − θ): gradient to z through the kept entries; to θ by the rectangle-kernel STE
+    (Rajamanoharan et al. 2024, eq. 11): ∂/∂θ ≈ −(θ/ε)·K((z − θ)/ε)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return z * (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_z = grad * (z > theta).to(z.dtype)
+        grad_theta = (-(theta / eps) * _rectangle((z - theta) / eps) * grad).sum(0)
+        return grad_z, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """H(z − θ) for the L0 penalty: gradient only to θ, −(1/ε)·K((z − θ)/ε) (eq. 12)."""
+
+    @staticmethod
+    def forward(ctx: Any, z: Tensor, theta: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(z, theta)
+        ctx.bandwidth = bandwidth
+        return (z > theta).to(z.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
+        z, theta = ctx.saved_tensors
+        eps = ctx.bandwidth
+        grad_theta = (-(1.0 / eps) * _rectangle((z - theta) / eps) * grad).sum(0)
+        return None, grad_theta, None
+
+
+class _SelectedPreacts(torch.autograd.Function):
+    """Pre-activations (x @ W_enc + b_enc)[rows, latents], given ``pre_sel`` already computed densely.
+
+    The backward pass is what makes sparse training cheap: the gradient reaches only the selected
+    entries, so ∂W_enc is a sparse [d_sae, B] × dense [B, d_in] product (nnz·d_in multiply-adds)
+    rather than the dense xᵀ·∂pre (B·d_sae·d_in).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any, pre_sel: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, latents: Tensor
+    ) -> Tensor:
+        ctx.save_for_backward(x, W_enc, rows, latents)
+        return pre_sel.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None, None, None]:
+        x, W_enc, rows, latents = ctx.saved_tensors
+        d_in, d_sae = W_enc.shape
+        grad_x = grad_W = grad_b = None
+        if ctx.needs_input_grad[3]:
+            grad_b = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, latents, grad)
+        if ctx.needs_input_grad[2]:
+            # [d_sae, B] sparse · [B, d_in] → [d_sae, d_in], returned transposed as W_enc's layout.
+            g = torch.sparse_coo_tensor(
+                torch.stack([latents, rows]), grad, (d_sae, x.shape[0]), check_invariants=False
+            )
+            grad_W = torch.sparse.mm(g, x).t()
+        if ctx.needs_input_grad[1]:
+            g = torch.sparse_coo_tensor(
+                torch.stack([rows, latents]), grad, (x.shape[0], d_sae), check_invariants=False
+            )
+            grad_x = torch.sparse.mm(g, W_enc.t())
+        return None, grad_x, grad_W, grad_b, None, None
+
+
+def sparse_decode(rows: Tensor, latents: Tensor, values: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
+    """Σ over active entries of value·W_dec[latent], per row → [n_rows, d_in] (no bias).
+
+    ``rows`` must be sorted (it is for every selection made here); an ``embedding_bag`` with per-entry
+    weights then reads just the selected decoder rows, and its backward writes just those rows.
+    """
+    counts = torch.bincount(rows, minlength=n_rows)
+    offsets = torch.zeros(n_rows, dtype=torch.long, device=rows.device)
+    offsets[1:] = torch.cumsum(counts, 0)[:-1]
+    return F.embedding_bag(latents, W_dec, offsets, mode="sum", per_sample_weights=values)
+
+
+def dense_decode(rows: Tensor, latents: Tensor, values: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
+    """Reference for :func:`sparse_decode`: scatter into a dense [n_rows, d_sae] matrix, multiply."""
+    f = torch.zeros(n_rows, W_dec.shape[0], dtype=values.dtype, device=values.device)
+    f = f.index_put((rows, latents), values, accumulate=True)
+    return f @ W_dec
+
+
+# --- the module ---------------------------------------------------------------------------------
+
+
+class SAE(nn.Module):
+    """A sparse autoencoder; see the module docstring for the architectures and the input scaling."""
+
+    def __init__(self, cfg: SAEConfig, *, fast: bool = True, seed: int | None = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.fast = fast
+        d_in, d_sae = cfg.d_in, cfg.d_sae
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_in))
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        if cfg.architecture == "jumprelu":
+            self.threshold = nn.Parameter(torch.full((d_sae,), float(cfg.jumprelu_init_threshold)))
+        elif cfg.architecture == "batchtopk":
+            # Not trained by gradient: an EMA updated in forward (training mode), used in eval mode.
+            self.register_buffer("threshold", torch.zeros(d_sae))
+        self.reset_parameters(seed)
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = 0) -> None:
+        """Anthropic's init: decoder rows are random directions of a small fixed norm, W_enc = W_decᵀ,
+        biases zero (Circuits Updates, April 2024)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen)
+        norm = self.cfg.dec_init_norm or (0.1 if self.cfg.architecture == "relu" else 1.0)
+        w *= norm / w.norm(dim=1, keepdim=True)
+        self.W_dec.copy_(w)
+        self.W_enc.copy_(w.t())
+        self.b_enc.zero_()
+        self.b_dec.zero_()
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_enc.device
+
+    # -- encode / decode (raw activations in and out) -----------------------------------------------
+    def _preacts(self, x: Tensor) -> Tensor:
+        return (x.to(self.W_enc.dtype) * self.cfg.input_scale) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Raw activations [..., d_in] → latent activations [..., d_sae] (inference rule)."""
+        shape = x.shape
+        pre = self._preacts(x.reshape(-1, shape[-1]))  # (N, d_sae)
+        arch = self.cfg.architecture
+        if arch == "relu":
+            f = F.relu(pre)
+        elif arch == "topk":
+            vals, idx = pre.topk(self.cfg.k, dim=-1, sorted=False)
+            f = torch.zeros_like(pre).scatter_(-1, idx, F.relu(vals))
+        else:  # jumprelu and batchtopk (whose learned global threshold is a per-latent vector)
+            f = F.relu(pre) * (pre > self.threshold).to(pre.dtype)
+        return f.reshape(*shape[:-1], self.cfg.d_sae)
+
+    def decode(self, f: Tensor) -> Tensor:
+        """Latent activations [..., d_sae] → raw-activation reconstruction [..., d_in]."""
+        return (f.to(self.W_dec.dtype) @ self.W_dec + self.b_dec) / self.cfg.input_scale
+
+    # -- training forward ----------------------------------------------------------------------
+    def forward(self, x: Tensor, dead_mask: Tensor | None = None) -> SAEOutput:
+        """Encode and decode a batch of raw activations [B, d_in]; return losses and statistics.
+
+        In training mode batchtopk selects per batch (and updates its threshold); in eval mode every
+        architecture uses its inference rule, as :meth:`encode`. ``dead_mask`` [d_sae] bool switches
+        on the AuxK loss (topk family) over the latents it marks.
+        """
+        if x.ndim != 2 or x.shape[1] != self.cfg.d_in:
+            raise ValueError(f"SAE.forward expects [batch, d_in={self.cfg.d_in}], got {tuple(x.shape)}")
+        xs = x.to(self.W_enc.dtype) * self.cfg.input_scale  # (B, d_in) scaled units
+        arch = self.cfg.architecture
+        if arch == "relu" and self.fast:
+            out = self._forward_relu_adaptive(xs)
+        elif arch == "relu" or (arch == "batchtopk" and not self.training):
+            out = self._forward_dense(xs)
+        elif arch == "jumprelu":
+            out = self._forward_jumprelu(xs)
+        else:
+            out = self._forward_selected(xs)
+        if dead_mask is not None and arch in ("topk", "batchtopk"):
+            aux = self._aux_loss(xs, out[0], dead_mask)
+            out = out._replace(aux_loss=aux)
+        return out._replace(x_hat=out.x_hat / self.cfg.input_scale)
+
+    def _finish(
+        self, xs: Tensor, xs_hat: Tensor, dense: Tensor | None, sparse: tuple[Tensor, Tensor, Tensor] | None,
+        sparsity: Tensor,
+    ) -> SAEOutput:
+        zero = xs.new_zeros(())
+        mse = (xs_hat - xs).pow(2).sum(-1).mean()
+        if sparse is not None:
+            rows, latents, values = sparse
+            active = values > 0
+            l0 = active.sum().to(xs.dtype) / xs.shape[0]
+            fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=xs.device)
+            fired[latents[active]] = True
+            return SAEOutput(xs_hat, None, rows, latents, values, mse, sparsity, zero, l0, fired)
+        assert dense is not None
+        active = dense > 0
+        return SAEOutput(xs_hat, dense, None, None, None, mse, sparsity, zero,
+                         active.sum(-1).to(xs.dtype).mean(), active.any(0))
+
+    def _forward_dense(self, xs: Tensor, pre: Tensor | None = None) -> SAEOutput:
+        pre = xs @ self.W_enc + self.b_enc if pre is None else pre  # (B, d_sae)
+        if self.cfg.architecture == "relu":
+            f = F.relu(pre)
+            # Anthropic's penalty: Σᵢ fᵢ·‖W_dec,i‖ — a matrix-vector product, no [B, d_sae] temporary.
+            sparsity = (f @ self.W_dec.norm(dim=1)).mean()
+        else:
+            f = F.relu(pre) * (pre > self.threshold).to(pre.dtype)
+            sparsity = xs.new_zeros(())
+        return self._finish(xs, f @ self.W_dec + self.b_dec, f, None, sparsity)
+
+    # Above this fraction of active entries the sparse relu path loses to dense products (gathers and
+    # scatters of nnz·d_in cost more than the dense GEMMs they replace). Early in training, with
+    # Anthropic's init, about half the latents fire; a trained SAE fires a few percent.
+    RELU_SPARSE_MAX_DENSITY = 0.05
+
+    def _forward_relu_adaptive(self, xs: Tensor) -> SAEOutput:
+        """relu with the sparse path when few latents fire: the same function and gradients as
+        :meth:`_forward_dense` (ReLU passes no gradient where it is zero), but only the encoder's
+        forward product is dense."""
+        B = xs.shape[0]
+        pre = xs @ self.W_enc + self.b_enc  # (B, d_sae), tracked: the dense branch reuses it
+        with torch.no_grad():
+            active = pre > 0
+            density = float(active.sum()) / active.numel()
+        if density > self.RELU_SPARSE_MAX_DENSITY:
+            del active
+            return self._forward_dense(xs, pre)
+        pre = pre.detach()
+        with torch.no_grad():
+            rows, latents = active.nonzero(as_tuple=True)  # row-major: rows ascending
+            pre_sel = pre[rows, latents]
+        del pre, active
+        vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents))
+        xs_hat = sparse_decode(rows, latents, vals, self.W_dec, B) + self.b_dec
+        sparsity = (vals * self.W_dec.norm(dim=1)[latents]).sum() / B
+        return self._finish(xs, xs_hat, None, (rows, latents, vals), sparsity)
+
+    def _forward_jumprelu(self, xs: Tensor) -> SAEOutput:
+        pre = xs @ self.W_enc + self.b_enc  # (B, d_sae)
+        eps = self.cfg.jumprelu_bandwidth
+        f = _JumpReLU.apply(pre, self.threshold, eps)
+        l0 = _Step.apply(pre, self.threshold, eps).sum(-1).mean()
+        return self._finish(xs, f @ self.W_dec + self.b_dec, f, None, l0)
+
+    def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
+        """(rows, latents) of the kept entries, rows ascending: per-row top-k, or batch top-(B·k)."""
+        B = pre.shape[0]
+        k = self.cfg.k
+        if self.cfg.architecture == "topk":
+            idx = pre.topk(k, dim=-1, sorted=False).indices  # (B, k)
+            rows = torch.arange(B, device=pre.device).repeat_interleave(k)
+            return rows, idx.reshape(-1)
+        flat = pre.reshape(-1).topk(min(B * k, pre.numel()), sorted=False).indices  # (B·k,)
+        flat = flat.sort().values  # row-major order → rows ascending
+        return flat // self.cfg.d_sae, flat % self.cfg.d_sae
+
+    def _forward_selected(self, xs: Tensor) -> SAEOutput:
+        B = xs.shape[0]
+        with torch.no_grad():
+            pre = xs @ self.W_enc + self.b_enc  # (B, d_sae): the one dense product of the step
+            rows, latents = self._select(pre)
+            pre_sel = pre[rows, latents]
+        del pre
+        if self.fast:
+            vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents))
+            xs_hat = sparse_decode(rows, latents, vals, self.W_dec, B) + self.b_dec
+        else:
+            # Reference: gather from a dense, autograd-tracked pre-activation matrix.
+            pre_ref = xs @ self.W_enc + self.b_enc
+            vals = F.relu(pre_ref[rows, latents])
+            xs_hat = dense_decode(rows, latents, vals, self.W_dec, B) + self.b_dec
+        if self.training and self.cfg.architecture == "batchtopk":
+            self._update_threshold(vals.detach())
+        return self._finish(xs, xs_hat, None, (rows, latents, vals), xs.new_zeros(()))
+
+    @torch.no_grad()
+    def _update_threshold(self, vals: Tensor) -> None:
+        positive = vals[vals > 0]
+        if positive.numel():
+            m = self.cfg.batchtopk_threshold_momentum
+            current = self.threshold[0]
+            new = positive.min() if current == 0 else (1 - m) * current + m * positive.min()
+            self.threshold.fill_(float(new))
+
+    def _aux_loss(self, xs: Tensor, xs_hat: Tensor, dead_mask: Tensor) -> Tensor:
+        """AuxK (Gao et al. 2024, §A.2): the top-k_aux dead latents reconstruct the residual x − x̂;
+        the loss is that reconstruction's error normalised by the residual's variance, so dead latents
+        get a gradient towards what the live ones miss."""
+        n_dead = int(dead_mask.sum())
+        if n_dead == 0:
+            return xs.new_zeros(())
+        k_aux = min(self.cfg.effective_aux_k, n_dead)
+        B = xs.shape[0]
+        residual = (xs - xs_hat).detach()
+        with torch.no_grad():
+            pre = xs @ self.W_enc + self.b_enc  # (B, d_sae)
+            pre = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
+            idx = pre.topk(k_aux, dim=-1, sorted=False).indices  # (B, k_aux)
+            rows = torch.arange(B, device=xs.device).repeat_interleave(k_aux)
+            latents = idx.reshape(-1)
+            pre_sel = pre[rows, latents]
+        del pre
+        if self.fast:
+            vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents))
+            recon = sparse_decode(rows, latents, vals, self.W_dec, B)
+        else:
+            vals = F.relu((xs @ self.W_enc + self.b_enc)[rows, latents])
+            recon = dense_decode(rows, latents, vals, self.W_dec, B)
+        denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        return (recon - residual).pow(2).sum() / denom
+
+    # -- constraints applied by the trainer ------------------------------------------------------
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        """Unit-norm decoder rows (architectures other than relu)."""
+        if self.cfg.unit_norm_decoder:
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component along each (unit) decoder row, so an optimiser step
+        changes the direction and the renormalisation does not fight it (Bricken et al. 2023)."""
+        if self.cfg.unit_norm_decoder and self.W_dec.grad is not None:
+            g = self.W_dec.grad
+            g -= (g * self.W_dec).sum(1, keepdim=True) * self.W_dec
+
+    @torch.no_grad()
+    def clamp_threshold(self) -> None:
+        if self.cfg.architecture == "jumprelu":
+            self.threshold.clamp_(min=1e-6)
+
+    # -- folding and persistence -----------------------------------------------------------------
+    @torch.no_grad()
+    def folded(self) -> SAE:
+        """A copy whose input scale is folded into the weights (input_scale = 1, same latents)."""
+        s = self.cfg.input_scale
+        cfg = SAEConfig.from_dict({**self.cfg.to_dict(), "input_scale": 1.0})
+        out = SAE(cfg, fast=self.fast, seed=None)
+        out.load_state_dict(self.state_dict())
+        out.W_enc.mul_(s)
+        out.W_dec.div_(s)
+        out.b_dec.div_(s)
+        return out.to(self.device)
+
+    def save(self, directory: str | os.PathLike[str], extra_metadata: dict[str, Any] | None = None) -> Path:
+        """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout, input scale folded), each
+        by write-aside-then-rename."""
+        from .saelens import saelens_config
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        sae = self.folded() if self.cfg.input_scale != 1.0 else self
+        tensors, cfg = saelens_config(sae, extra_metadata or {})
+        from safetensors.torch import save_file
+
+        tmp = directory / f".{WEIGHTS_FILENAME}.{uuid.uuid4().hex}.partial"
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        os.replace(tmp, directory / WEIGHTS_FILENAME)
+        tmp = directory / f".{CFG_FILENAME}.{uuid.uuid4().hex}.partial"
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        os.replace(tmp, directory / CFG_FILENAME)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], device: str | torch.device | None = None) -> SAE:
+        """Load a checkpoint written by :meth:`save` or by SAELens (standard, topk, jumprelu)."""
+        from .saelens import load_checkpoint
+
+        return load_checkpoint(Path(directory), device=device)
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,651 @@
+"""Train an SAE on an activation store: ``saecore.train(store, out_dir, cfg)`` and ``saecore train``.
+
+The loop, as named steps (:class:`Trainer`): read a shuffled batch → check it is finite → set the
+learning rate and sparsity coefficient for this step → forward/backward → clip, Adam step, decoder
+constraint → update dead-latent counters → log / checkpoint.
+
+* Data: :class:`ShuffledBatches` permutes the store's chunks per epoch and rows inside windows of
+  ``shuffle_buffer_rows`` (memory: one window plus one batch). Batch ``i`` is a pure function of the
+  seed and ``i``, so a resumed run sees exactly the batches the uninterrupted run would have seen.
+* Schedules (Anthropic, April 2024): λ warms up linearly from 0 over the first 5% of steps; the
+  learning rate decays linearly to 0 over the last 20%; gradient-norm clipping at 1; Adam, no weight
+  decay; one epoch by default.
+* Dead latents: tokens since each latent last fired; a latent is dead once that count reaches the
+  dead window (``dead_window_tokens``, Anthropic's 10⁷, capped at the run length for short runs).
+  TopK/BatchTopK get the AuxK loss on dead latents; ReLU dead latents are resampled.
+* Checkpoints: ``cfg.json`` + ``sae_weights.safetensors`` (loadable by SAELens) and
+  ``trainer_state.pt`` (unfolded weights, optimizer, counters, step), each written aside and renamed.
+  SIGINT finishes the current step, saves, and raises KeyboardInterrupt; the same call resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import types
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .activations import ActivationStore
+from .errors import SaecoreError, StoreError
+from .sae import ARCHITECTURES, SAE, SAEConfig, default_device
+
+STATE_FILENAME = "trainer_state.pt"
+STATE_FORMAT = "saecore.trainer/1"
+ANTHROPIC_DEAD_WINDOW = 10_000_000
+# Config fields that do not change what is computed, so a resume may change them freely.
+_RESUME_FREE_FIELDS = ("device", "checkpoint_every_steps", "progress")
+
+
+class ConfigMismatchError(SaecoreError):
+    """A checkpoint exists in the output folder, made with other settings than the ones given now."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a training run (the store and output folder aside)."""
+
+    architecture: str = "relu"
+    """SAE architecture: ``relu`` | ``topk`` | ``batchtopk`` | ``jumprelu`` (see :mod:`saecore.sae`)."""
+
+    d_sae: int = 4096
+    """Number of latents."""
+
+    k: int = 32
+    """Active latents per token (topk) or per token on average (batchtopk)."""
+
+    l1_coefficient: float = 5.0
+    """λ of the relu loss MSE + λ·Σ fᵢ‖W_dec,i‖ (Anthropic: 5 at their input scaling)."""
+
+    l0_coefficient: float = 1e-3
+    """λ of the jumprelu loss MSE + λ·L0."""
+
+    aux_coefficient: float = 1 / 32
+    """Weight of the AuxK loss (Gao et al. 2024 use 1/32)."""
+
+    aux_k: int = 0
+    """Dead latents per token in the AuxK loss; 0 → d_in // 2."""
+
+    jumprelu_bandwidth: float = 0.05
+    """Rectangle-kernel width of the jumprelu straight-through estimators (scaled units)."""
+
+    jumprelu_init_threshold: float = 0.1
+    """Initial jumprelu threshold (scaled units)."""
+
+    lr: float = 0.0
+    """Adam learning rate; 0 → 2e-4 / sqrt(d_sae / 16384) (the scaling Gao et al. fit)."""
+
+    batch_size: int = 4096
+    """Tokens per step."""
+
+    num_tokens: int = 0
+    """Training tokens; 0 → one epoch over the training rows (Anthropic trained one epoch)."""
+
+    hook: str | None = None
+    """Hook to train on; None → the store's only hook."""
+
+    seed: int = 0
+    """Seeds the initialisation and the data order."""
+
+    shuffle_buffer_rows: int = 131072
+    """Rows shuffled together (memory ≈ this × d_in × 4 bytes)."""
+
+    holdout_fraction: float = 0.02
+    """Trailing fraction of the store (whole chunks) kept out of training for ``saecore eval``."""
+
+    lambda_warmup_frac: float = 0.05
+    """Fraction of steps over which the sparsity coefficient rises linearly from 0."""
+
+    lr_decay_frac: float = 0.2
+    """Final fraction of steps over which the learning rate falls linearly to 0."""
+
+    grad_clip: float = 1.0
+    """Maximum global gradient norm."""
+
+    dead_window_tokens: int = ANTHROPIC_DEAD_WINDOW
+    """A latent that has not fired for this many tokens is dead (capped at the run's length)."""
+
+    resample_dead: bool = True
+    """relu only: re-initialise dead latents towards badly reconstructed inputs, once per dead window
+    (never during the final learning-rate decay)."""
+
+    checkpoint_every_steps: int = 1000
+    """Steps between checkpoints (a checkpoint is also written at the end and on SIGINT)."""
+
+    device: str | None = None
+    """``cuda``, ``cpu``…; None → CUDA when present, else CPU."""
+
+    progress: bool = True
+    """Show a tqdm progress bar."""
+
+    def __post_init__(self) -> None:
+        positive = ("d_sae", "k", "batch_size", "shuffle_buffer_rows", "dead_window_tokens", "checkpoint_every_steps")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient", "lr", "num_tokens", "aux_k"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("holdout_fraction", "lambda_warmup_frac", "lr_decay_frac"):
+            if not (0.0 <= getattr(self, name) < 1.0):
+                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.grad_clip <= 0:
+            raise ValueError(f"TrainConfig.grad_clip must be positive, got {self.grad_clip}")
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(f"TrainConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
+            raise ValueError(f"TrainConfig.k={self.k} exceeds d_sae={self.d_sae}")
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr or 2e-4 / math.sqrt(self.d_sae / 16384)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShuffledBatches:
+    """Deterministic shuffled batches over rows ``[0, n_rows)`` of one hook of a store.
+
+    Epoch ``e`` visits the chunks in a seeded permutation; consecutive groups of chunks form windows
+    of about ``buffer_rows`` rows whose rows are permuted again. The stream is the concatenation of
+    the windows of epoch 0, 1, …; batch ``i`` is rows ``[i·B, (i+1)·B)`` of it.
+    """
+
+    store: ActivationStore
+    hook: str
+    n_rows: int
+    batch_size: int
+    buffer_rows: int
+    seed: int
+    chunk_rows: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.chunk_rows = self.store.chunk_rows
+
+    def _windows(self, epoch: int) -> list[list[tuple[int, int]]]:
+        chunks = [(s, min(s + self.chunk_rows, self.n_rows)) for s in range(0, self.n_rows, self.chunk_rows)]
+        order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(chunks))
+        per_window = max(1, self.buffer_rows // self.chunk_rows)
+        ordered = [chunks[i] for i in order]
+        return [ordered[i : i + per_window] for i in range(0, len(ordered), per_window)]
+
+    def _load_window(self, epoch: int, w: int, spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        x = np.concatenate([self.store.read(self.hook, a, b) for a, b in spans])  # (W, d)
+        rows = np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in spans])  # (W,)
+        perm = np.random.default_rng([self.seed, epoch, 1, w]).permutation(len(rows))
+        return x[perm], rows[perm]
+
+    def batches(self, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield ``(x [B, d] float32, store rows [B])`` for steps ``start_step, start_step + 1, …`` (forever)."""
+        B = self.batch_size
+        pos = start_step * B
+        epoch, skip = divmod(pos, self.n_rows)
+        carry_x: list[np.ndarray] = []
+        carry_r: list[np.ndarray] = []
+        carried = 0
+        while True:
+            for w, spans in enumerate(self._windows(epoch)):
+                size = sum(b - a for a, b in spans)
+                if skip >= size:  # this window lies wholly before the resume point
+                    skip -= size
+                    continue
+                x, rows = self._load_window(epoch, w, spans)
+                x, rows, skip = x[skip:], rows[skip:], 0
+                while len(rows):
+                    take = min(B - carried, len(rows))
+                    carry_x.append(x[:take])
+                    carry_r.append(rows[:take])
+                    carried += take
+                    x, rows = x[take:], rows[take:]
+                    if carried == B:
+                        yield np.concatenate(carry_x), np.concatenate(carry_r)
+                        carry_x, carry_r, carried = [], [], 0
+            epoch += 1
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+
+def sae_step(
+    sae: SAE,
+    opt: torch.optim.Optimizer,
+    x: torch.Tensor,
+    sparsity_coefficient: float,
+    aux_coefficient: float,
+    dead_mask: torch.Tensor | None,
+    grad_clip: float,
+) -> tuple[torch.Tensor, Any]:
+    """One optimisation step on a batch of raw activations: loss = MSE + λ·sparsity + α·AuxK; backward;
+    project decoder gradients (unit-norm architectures); clip; Adam; renormalise. Returns (loss, SAEOutput)."""
+    use_dead = dead_mask is not None and bool(dead_mask.any())
+    out = sae(x, dead_mask=dead_mask if use_dead else None)
+    loss = out.mse + sparsity_coefficient * out.sparsity_loss + aux_coefficient * out.aux_loss
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss became {float(loss.detach())}")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    sae.remove_parallel_decoder_grad()
+    torch.nn.utils.clip_grad_norm_(sae.parameters(), grad_clip)
+    opt.step()
+    sae.normalize_decoder()
+    sae.clamp_threshold()
+    return loss.detach(), out
+
+
+
+def _resolve_store(store: ActivationStore | str | os.PathLike[str]) -> ActivationStore:
+    if isinstance(store, ActivationStore):
+        return store
+    path = Path(store)
+    if (path / "activations.zarr").exists():  # a run directory
+        path = path / "activations.zarr"
+    return ActivationStore(path)
+
+
+def training_rows(store: ActivationStore, holdout_fraction: float) -> int:
+    """Rows used for training: all but a trailing holdout of whole chunks (none if that leaves nothing)."""
+    n = store.num_rows
+    if holdout_fraction <= 0:
+        return n
+    held = math.ceil(n * holdout_fraction / store.chunk_rows) * store.chunk_rows
+    return n - held if n - held > 0 else n
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: checkpoint has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+class _SigintFlag:
+    """Turns SIGINT into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigintFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """One training run: build or resume the state, then run the loop (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: ActivationStore,
+        out_dir: Path,
+        cfg: TrainConfig,
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+    ):
+        self.store, self.out_dir, self.cfg, self.on_step = store, out_dir, cfg, on_step
+        self.hook = self._check_store()
+        self.n_train = training_rows(store, cfg.holdout_fraction)
+        total = cfg.num_tokens or self.n_train
+        self.total_steps = total // cfg.batch_size
+        if self.total_steps < 1:
+            raise ValueError(
+                f"{store.path}: {total} training tokens (of {store.num_rows} rows) is less than one batch of "
+                f"{cfg.batch_size}; lower batch_size or harvest more"
+            )
+        self.device = torch.device(cfg.device) if cfg.device else default_device()
+        self.dead_window = min(cfg.dead_window_tokens, self.total_steps * cfg.batch_size)
+        self.identity = self._identity()
+        self._build()
+
+    # -- set-up ------------------------------------------------------------------------------------
+    def _check_store(self) -> str:
+        if self.store.num_rows == 0:
+            raise StoreError(f"{self.store.path}: the activation store is empty (0 rows)")
+        hook = self.cfg.hook or (self.store.hooks[0] if len(self.store.hooks) == 1 else None)
+        if hook is None:
+            raise ValueError(f"{self.store.path}: store holds hooks {self.store.hooks}; set TrainConfig.hook")
+        self.store.d_model(hook)  # raises naming the hooks present
+        return hook
+
+    def _identity(self) -> dict[str, Any]:
+        """What must match for a checkpoint to be resumed with this store and config."""
+        cfg = {k: v for k, v in self.cfg.to_dict().items() if k not in _RESUME_FREE_FIELDS}
+        cfg["hook"] = self.hook
+        return {
+            **cfg,
+            "store_rows": self.store.num_rows,
+            "d_in": self.store.d_model(self.hook),
+            "mean_squared_norm": self.store.mean_squared_norm(self.hook),
+        }
+
+    def _sae_config(self) -> SAEConfig:
+        d_in = self.store.d_model(self.hook)
+        msn = self.store.mean_squared_norm(self.hook)
+        if not (math.isfinite(msn) and msn > 0):
+            raise StoreError(f"{self.store.path}: hook {self.hook!r} has mean squared norm {msn}; cannot scale inputs")
+        return SAEConfig(
+            architecture=self.cfg.architecture,
+            d_in=d_in,
+            d_sae=self.cfg.d_sae,
+            k=self.cfg.k,
+            hook_name=self.hook,
+            model_name=str(self.store.attrs.get("model", "")),
+            input_scale=math.sqrt(d_in / msn),  # Anthropic: E‖s·x‖² = d_in
+            jumprelu_bandwidth=self.cfg.jumprelu_bandwidth,
+            jumprelu_init_threshold=self.cfg.jumprelu_init_threshold,
+            aux_k=self.cfg.aux_k,
+        )
+
+    def _build(self) -> None:
+        self.sae = SAE(self._sae_config(), seed=self.cfg.seed).to(self.device)
+        self.sae.train()
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.cfg.effective_lr, betas=(0.9, 0.999))
+        self.step = 0
+        self.tokens_since_fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=self.device)
+        self.complete = False
+        state_path = self.out_dir / STATE_FILENAME
+        if state_path.exists():
+            self._resume(state_path)
+
+    def _resume(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+        except Exception as e:  # torch raises several types for truncated pickles/zips
+            raise StoreError(f"{path}: unreadable trainer state ({e}); delete it to restart the run") from e
+        if state.get("format") != STATE_FORMAT:
+            raise StoreError(f"{path}: not a saecore trainer state (format {state.get('format')!r})")
+        old = state["identity"]
+        if old.get("d_in") != self.identity["d_in"]:
+            raise ConfigMismatchError(
+                f"{self.out_dir}: the checkpoint's SAE has d_in={old.get('d_in')}, but hook {self.hook!r} of "
+                f"{self.store.path} has d_model={self.identity['d_in']}"
+            )
+        diffs = _describe_differences(old, self.identity)
+        if diffs:
+            raise ConfigMismatchError(
+                f"{self.out_dir}: holds a run made with other settings; use another output folder or delete it.\n  "
+                + "\n  ".join(diffs)
+            )
+        self.sae.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
+        self.complete = bool(state["complete"])
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        """Write the SAE (SAELens layout) and then the trainer state, each atomically. The state is
+        written last and holds its own copy of the weights, so a crash between the two is harmless."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.sae.save(self.out_dir, extra_metadata=self._training_facts())
+        state = {
+            "format": STATE_FORMAT,
+            "identity": self.identity,
+            "step": self.step,
+            "complete": self.complete,
+            "model": self.sae.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+        }
+        _atomic_torch_save(state, self.out_dir / STATE_FILENAME)
+
+    def _training_facts(self) -> dict[str, Any]:
+        return {
+            "train_config": self.cfg.to_dict(),
+            "store": str(self.store.path),
+            "train_rows": [0, self.n_train],
+            "holdout_rows": [self.n_train, self.store.num_rows],
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "tokens": self.step * self.cfg.batch_size,
+            "input_scale": self.sae.cfg.input_scale,
+            "dead_window_tokens": self.dead_window,
+            "dead_fraction": self.dead_fraction(),
+            "complete": self.complete,
+        }
+
+    # -- schedules ---------------------------------------------------------------------------------
+    def lr_at(self, step: int) -> float:
+        """Constant, then linear decay to 0 over the final ``lr_decay_frac`` of steps."""
+        decay_steps = int(self.total_steps * self.cfg.lr_decay_frac)
+        start = self.total_steps - decay_steps
+        base = self.cfg.effective_lr
+        return base if step < start or decay_steps == 0 else base * (self.total_steps - step) / decay_steps
+
+    def sparsity_coefficient_at(self, step: int) -> float:
+        """Linear warm-up from 0 over the first ``lambda_warmup_frac`` of steps."""
+        arch = self.cfg.architecture
+        lam = self.cfg.l1_coefficient if arch == "relu" else self.cfg.l0_coefficient if arch == "jumprelu" else 0.0
+        warm = int(self.total_steps * self.cfg.lambda_warmup_frac)
+        return lam if warm == 0 or step >= warm else lam * (step + 1) / warm
+
+    # -- dead latents ------------------------------------------------------------------------------
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.dead_window
+
+    def dead_fraction(self) -> float:
+        """Fraction of latents that have not fired for ``dead_window`` tokens (0 until that many are seen)."""
+        return float(self.dead_mask().float().mean())
+
+    @torch.no_grad()
+    def _resample(self, x: torch.Tensor, xs_hat: torch.Tensor) -> int:
+        """Re-initialise dead relu latents (Bricken et al. 2023, simplified): each takes the direction of
+        an input drawn with probability ∝ its squared reconstruction error; the encoder gets that
+        direction at 0.2 × the mean live encoder norm; Adam's moments for them are zeroed."""
+        dead = self.dead_mask().nonzero().flatten()
+        if dead.numel() == 0:
+            return 0
+        sae = self.sae
+        xs = x * sae.cfg.input_scale
+        err = (xs - xs_hat).pow(2).sum(1)
+        gen = torch.Generator(device="cpu").manual_seed(self.cfg.seed * 1_000_003 + self.step)
+        pick = torch.multinomial(err.cpu() + 1e-12, dead.numel(), replacement=True, generator=gen).to(x.device)
+        dirs = xs[pick] - sae.b_dec
+        dirs = dirs / dirs.norm(dim=1, keepdim=True).clamp_min(1e-12)  # (n_dead, d_in)
+        live = ~self.dead_mask()
+        enc_norm = sae.W_enc[:, live].norm(dim=0).mean() if live.any() else torch.tensor(1.0)
+        dec_norm = sae.W_dec[live].norm(dim=1).mean() if live.any() else torch.tensor(0.1)
+        sae.W_dec[dead] = dirs * dec_norm
+        sae.W_enc[:, dead] = dirs.t() * 0.2 * enc_norm
+        sae.b_enc[dead] = 0.0
+        for p, index, dim in ((sae.W_dec, dead, 0), (sae.W_enc, dead, 1), (sae.b_enc, dead, 0)):
+            st = self.opt.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in st:
+                    st[key].index_fill_(dim, index, 0.0)
+        self.tokens_since_fired[dead] = 0
+        return int(dead.numel())
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def _check_finite(self, x: torch.Tensor, rows: np.ndarray) -> None:
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):
+            bad = int((~finite).nonzero()[0, 0])
+            self.save_checkpoint()
+            raise ValueError(
+                f"{self.store.path}: non-finite activation (NaN/Inf) at store row {int(rows[bad])} of hook "
+                f"{self.hook!r} (step {self.step}); checkpoint saved in {self.out_dir} before this batch"
+            )
+
+    def _train_step(self, x: torch.Tensor) -> dict[str, float]:
+        step = self.step
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr_at(step)
+        lam = self.sparsity_coefficient_at(step)
+        arch = self.cfg.architecture
+        dead = self.dead_mask() if arch in ("topk", "batchtopk") else None
+        try:
+            loss, out = sae_step(self.sae, self.opt, x, lam, self.cfg.aux_coefficient, dead, self.cfg.grad_clip)
+        except FloatingPointError as e:
+            self.save_checkpoint()
+            raise FloatingPointError(
+                f"{e} at step {step} (inputs were finite); checkpoint saved in {self.out_dir}; lower the learning rate"
+            ) from None
+        self.tokens_since_fired += x.shape[0]
+        self.tokens_since_fired[out.fired] = 0
+        with torch.no_grad():
+            xs = x * self.sae.cfg.input_scale
+            var = (xs - xs.mean(0)).pow(2).sum(-1).mean()
+            ev = 1.0 - out.mse / var.clamp_min(1e-12)
+        resampled = 0
+        if (
+            arch == "relu"
+            and self.cfg.resample_dead
+            and (step + 1) * self.cfg.batch_size % self.dead_window < self.cfg.batch_size
+            and (step + 1) < self.total_steps * (1 - self.cfg.lr_decay_frac)
+            and (step + 1) * self.cfg.batch_size >= self.dead_window
+        ):
+            resampled = self._resample(x, (out.x_hat * self.sae.cfg.input_scale).detach())
+        return {
+            "loss": float(loss.detach()),
+            "mse": float(out.mse.detach()),
+            "l0": float(out.l0.detach()),
+            "explained_variance": float(ev),
+            "dead_fraction": self.dead_fraction(),
+            "resampled": float(resampled),
+        }
+
+    def run(self) -> SAE:
+        """Train to the end (or resume to it); return the trained SAE (input scale folded)."""
+        if self.complete:
+            return self.sae.folded().eval()
+        from tqdm.auto import tqdm
+
+        stream = ShuffledBatches(
+            self.store, self.hook, self.n_train, self.cfg.batch_size, self.cfg.shuffle_buffer_rows, self.cfg.seed
+        ).batches(self.step)
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, unit="step",
+                   desc=f"train {self.cfg.architecture} {self.cfg.d_sae}")
+        last_save = self.step
+        with _SigintFlag() as sigint:
+            try:
+                while self.step < self.total_steps:
+                    x_np, rows = next(stream)
+                    x = torch.from_numpy(x_np).to(self.device, non_blocking=True)
+                    self._check_finite(x, rows)
+                    stats = self._train_step(x)
+                    self.step += 1
+                    bar.update(1)
+                    if self.step % 10 == 0 or self.step == self.total_steps:
+                        bar.set_postfix(loss=f"{stats['loss']:.4g}", L0=f"{stats['l0']:.1f}",
+                                        EV=f"{stats['explained_variance']:.3f}", dead=f"{stats['dead_fraction']:.3f}")
+                    if self.on_step is not None:
+                        self.on_step(self.step, stats)
+                    if sigint.raised:
+                        self.save_checkpoint()
+                        raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}")
+                    if self.step - last_save >= self.cfg.checkpoint_every_steps and self.step < self.total_steps:
+                        self.save_checkpoint()
+                        last_save = self.step
+            finally:
+                bar.close()
+        self.complete = True
+        self.save_checkpoint()
+        return self.sae.folded().eval()
+
+
+def train(
+    store: ActivationStore | str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    cfg: TrainConfig | None = None,
+    *,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    **overrides: Any,
+) -> SAE:
+    """Train an SAE on ``store`` (an :class:`ActivationStore`, its path, or a run directory) into
+    ``out_dir``; resume if ``out_dir`` holds an unfinished run of the same config.
+
+    ``overrides`` set :class:`TrainConfig` fields (``train(store, out, architecture="topk", k=32)``).
+    ``on_step(step, stats)`` is called after every step (stats: loss, mse, l0, explained_variance,
+    dead_fraction). Returns the trained SAE with its input scale folded (as saved).
+    """
+    cfg = cfg or TrainConfig()
+    if overrides:
+        cfg = TrainConfig(**{**cfg.to_dict(), **overrides})
+    return Trainer(_resolve_store(store), Path(out_dir), cfg, on_step=on_step).run()
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The TrainConfig options as flags (shared with ``saecore sweep``)."""
+    d = TrainConfig()
+    parser.add_argument("--architecture", "--arch", default=d.architecture, choices=["relu", "topk", "batchtopk", "jumprelu"])
+    parser.add_argument("--k", type=int, default=d.k, help="active latents per token (topk, batchtopk)")
+    parser.add_argument("--l1-coefficient", type=float, default=d.l1_coefficient, help="relu sparsity λ")
+    parser.add_argument("--l0-coefficient", type=float, default=d.l0_coefficient, help="jumprelu sparsity λ")
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate (0: 2e-4/sqrt(d_sae/16384))")
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--hook", default=None, help="hook to train on (default: the store's only hook)")
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--shuffle-buffer-rows", type=int, default=d.shuffle_buffer_rows)
+    parser.add_argument("--dead-window-tokens", type=int, default=d.dead_window_tokens)
+    parser.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps)
+    parser.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
+    return TrainConfig(
+        architecture=args.architecture, k=args.k, l1_coefficient=args.l1_coefficient,
+        l0_coefficient=args.l0_coefficient, lr=args.lr, batch_size=args.batch_size, hook=args.hook, seed=args.seed,
+        shuffle_buffer_rows=args.shuffle_buffer_rows, dead_window_tokens=args.dead_window_tokens,
+        checkpoint_every_steps=args.checkpoint_every_steps, device=args.device, progress=not args.no_progress,
+        **fixed,
+    )
+
+
+def cli_configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="activation store (activations.zarr) or a run directory holding one")
+    parser.add_argument("out", help="output folder for the SAE (cfg.json, sae_weights.safetensors, trainer state)")
+    parser.add_argument("--d-sae", type=int, default=TrainConfig.d_sae, help="number of latents")
+    parser.add_argument("--tokens", type=int, default=0, help="training tokens (0: one epoch)")
+    add_train_arguments(parser)
+
+
+def cli_run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args, d_sae=args.d_sae, num_tokens=args.tokens)
+    t0 = time.time()
+    sae = train(args.store, args.out, cfg)
+    print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "
+          f"in {time.time() - t0:.0f} s")
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Importing ``saecore.train`` binds the package attribute ``saecore.train`` to this module, which
+    would shadow the function of the same name; making the module callable keeps the documented
+    ``saecore.train(store, out_dir, cfg)`` working either way."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> SAE:
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
