@@ -130,15 +130,15 @@ def main() -> int:
             unit = a / np.linalg.norm(a, axis=1, keepdims=True)
             flops = 2 * n * n * d
             results: dict[str, tuple[float, np.ndarray | None]] = {}
-            t, (idx, _) = best_time(lambda: neighbours(a, k=args.k, device="cpu"), repeats)
+            t, (idx, _) = best_time(lambda a=a: neighbours(a, k=args.k, device="cpu"), repeats)
             results["saecore self"] = (t, idx)
             if "a-vs-b" not in args.skip:
-                t, _ = best_time(lambda: neighbours(a, b, k=args.k, device="cpu"), repeats)
+                t, _ = best_time(lambda a=a, b=b: neighbours(a, b, k=args.k, device="cpu"), repeats)
                 results["saecore a-vs-b"] = (t, None)
             if "faiss" not in args.skip:
-                results["faiss"] = best_time(lambda: faiss_self_top_k(unit, args.k), repeats)
+                results["faiss"] = best_time(lambda u=unit: faiss_self_top_k(u, args.k), repeats)
             if "torch" not in args.skip:
-                results["torch"] = best_time(lambda: torch_self_top_k(unit, args.k), repeats)
+                results["torch"] = best_time(lambda u=unit: torch_self_top_k(u, args.k), repeats)
             base = [results[m][0] for m in ("faiss", "torch") if m in results]
             fastest_base = min(base) if base else float("nan")
             ref = results.get("faiss", results.get("torch", (0, None)))[1]

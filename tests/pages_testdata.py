@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
 from saecore.activations import ActivationStoreWriter
 
 WORDS = [" the", " a", " river", " bridge", " gate", " golden", " city", " of", " and", " water",

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import TINY_HOOK
-
 from saecore import geometry
 from saecore.cli import main
 from saecore.sae import SAE, SAEConfig

@@ -16,7 +16,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from saecore import _native
 from saecore.geometry import _torch_neighbours, neighbours
 
@@ -125,7 +124,7 @@ def test_torch_path_equals_rust_path(case, cross):
         if len(a) < 2:
             return
         k = min(k, len(a) - 1)
-    idx, cos = neighbours(a, b, k=k, device="cpu")
+    _, cos = neighbours(a, b, k=k, device="cpu")
     t_idx, t_cos = _torch_neighbours(a, b, k, None, "cpu", block_elements=64)
     ref = reference_cosines(a, b)
     assert_valid_top_k(t_idx, t_cos, ref, k)
@@ -157,8 +156,9 @@ def test_float16_and_torch_inputs():
     i16, c16 = neighbours(a, k=5, device="cpu")
     i32, c32 = neighbours(a.astype(np.float32), k=5, device="cpu")
     assert (i16 == i32).all() and (c16 == c32).all()
-    it, ct = neighbours(torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16), k=5, device="cpu")
-    assert it.shape == (64, 5)
+    bf16 = torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    it, ct = neighbours(bf16, k=5, device="cpu")
+    assert_valid_top_k(it, ct, reference_cosines(bf16.float().numpy(), None), 5)
     # Non-contiguous input is copied, not rejected, by the Python layer.
     i_nc, _ = neighbours(np.asfortranarray(a.astype(np.float32)), k=5, device="cpu")
     assert (i_nc == i32).all()
@@ -237,6 +237,8 @@ def test_gpu_path_equals_cpu_path():
         np.testing.assert_allclose(gc, cc, atol=1e-4, rtol=0)
         assert (gi == ci).mean() > 0.999
         assert_valid_top_k(gi, gc, reference_cosines(a, other), 7)
-    cr, cc_, ccos = neighbours(a, None, threshold=0.3, device="cpu")
-    gr, gc_, gcos = neighbours(a, None, threshold=0.3, device="cuda")
-    assert abs(len(gr) - len(cr)) <= 2
+    cpu_pairs = neighbours(a, None, threshold=0.3, device="cpu")
+    gpu_pairs = neighbours(a, None, threshold=0.3, device="cuda")
+    cpu_set = set(zip(cpu_pairs[0].tolist(), cpu_pairs[1].tolist()))
+    gpu_set = set(zip(gpu_pairs[0].tolist(), gpu_pairs[1].tolist()))
+    assert len(cpu_set ^ gpu_set) <= 4  # only pairs within rounding of the threshold may differ

@@ -19,15 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from pages_testdata import BRIDGE, DEAD, N_FEATURES, OTHER, SAE, WORDS, make_run, word_tokenizer
-
-import saecore.pages as pages
-from saecore import CorruptDataError
+from saecore import CorruptDataError, pages
 from saecore.pages import build_pages, feature_href, make_server
 
 
 def feature_json(run: Path, sae: str, feature: int) -> dict:
     html = (run / "pages" / sae / feature_href(feature)).read_text()
-    m = re.search(r"window\.SAECORE_FEATURE=(.*?);</script>", html, re.S)
+    m = re.search(r"window\.SAECORE_FEATURE=(.*?);</script>", html, re.DOTALL)
     assert m, "feature data missing from the page"
     return json.loads(m.group(1))
 
@@ -38,7 +36,7 @@ def summary_rows(run: Path, sae: str) -> list[list]:
     rows = []
     for name in chunks:
         text = (run / "pages" / sae / name).read_text()
-        rows += json.loads(re.search(r"\.push\((.*)\);\s*$", text, re.S).group(1))
+        rows += json.loads(re.search(r"\.push\((.*)\);\s*$", text, re.DOTALL).group(1))
     return rows
 
 
@@ -233,6 +231,23 @@ def test_partial_shading_without_a_feature_store(tmp_path):
     assert not (data.run / "pages" / SAE / "map.js").exists()
 
 
+def test_full_shading_from_a_real_feature_store(tmp_path):
+    from saecore import features
+
+    data = make_run(tmp_path, geometry=False)
+    path = data.run / "features" / f"{SAE}.zarr"
+    writer = features.open_writer(path, N_FEATURES, {"test": "pages"}, value_dtype="float32", shard_rows=32)
+    writer.append(*features.dense_to_csr(data.acts))
+    writer.finish()
+    features.build_csc(path)
+    build_pages(data.run, saes=[SAE], tokenizer=word_tokenizer(), progress=False)  # activations="auto"
+    page = feature_json(data.run, SAE, BRIDGE)
+    assert page["per_token"] == "all"
+    for ex in page["top"] + [e for b in page["samples"] for e in b["examples"]]:
+        lo = ex["row"] - ex["c"]
+        assert ex["a"] == [sig(a, 3) for a in data.acts[lo:lo + len(ex["id"]), BRIDGE]]
+
+
 def test_token_ids_shown_without_a_tokenizer_and_rows_without_a_store(tmp_path):
     data = make_run(tmp_path, geometry=False)
     build_pages(data.run, saes=[SAE], load_model_tokenizer=False, activations=None, progress=False)
@@ -332,12 +347,12 @@ def test_cli_writes_pages_and_prints_the_path(tmp_path):
     data = make_run(tmp_path, geometry=False)
     env = {**os.environ, "SAECORE_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "saecore.cli", "pages", str(data.run), "--sae", SAE, "--no-tokenizer"],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr
     assert f"file://{(data.run / 'pages' / 'index.html').resolve()}" in proc.stdout
     assert (data.run / "pages" / SAE / feature_href(BRIDGE)).exists()
     proc = subprocess.run([sys.executable, "-m", "saecore.cli", "pages", str(tmp_path / "absent")],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
     assert proc.returncode != 0 and "no run directory" in proc.stderr
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from pages_testdata import BRIDGE, DEAD, N_FEATURES, OTHER, SAE, make_run, word_tokenizer
-
 from saecore.pages import build_pages, feature_href
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -137,7 +136,7 @@ def test_map_point_click_opens_that_feature(browser, site):
     i = BRIDGE  # map.parquet lists sae_a's features first, in order
     size = canvas.size
     dx, dy = points["x"][i] - size["width"] / 2, points["y"][i] - size["height"] / 2
-    ActionChains(browser).move_to_element_with_offset(canvas, int(round(dx)), int(round(dy))).click().perform()
+    ActionChains(browser).move_to_element_with_offset(canvas, round(dx), round(dy)).click().perform()
     wait_for(browser, lambda d: d.current_url.endswith(f"/{SAE}/{feature_href(BRIDGE)}"))
     wait_for(browser, lambda d: d.find_elements("css selector", "#top .example"))
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from saecore.sae import SAE, SAEConfig, dense_decode, sparse_decode
 
 ARCHS = ["relu", "topk", "batchtopk", "jumprelu"]

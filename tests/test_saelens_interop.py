@@ -8,11 +8,9 @@ from __future__ import annotations
 import json
 
 import pytest
+import sae_lens
 import torch
-
 from saecore.sae import SAE, SAEConfig
-
-import sae_lens  # noqa: E402 - in the test extra; a missing install must fail, not skip
 
 
 def _saecore_sae(arch: str) -> SAE:

@@ -7,7 +7,6 @@ import csv
 import json
 
 import pytest
-
 from saecore.sweep import fit, frontier, sweep
 from saecore.toy import ToyConfig, write_toy_store
 from saecore.train import TrainConfig

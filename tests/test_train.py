@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import saecore
 import torch
 import zarr
-
-import saecore
 from saecore.activations import ActivationStore
 from saecore.errors import StoreError
 from saecore.sae import SAE

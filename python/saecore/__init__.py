@@ -28,6 +28,8 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy attributes keep `import saeco
         "train": ("saecore.train", "train"),
         "FeatureIndex": ("saecore.index", "FeatureIndex"),
         "SAE": ("saecore.sae", "SAE"),
+        "SAEConfig": ("saecore.sae", "SAEConfig"),
+        "TrainConfig": ("saecore.train", "TrainConfig"),
     }
     if name in lazy:
         import importlib

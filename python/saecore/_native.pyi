@@ -28,3 +28,76 @@ def neighbours_threshold(
     name_b: str = "b",
 ) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
     """All pairs with cosine >= threshold: (rows u32, cols u32, cosines f32), by row, cosine desc, col."""
+
+# --- sparse feature store and mining (index helper) ---
+class FeatureStoreWriter:
+    """Appends CSR batches to a feature store (creates it, or resumes after its last committed shard)."""
+
+    def __init__(
+        self, path: str, d_sae: int, *, value_dtype: str = "float16", shard_rows: int = 16384, spec_json: str = "{}", threads: int = 2
+    ) -> None: ...
+    @property
+    def rows_at_open(self) -> int: ...
+    @property
+    def rows_written(self) -> int: ...
+    @property
+    def shards_committed(self) -> int: ...
+    @property
+    def complete(self) -> bool: ...
+    def append(self, row_ptr: numpy.ndarray, feature: numpy.ndarray, value: numpy.ndarray) -> None:
+        """row_ptr int64|uint64 [rows+1], feature int64|int32|uint32 [nnz], value float32 (or a uint16 view of float16)."""
+    def finish(self) -> str:
+        """Write the last shard, wait for commits, mark complete; returns the manifest JSON."""
+    def close(self) -> None:
+        """Stop without finishing (queued shards are committed)."""
+
+class FeatureStoreReader:
+    """Read-only view of a feature store, fixed to the shards committed when it was opened."""
+
+    def __init__(self, path: str) -> None: ...
+    @property
+    def d_sae(self) -> int: ...
+    @property
+    def n_rows(self) -> int: ...
+    @property
+    def nnz(self) -> int: ...
+    @property
+    def num_shards(self) -> int: ...
+    @property
+    def complete(self) -> bool: ...
+    @property
+    def has_csc(self) -> bool: ...
+    @property
+    def value_dtype(self) -> str: ...
+    def manifest_json(self) -> str: ...
+    def read_shard(self, index: int) -> tuple[int, numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+        """(row_start, row_ptr u64, feature u32, value f32), checksum-verified."""
+    def verify(self) -> None: ...
+    def activations(self, feature: int) -> tuple[numpy.ndarray, numpy.ndarray]:
+        """(rows u64, values f32) of one feature from the feature-major copy."""
+
+def build_csc(path: str, *, mem_budget_bytes: int = 1073741824, chunk_elems: int = 1048576) -> str:
+    """Build the feature-major copy of a complete store (no-op if present); returns the manifest JSON."""
+
+class Progress:
+    """Counter of finished work units, advanced by Rust while Python polls it."""
+
+    def __init__(self) -> None: ...
+    @property
+    def value(self) -> int: ...
+
+def mine(
+    path: str,
+    *,
+    k: int = 20,
+    hist_bins: int = 32,
+    sample_bins: int = 10,
+    samples_per_bin: int = 10,
+    seed: int = 0,
+    second_pass: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, object]:
+    """Statistics, histograms, top-k and quantile samples of every feature (numpy arrays in a dict)."""
+
+def density_histogram(count: numpy.ndarray, n_rows: int, n_bins: int) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
+    """(lo_log10, hi_log10, count); row 0 counts features that never fire."""

@@ -116,8 +116,8 @@ def _interleave_by_chars(iterators: list[Iterator[str]]) -> Iterator[str]:
 
 # -- splitting and hashing ------------------------------------------------------------------------
 def split_text(text: str, max_chars: int = TEXT_DOC_CHARS) -> Iterator[str]:
-    """Cut ``text`` into pieces of about ``max_chars`` at blank lines (a piece is never split mid-paragraph
-    unless one paragraph alone exceeds the limit)."""
+    """Cut ``text`` into pieces of at most ``max_chars`` at blank lines (a paragraph is cut mid-way only
+    when it alone exceeds the limit). Whitespace-only pieces are dropped."""
     if len(text) <= max_chars:
         if text.strip():
             yield text
@@ -126,18 +126,19 @@ def split_text(text: str, max_chars: int = TEXT_DOC_CHARS) -> Iterator[str]:
     size = 0
     for para in text.split("\n\n"):
         if size and size + len(para) > max_chars:
-            yield "\n\n".join(piece)
+            yield from _nonblank("\n\n".join(piece))
             piece, size = [], 0
         while len(para) > max_chars:  # one giant paragraph: hard cut
-            if piece:
-                yield "\n\n".join(piece)
-                piece, size = [], 0
-            yield para[:max_chars]
+            yield from _nonblank(para[:max_chars])
             para = para[max_chars:]
         piece.append(para)
         size += len(para) + 2
-    if piece and "\n\n".join(piece).strip():
-        yield "\n\n".join(piece)
+    yield from _nonblank("\n\n".join(piece))
+
+
+def _nonblank(piece: str) -> Iterator[str]:
+    if piece.strip():
+        yield piece
 
 
 def _hash_files(paths: Sequence[Path], root: Path | None = None) -> str:

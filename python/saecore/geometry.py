@@ -481,25 +481,28 @@ def splitting_families(table: pa.Table, min_cosine: float = 0.5) -> pa.Table:
 
 
 def plot_splitting(table: pa.Table, families: pa.Table, path: Path) -> Path:
-    """Left: each small feature's best cosine in every larger SAE. Right: family sizes."""
+    """Each small feature's best cosine in every larger SAE; family sizes; cosine vs co-activation."""
     plt = _pyplot()
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    has_jaccard = table["jaccard"].null_count < table.num_rows
+    fig, axes = plt.subplots(1, 3 if has_jaccard else 2, figsize=(15 if has_jaccard else 10, 4))
     other = np.asarray(families["other_sae"].to_pylist(), dtype=object)
     best = families["best_cosine"].to_numpy()
     size = families["family_size"].to_numpy()
     for name in dict.fromkeys(other):
         sel = other == name
-        ax1.hist(best[sel], bins=40, range=(-0.1, 1.0), histtype="step", label=str(name))
-        ax2.hist(size[sel], bins=np.arange(size.max() + 2) - 0.5, histtype="step", label=str(name))
-    ax1.set(xlabel="best decoder cosine in the larger SAE", ylabel="features of the smallest SAE")
-    ax2.set(xlabel="family size (neighbours with cosine ≥ threshold)", ylabel="features")
-    ax1.legend()
-    jac = table["jaccard"].to_numpy(zero_copy_only=False)
-    if table["jaccard"].null_count < table.num_rows:
-        inset = ax1.inset_axes((0.08, 0.5, 0.35, 0.42))
-        inset.scatter(table["cosine"].to_numpy(), jac, s=2, alpha=0.3)
-        inset.set(xlabel="cosine", ylabel="jaccard")
-    fig.suptitle("Feature splitting")
+        axes[0].hist(best[sel], bins=44, range=(-0.1, 1.0), histtype="step", label=str(name))
+        axes[1].hist(size[sel], bins=np.arange(size.max() + 2) - 0.5, histtype="step", label=str(name))
+    axes[0].set(xlabel="best decoder cosine in the larger SAE", ylabel="features of the smallest SAE")
+    axes[1].set(xlabel="family size (neighbours above the cosine threshold)", ylabel="features")
+    axes[0].legend()
+    if has_jaccard:
+        t_other = np.asarray(table["other_sae"].to_pylist(), dtype=object)
+        cos, jac = table["cosine"].to_numpy(), table["jaccard"].to_numpy(zero_copy_only=False)
+        for name in dict.fromkeys(t_other):
+            sel = t_other == name
+            axes[2].scatter(cos[sel], jac[sel], s=3, alpha=0.3, label=str(name))
+        axes[2].set(xlabel="decoder cosine", ylabel="co-activation (Jaccard)")
+    fig.suptitle("Feature splitting: the smallest SAE's features in the larger SAEs")
     path = _save_figure_atomic(fig, path)
     plt.close(fig)
     return path

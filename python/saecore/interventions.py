@@ -544,11 +544,12 @@ class AttributeReport:
     """units whose ablation was measured exactly"""
 
 
-def _default_positions(tokenizer: Any, ids: Sequence[int]) -> list[int]:
-    # A BOS/special token at position 0 carries huge activations that dominate every ranking and
-    # whose ablation wrecks the attention sink; the question is about the content tokens.
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    return [p for p, t in enumerate(ids) if not (p == 0 and t in special)]
+def _default_positions(n_tokens: int) -> list[int]:
+    # The first token is the attention sink (a BOS token, or without one whatever token comes first):
+    # its activations are outliers tens of times larger than elsewhere, so it tops every ranking, and
+    # ablating its features disturbs every later position through attention rather than answering
+    # which features carry the prompt's meaning.
+    return list(range(1, n_tokens))
 
 
 def attribute(
@@ -570,11 +571,10 @@ def attribute(
     Ranks the active (position, feature) units by activation, by |attribution| and by |exact ablation
     effect|. Ablation is measured for the union of the top ``candidates`` by |attribution| and by
     activation, or for every active unit with ``exhaustive=True``. ``positions`` restricts the units
-    (default: every position except a leading BOS/special token).
+    (default: every position but the first, the attention sink).
     """
     att = attribution(model, tokenizer, sae, prompt, target, baseline)
-    ids = tokenizer(prompt)["input_ids"]
-    allowed = list(positions) if positions is not None else _default_positions(tokenizer, ids)
+    allowed = list(positions) if positions is not None else _default_positions(len(att.tokens))
     units = _active_units(att.activations, allowed)
     by_act = _rank(units, att.activations)
     by_att = _rank(units, att.attribution.abs())
@@ -793,6 +793,9 @@ def cli_configure_attribute(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--exhaustive", action="store_true", help="ablate every active (position, feature) unit")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument(
+        "--positions", type=int, nargs="+", help="positions whose features count (default: all but the first)"
+    )
 
 
 def _print_ranking(title: str, rows: list[Ranked]) -> None:
@@ -818,6 +821,7 @@ def cli_run_attribute(args: argparse.Namespace) -> int:
             candidates=args.candidates,
             exhaustive=args.exhaustive,
             batch_size=args.batch_size,
+            positions=args.positions,
         )
     except ValueError as e:
         return _fail("attribute", e)

@@ -357,7 +357,7 @@ def _contiguous_span(same: np.ndarray, centre: int) -> tuple[np.ndarray, np.ndar
     Stores hold documents back to back, so a window keeps the run of same-document rows around its
     centre and stops at the first row of another document on either side.
     """
-    n, width = same.shape
+    width = same.shape[1]
     cols = np.arange(width)
     breaks_left = np.where(~same[:, :centre], cols[None, :centre], -1)  # [n, centre]
     lo = breaks_left.max(axis=1, initial=-1) + 1
@@ -386,27 +386,36 @@ def open_activation_store(run: Path, meta: dict[str, Any]) -> Any | None:
 ActivationLookup = Callable[[int], "tuple[np.ndarray, np.ndarray] | None"]
 
 
-def feature_activation_lookup(index_dir: Path) -> tuple[ActivationLookup | None, str]:
+def feature_activation_lookup(run: Path, index_dir: Path, meta: dict[str, Any]) -> tuple[ActivationLookup | None, str]:
     """A function feature -> (sorted rows, values) of all its activations, and a note when there is none.
 
-    Uses ``saecore.FeatureIndex(index_dir).activations(feature)`` (the feature-major store) when the
-    index module provides it; without it, pages highlight only the activations the index recorded.
+    Asks ``saecore.FeatureIndex(index_dir).activations`` when the index module provides it, else the
+    feature store itself (``meta["feature_store"]`` or ``RUN/features/SAE.zarr``, feature-major copy).
+    Without either, pages shade only the activations the index recorded.
     """
     from .errors import SaecoreError
 
-    unavailable = (ImportError, AttributeError, NotImplementedError, OSError, ValueError, SaecoreError)
+    unavailable = (ImportError, AttributeError, NotImplementedError, OSError, ValueError, SaecoreError,
+                   CorruptDataError)
+    activations: Callable[[int], Any] | None = None
+    note = "no feature store found"
     try:
         from .index import FeatureIndex  # type: ignore[import-not-found]
 
         activations = FeatureIndex(index_dir).activations
+    except (ImportError, AttributeError):
+        pass  # no index module in this build: read the feature store directly
     except unavailable as e:
-        if not isinstance(e, (ImportError, AttributeError)):
-            print(f"saecore pages: {index_dir}: per-token activations unavailable ({e})", file=sys.stderr)
-        return None, f"{type(e).__name__}: {e}"
+        note = f"{type(e).__name__}: {e}"
+    if activations is None:
+        activations, store_note = _feature_store_activations(run, index_dir.name, meta)
+        note = store_note or note
+    if activations is None:
+        return None, note
     failed: list[str] = []
 
     def lookup(feature: int) -> tuple[np.ndarray, np.ndarray] | None:
-        if failed:  # one failure (no feature store, say) means every later call fails the same way
+        if failed:  # one failure (no feature-major copy, say) means every later call fails the same way
             return None
         try:
             rows, values = _rows_values(activations(int(feature)))
@@ -418,6 +427,27 @@ def feature_activation_lookup(index_dir: Path) -> tuple[ActivationLookup | None,
         return rows[order], values[order]
 
     return lookup, ""
+
+
+def _feature_store_activations(run: Path, sae: str, meta: dict[str, Any]) -> tuple[Callable[[int], Any] | None, str]:
+    candidates = [Path(v) if Path(v).is_absolute() else run / v
+                  for v in (meta.get("feature_store"), meta.get("features")) if isinstance(v, str) and v]
+    candidates.append(run / "features" / f"{sae}.zarr")
+    path = next((c for c in candidates if c.exists()), None)
+    if path is None:
+        return None, ""
+    try:
+        from .features import FeatureStore
+
+        store = FeatureStore(path)
+        if not (store.complete and store.has_csc):
+            return None, f"{path}: incomplete or without its feature-major copy"
+        return store.activations, ""
+    except (ImportError, AttributeError):
+        return None, ""
+    except (OSError, ValueError, CorruptDataError) as e:
+        print(f"saecore pages: {path}: per-token activations unavailable ({e})", file=sys.stderr)
+        return None, f"{type(e).__name__}: {e}"
 
 
 def _bound_lookup(activations: Callable[[str, int], Any], sae: str) -> ActivationLookup:
@@ -462,7 +492,7 @@ def _round(x: float, digits: int = 4) -> float:
     x = float(x)
     if x == 0 or not math.isfinite(x):  # tables are checked finite on reading; this guards derived values
         return x if x == 0 else 0.0
-    return round(x, digits - 1 - int(math.floor(math.log10(abs(x)))))
+    return round(x, digits - 1 - math.floor(math.log10(abs(x))))
 
 
 def _round_array(x: np.ndarray, digits: int) -> np.ndarray:
@@ -547,26 +577,37 @@ class SaeBuild:
         s = self.tables.stats.slice(feature)
         return int(self.tables.stats.columns["count"][s.start]) if s.stop > s.start else 0
 
-    def _render_example(
-        self, ex: Example, known: tuple[np.ndarray, np.ndarray], table: str, complete: bool
-    ) -> dict[str, Any]:
-        window = self.context.window(ex, table)
-        if window is None:
-            return {"row": ex.row, "doc": ex.doc_id, "pos": ex.position, "v": _round(ex.value), "c": -1}
-        rows, toks, centre = window
+    def _render_examples(
+        self, examples: Sequence[Example], known: tuple[np.ndarray, np.ndarray], table: str, complete: bool
+    ) -> list[dict[str, Any]]:
+        """JSON of examples: each window's token ids and the feature's activation on every token."""
+        windows = [self.context.window(ex, table) for ex in examples]
+        if not examples or windows[0] is None:
+            return [{"row": ex.row, "doc": ex.doc_id, "pos": ex.position, "v": _round(ex.value), "c": -1}
+                    for ex in examples]
+        # One lookup and one rounding for all windows of the feature (per-window NumPy calls dominate).
+        rows = np.concatenate([w[0] for w in windows])
+        lengths = [len(w[0]) for w in windows]
         krows, kvals = known
-        idx = np.minimum(np.searchsorted(krows, rows), max(len(krows) - 1, 0))
-        hit = krows[idx] == rows if len(krows) else np.zeros(len(rows), dtype=bool)
-        values = np.where(hit, kvals[idx] if len(krows) else 0.0, 0.0)
-        values[centre] = ex.value
-        hit[centre] = True
+        if len(krows):
+            idx = np.minimum(np.searchsorted(krows, rows), len(krows) - 1)
+            hit = krows[idx] == rows
+            values = np.where(hit, kvals[idx], 0.0)
+        else:
+            hit, values = np.zeros(len(rows), dtype=bool), np.zeros(len(rows))
+        starts = np.cumsum([0] + lengths[:-1])
+        centres = starts + np.array([w[2] for w in windows])
+        values[centres] = [ex.value for ex in examples]
+        hit[centres] = True
         rounded = _round_array(values, 3).tolist()
-        # With every activation of the feature known, a token absent from them is a known zero;
-        # with only the recorded ones, it is unknown (None) and the page says so.
-        acts = rounded if complete else [v if h else None for v, h in zip(rounded, hit.tolist())]
-        return {"row": ex.row, "doc": ex.doc_id, "pos": ex.position, "v": _round(ex.value), "c": centre,
-                "id": toks.tolist(),  # their text is in the page's "vocab", once per distinct token
-                "a": acts}
+        if not complete:  # only recorded activations are known; other tokens are unknown (None), not zero
+            rounded = [v if h else None for v, h in zip(rounded, hit.tolist())]
+        out = []
+        for ex, (_, toks, centre), start, n in zip(examples, windows, starts.tolist(), lengths):
+            out.append({"row": ex.row, "doc": ex.doc_id, "pos": ex.position, "v": _round(ex.value), "c": centre,
+                        "id": toks.tolist(),  # their text is in the page's "vocab", once per distinct token
+                        "a": rounded[start:start + n]})
+        return out
 
     # -- one feature's data ----------------------------------------------------------------------
     def feature_data(self, feature: int, n_features: int) -> dict[str, Any]:
@@ -586,7 +627,7 @@ class SaeBuild:
             "stats": self._stats(feature),
             "enc_dec_cosine": self._enc_dec(feature),
             "histogram": self._histogram(feature),
-            "top": [self._render_example(e, known, "topk.parquet", complete) for e in top] if t.topk is not None else None,
+            "top": self._render_examples(top, known, "topk.parquet", complete) if t.topk is not None else None,
             "samples": self._samples_json(samples, known, complete) if t.samples is not None else None,
             "logit_lens": self._logit_lens(feature),
             "neighbours": self._neighbours(feature),
@@ -633,11 +674,14 @@ class SaeBuild:
     def _samples_json(
         self, samples: dict[int, list[Example]], known: tuple[np.ndarray, np.ndarray], complete: bool
     ) -> list[dict]:
-        out = []
-        for b in sorted(samples, reverse=True):  # strongest activations first, as in the paper's figures
-            exs = sorted(samples[b], key=lambda e: -e.value)
+        bins = sorted(samples, reverse=True)  # strongest activations first, as in the paper's figures
+        per_bin = [sorted(samples[b], key=lambda e: -e.value) for b in bins]
+        rendered = self._render_examples([e for exs in per_bin for e in exs], known, "samples.parquet", complete)
+        out, start = [], 0
+        for b, exs in zip(bins, per_bin):
             out.append({"bin": b, "lo": _round(min(e.value for e in exs)), "hi": _round(max(e.value for e in exs)),
-                        "examples": [self._render_example(e, known, "samples.parquet", complete) for e in exs]})
+                        "examples": rendered[start:start + len(exs)]})
+            start += len(exs)
         return out
 
     def _logit_lens(self, feature: int) -> dict[str, list] | None:
@@ -741,7 +785,7 @@ class SaeBuild:
         m = self.tables.map
         if m is None or len(m["feature"]) == 0:
             return False
-        saes = sorted(set(str(s) for s in m["sae"]))
+        saes = sorted({str(s) for s in m["sae"]})
         sae_index = {s: i for i, s in enumerate(saes)}
         links = {s: (s == self.sae or s in self.linkable_saes) for s in saes}
         data = {
@@ -879,7 +923,7 @@ def build_pages(
         if token_text is None:
             token_text = TokenText(load_tokenizer(model) if (load_model_tokenizer and store is not None) else None)
         if activations == "auto":
-            lookup, note = feature_activation_lookup(run / "index" / name)
+            lookup, note = feature_activation_lookup(run, run / "index" / name, tables.meta)
         elif activations is None:
             lookup, note = None, "no feature store given"
         else:
@@ -907,7 +951,7 @@ def make_server(pages: Path, port: int = 0) -> http.server.ThreadingHTTPServer:
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
 

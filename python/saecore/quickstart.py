@@ -4,9 +4,11 @@ The pipeline is a list of named :class:`Step`\\ s. Each step knows its output an
 complete, so a rerun (after an interruption, say) skips finished steps and resumes the unfinished one.
 Later stages add themselves by appending to :data:`STEPS`.
 
-Sizing: the default (65,536 tokens at ``blocks.6.hook_resid_post``) harvests at roughly 500-800 tokens/s
-on 2 CPU cores (see ``bench/harvest.py``), about two minutes, leaving room for the later stages within
-the 10-minute budget.
+Sizing: the default (65,536 tokens at ``blocks.6.hook_resid_post``). Measured on the 2-core machine:
+stopping after block 6, SmolLM2 costs ~0.7 ms of CPU per token (≈1,400 tokens/s on one core), so the
+harvest takes about a minute on an idle machine, leaving the later stages most of the 10-minute budget.
+Under heavy contention (load average 9-14 from other jobs) the harvest alone took 7.7 min (1.6 GB peak
+RSS); lower ``--tokens`` on a busy machine.
 """
 
 from __future__ import annotations

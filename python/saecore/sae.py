@@ -198,6 +198,21 @@ class _Step(torch.autograd.Function):
         return None, grad_theta, None
 
 
+def by_latent(latents: Tensor, d_sae: int) -> tuple[Tensor, Tensor]:
+    """(order, offsets): a permutation sorting the active entries by latent, and where each latent's
+    segment starts in it. Computed once per step and shared by both sparse backward products."""
+    order = torch.argsort(latents)
+    counts = torch.bincount(latents, minlength=d_sae)
+    return order, torch.cumsum(counts, 0) - counts
+
+
+def segment_matmul(rows: Tensor, weights: Tensor, dense: Tensor, order: Tensor, offsets: Tensor) -> Tensor:
+    """[d_sae, d] = Σ over active entries of weight·dense[row], summed per latent: the sparse
+    [d_sae, B] × dense [B, d] product of the backward passes. An ``embedding_bag`` over the entries
+    sorted by latent does it as one segmented sum (no [nnz, d] temporary, no per-call sort)."""
+    return F.embedding_bag(rows[order], dense, offsets, mode="sum", per_sample_weights=weights[order])
+
+
 class _SelectedPreacts(torch.autograd.Function):
     """Pre-activations (x @ W_enc + b_enc)[rows, latents], given ``pre_sel`` already computed densely.
 
@@ -208,42 +223,63 @@ class _SelectedPreacts(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, pre_sel: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, latents: Tensor
+        ctx: Any, pre_sel: Tensor, x: Tensor, W_enc: Tensor, b_enc: Tensor, rows: Tensor, latents: Tensor,
+        order: Tensor, offsets: Tensor,
     ) -> Tensor:
-        ctx.save_for_backward(x, W_enc, rows, latents)
+        ctx.save_for_backward(x, W_enc, rows, latents, order, offsets)
         return pre_sel.clone()
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None, Tensor | None, None, None]:
-        x, W_enc, rows, latents = ctx.saved_tensors
-        d_in, d_sae = W_enc.shape
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, W_enc, rows, latents, order, offsets = ctx.saved_tensors
+        d_sae = W_enc.shape[1]
         grad_x = grad_W = grad_b = None
         if ctx.needs_input_grad[3]:
-            grad_b = torch.zeros(d_sae, dtype=grad.dtype, device=grad.device).index_add_(0, latents, grad)
+            grad_b = torch.bincount(latents, weights=grad, minlength=d_sae).to(grad.dtype)
         if ctx.needs_input_grad[2]:
-            # [d_sae, B] sparse · [B, d_in] → [d_sae, d_in], returned transposed as W_enc's layout.
-            g = torch.sparse_coo_tensor(
-                torch.stack([latents, rows]), grad, (d_sae, x.shape[0]), check_invariants=False
-            )
-            grad_W = torch.sparse.mm(g, x).t()
+            # (d_in, d_sae), made contiguous: Adam on a transposed view runs several times slower.
+            grad_W = segment_matmul(rows, grad, x, order, offsets).t().contiguous()
         if ctx.needs_input_grad[1]:
             g = torch.sparse_coo_tensor(
                 torch.stack([rows, latents]), grad, (x.shape[0], d_sae), check_invariants=False
             )
             grad_x = torch.sparse.mm(g, W_enc.t())
-        return None, grad_x, grad_W, grad_b, None, None
+        return None, grad_x, grad_W, grad_b, None, None, None, None
 
 
-def sparse_decode(rows: Tensor, latents: Tensor, values: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
+class _DecoderGrad(torch.autograd.Function):
+    """Adds zero in the forward pass; in the backward pass gives W_dec its gradient Σ value·∂out[row]
+    per latent (segmented sum). Lets the decode's ``embedding_bag`` run on a detached W_dec, whose own
+    dense weight backward sorts the indices again on every call."""
+
+    @staticmethod
+    def forward(ctx: Any, W_dec: Tensor, values: Tensor, rows: Tensor, order: Tensor, offsets: Tensor,
+                n_rows: int) -> Tensor:
+        ctx.save_for_backward(values, rows, order, offsets)
+        return W_dec.new_zeros(n_rows, W_dec.shape[1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        values, rows, order, offsets = ctx.saved_tensors
+        return segment_matmul(rows, values, grad, order, offsets), None, None, None, None, None
+
+
+def sparse_decode(
+    rows: Tensor, latents: Tensor, values: Tensor, W_dec: Tensor, n_rows: int,
+    latent_order: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
     """Σ over active entries of value·W_dec[latent], per row → [n_rows, d_in] (no bias).
 
     ``rows`` must be sorted (it is for every selection made here); an ``embedding_bag`` with per-entry
-    weights then reads just the selected decoder rows, and its backward writes just those rows.
+    weights then reads just the selected decoder rows; W_dec's gradient comes from :class:`_DecoderGrad`.
     """
     counts = torch.bincount(rows, minlength=n_rows)
-    offsets = torch.zeros(n_rows, dtype=torch.long, device=rows.device)
-    offsets[1:] = torch.cumsum(counts, 0)[:-1]
-    return F.embedding_bag(latents, W_dec, offsets, mode="sum", per_sample_weights=values)
+    row_offsets = torch.cumsum(counts, 0) - counts
+    if not (W_dec.requires_grad and torch.is_grad_enabled()):
+        return F.embedding_bag(latents, W_dec, row_offsets, mode="sum", per_sample_weights=values)
+    out = F.embedding_bag(latents, W_dec.detach(), row_offsets, mode="sum", per_sample_weights=values)
+    order, offsets = latent_order if latent_order is not None else by_latent(latents, W_dec.shape[0])
+    return out + _DecoderGrad.apply(W_dec, values.detach(), rows, order, offsets, n_rows)
 
 
 def dense_decode(rows: Tensor, latents: Tensor, values: Tensor, W_dec: Tensor, n_rows: int) -> Tensor:
@@ -294,7 +330,7 @@ class SAE(nn.Module):
 
     # -- encode / decode (raw activations in and out) -----------------------------------------------
     def _preacts(self, x: Tensor) -> Tensor:
-        return (x.to(self.W_enc.dtype) * self.cfg.input_scale) @ self.W_enc + self.b_enc
+        return torch.addmm(self.b_enc, x.to(self.W_enc.dtype) * self.cfg.input_scale, self.W_enc)
 
     def encode(self, x: Tensor) -> Tensor:
         """Raw activations [..., d_in] → latent activations [..., d_sae] (inference rule)."""
@@ -358,7 +394,7 @@ class SAE(nn.Module):
                          active.sum(-1).to(xs.dtype).mean(), active.any(0))
 
     def _forward_dense(self, xs: Tensor, pre: Tensor | None = None) -> SAEOutput:
-        pre = xs @ self.W_enc + self.b_enc if pre is None else pre  # (B, d_sae)
+        pre = torch.addmm(self.b_enc, xs, self.W_enc) if pre is None else pre  # (B, d_sae)
         if self.cfg.architecture == "relu":
             f = F.relu(pre)
             # Anthropic's penalty: Σᵢ fᵢ·‖W_dec,i‖ — a matrix-vector product, no [B, d_sae] temporary.
@@ -366,7 +402,7 @@ class SAE(nn.Module):
         else:
             f = F.relu(pre) * (pre > self.threshold).to(pre.dtype)
             sparsity = xs.new_zeros(())
-        return self._finish(xs, f @ self.W_dec + self.b_dec, f, None, sparsity)
+        return self._finish(xs, torch.addmm(self.b_dec, f, self.W_dec), f, None, sparsity)
 
     # Above this fraction of active entries the sparse relu path loses to dense products (gathers and
     # scatters of nnz·d_in cost more than the dense GEMMs they replace). Early in training, with
@@ -378,7 +414,7 @@ class SAE(nn.Module):
         :meth:`_forward_dense` (ReLU passes no gradient where it is zero), but only the encoder's
         forward product is dense."""
         B = xs.shape[0]
-        pre = xs @ self.W_enc + self.b_enc  # (B, d_sae), tracked: the dense branch reuses it
+        pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (B, d_sae), tracked: the dense branch reuses it
         with torch.no_grad():
             active = pre > 0
             density = float(active.sum()) / active.numel()
@@ -390,17 +426,18 @@ class SAE(nn.Module):
             rows, latents = active.nonzero(as_tuple=True)  # row-major: rows ascending
             pre_sel = pre[rows, latents]
         del pre, active
-        vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents))
-        xs_hat = sparse_decode(rows, latents, vals, self.W_dec, B) + self.b_dec
+        order = by_latent(latents, self.cfg.d_sae)
+        vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents, *order))
+        xs_hat = sparse_decode(rows, latents, vals, self.W_dec, B, order) + self.b_dec
         sparsity = (vals * self.W_dec.norm(dim=1)[latents]).sum() / B
         return self._finish(xs, xs_hat, None, (rows, latents, vals), sparsity)
 
     def _forward_jumprelu(self, xs: Tensor) -> SAEOutput:
-        pre = xs @ self.W_enc + self.b_enc  # (B, d_sae)
+        pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (B, d_sae)
         eps = self.cfg.jumprelu_bandwidth
         f = _JumpReLU.apply(pre, self.threshold, eps)
         l0 = _Step.apply(pre, self.threshold, eps).sum(-1).mean()
-        return self._finish(xs, f @ self.W_dec + self.b_dec, f, None, l0)
+        return self._finish(xs, torch.addmm(self.b_dec, f, self.W_dec), f, None, l0)
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, latents) of the kept entries, rows ascending: per-row top-k, or batch top-(B·k)."""
@@ -417,13 +454,14 @@ class SAE(nn.Module):
     def _forward_selected(self, xs: Tensor) -> SAEOutput:
         B = xs.shape[0]
         with torch.no_grad():
-            pre = xs @ self.W_enc + self.b_enc  # (B, d_sae): the one dense product of the step
+            pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (B, d_sae): the one dense product of the step
             rows, latents = self._select(pre)
             pre_sel = pre[rows, latents]
         del pre
         if self.fast:
-            vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents))
-            xs_hat = sparse_decode(rows, latents, vals, self.W_dec, B) + self.b_dec
+            order = by_latent(latents, self.cfg.d_sae)
+            vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents, *order))
+            xs_hat = sparse_decode(rows, latents, vals, self.W_dec, B, order) + self.b_dec
         else:
             # Reference: gather from a dense, autograd-tracked pre-activation matrix.
             pre_ref = xs @ self.W_enc + self.b_enc
@@ -453,7 +491,7 @@ class SAE(nn.Module):
         B = xs.shape[0]
         residual = (xs - xs_hat).detach()
         with torch.no_grad():
-            pre = xs @ self.W_enc + self.b_enc  # (B, d_sae)
+            pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (B, d_sae)
             pre = pre.masked_fill(~dead_mask.to(pre.device), float("-inf"))
             idx = pre.topk(k_aux, dim=-1, sorted=False).indices  # (B, k_aux)
             rows = torch.arange(B, device=xs.device).repeat_interleave(k_aux)
@@ -461,8 +499,9 @@ class SAE(nn.Module):
             pre_sel = pre[rows, latents]
         del pre
         if self.fast:
-            vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents))
-            recon = sparse_decode(rows, latents, vals, self.W_dec, B)
+            order = by_latent(latents, self.cfg.d_sae)
+            vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents, *order))
+            recon = sparse_decode(rows, latents, vals, self.W_dec, B, order)
         else:
             vals = F.relu((xs @ self.W_enc + self.b_enc)[rows, latents])
             recon = dense_decode(rows, latents, vals, self.W_dec, B)

@@ -292,6 +292,9 @@ class _SigintFlag:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.raised = True
+        # A second Ctrl-C should not wait for the checkpoint: hand SIGINT back to its old handler.
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:

@@ -136,17 +136,22 @@
     var selected = {};
     if (filtering) current.forEach(function (r) { selected[r[0]] = true; });
     var px = new Float32Array(n), py = new Float32Array(n);
+    /* Colour spans the densities present (log scale), so a narrow range still shows contrast. */
+    var dlo = Infinity, dhi = -Infinity;
+    rows.forEach(function (r) { if (r[2] > 0) { var l = Math.log10(r[2]); dlo = Math.min(dlo, l); dhi = Math.max(dhi, l); } });
+    if (!(dhi > dlo)) { dlo = -6; dhi = 0; }
+    var radius = n > 5000 ? 1.8 : 3;
     var others = ["#adb5bd", "#74b816", "#7048e8", "#1098ad"]; /* the first other SAE in grey */
     for (i = 0; i < n; i++) {
       px[i] = sx(M.x[i]); py[i] = sy(M.y[i]);
-      var colour, r = 3;
+      var colour, r = radius;
       if (M.s[i] === own) {
         var row = byFeature[M.f[i]];
         if (row && row[1] === 0 && state.hideDead) { px[i] = py[i] = -1e6; continue; } /* hidden: not clickable */
-        var d = row && row[2] > 0 ? Math.log10(row[2]) : -7;
-        var t = Math.max(0, Math.min(1, (d + 6) / 6)); /* 1e-6 .. 1 */
+        var d = row && row[2] > 0 ? Math.log10(row[2]) : dlo;
+        var t = Math.max(0, Math.min(1, (d - dlo) / (dhi - dlo)));
         colour = "hsl(" + Math.round(225 - 205 * t) + ", 80%, 45%)"; /* blue = rare … orange = dense */
-        if (filtering) { if (selected[M.f[i]]) { colour = "#d9480f"; r = 3.5; } else colour = "rgba(160,167,176,0.35)"; }
+        if (filtering) { if (selected[M.f[i]]) { colour = "#d9480f"; r = radius + 1; } else colour = "rgba(160,167,176,0.35)"; }
       } else {
         colour = others[(M.s[i] - (M.s[i] > own ? 1 : 0)) % others.length];
       }

@@ -136,16 +136,22 @@ struct Example {
     row: u64,
 }
 
-/// Pass-1 accumulator: statistics and a top-k min-heap (worst example at the root) per feature.
+/// Pass-1 accumulator: statistics plus, per feature, an unsorted buffer of candidate examples.
+///
+/// Candidates are appended (one cache line touched) until the buffer holds `2k`; then a selection
+/// keeps the best `k` and their worst becomes the admission threshold. That is amortised O(1) per
+/// candidate instead of a heap's O(log k) dependent memory accesses.
 struct Pass1 {
     k: usize,
+    cap: usize,
     acc: Vec<FeatureAcc>,
-    heap: Vec<Example>,
+    buf: Vec<Example>,
 }
 
 impl Pass1 {
     fn new(d: usize, k: usize) -> Self {
-        Pass1 { k, acc: vec![EMPTY_ACC; d], heap: vec![Example::default(); d * k] }
+        let cap = if k == 0 { 0 } else { 2 * k };
+        Pass1 { k, cap, acc: vec![EMPTY_ACC; d], buf: vec![Example::default(); d * cap] }
     }
 
     #[inline]
@@ -155,26 +161,44 @@ impl Pass1 {
         a.sum += f64::from(value);
         a.max = a.max.max(value);
         a.min = a.min.min(value);
+        self.offer(f, Example { value, row });
+    }
+
+    /// Consider `e` for feature `f`'s top-k (the threshold is only set once a buffer was compacted).
+    #[inline]
+    fn offer(&mut self, f: usize, e: Example) {
         if self.k == 0 {
             return;
         }
-        if a.len as usize == self.k && !ranks_above(value, row, a.worst_value, a.worst_row) {
+        let a = &mut self.acc[f];
+        if a.worst_value != f32::NEG_INFINITY && !ranks_above(e.value, e.row, a.worst_value, a.worst_row) {
             return;
         }
-        let heap = &mut self.heap[f * self.k..(f + 1) * self.k];
         let len = a.len as usize;
-        if len < self.k {
-            heap[len] = Example { value, row };
-            sift_up(heap, len);
-            a.len += 1;
-        } else {
-            heap[0] = Example { value, row };
-            sift_down(heap, 0, len);
+        self.buf[f * self.cap + len] = e;
+        a.len += 1;
+        if a.len as usize == self.cap {
+            self.compact(f);
         }
-        if a.len as usize == self.k {
-            a.worst_value = heap[0].value;
-            a.worst_row = heap[0].row;
-        }
+    }
+
+    /// Keep the best `k` of a full buffer; their worst becomes the admission threshold.
+    fn compact(&mut self, f: usize) {
+        let k = self.k;
+        let buf = &mut self.buf[f * self.cap..(f + 1) * self.cap];
+        buf.select_nth_unstable_by(k - 1, |x, y| y.value.total_cmp(&x.value).then(x.row.cmp(&y.row)));
+        let a = &mut self.acc[f];
+        a.worst_value = buf[k - 1].value;
+        a.worst_row = buf[k - 1].row;
+        a.len = k as u32;
+    }
+
+    /// The best `k` examples of feature `f`, best first.
+    fn best(&self, f: usize) -> Vec<Example> {
+        let mut examples = self.buf[f * self.cap..f * self.cap + self.acc[f].len as usize].to_vec();
+        examples.sort_by(|x, y| y.value.total_cmp(&x.value).then(x.row.cmp(&y.row)));
+        examples.truncate(self.k);
+        examples
     }
 
     fn add_shard(&mut self, shard: &Shard) {
@@ -195,54 +219,10 @@ impl Pass1 {
             a.sum += b.sum;
             a.max = a.max.max(b.max);
             a.min = a.min.min(b.min);
-            // The other side's examples re-enter through `add`, minus the statistics already merged.
-            for e in &other.heap[f * self.k..f * self.k + b.len as usize] {
-                self.offer_example(f, *e);
+            for i in 0..b.len as usize {
+                self.offer(f, other.buf[f * other.cap + i]);
             }
         }
-    }
-
-    fn offer_example(&mut self, f: usize, e: Example) {
-        let saved = self.acc[f];
-        self.add(f, e.value, e.row);
-        let a = &mut self.acc[f];
-        (a.count, a.sum, a.max, a.min) = (saved.count, saved.sum, saved.max, saved.min);
-    }
-}
-
-/// Heap order: the root is the example ranking lowest.
-#[inline]
-fn below(a: Example, b: Example) -> bool {
-    ranks_above(b.value, b.row, a.value, a.row)
-}
-
-fn sift_up(heap: &mut [Example], mut i: usize) {
-    while i > 0 {
-        let parent = (i - 1) / 2;
-        if below(heap[i], heap[parent]) {
-            heap.swap(i, parent);
-            i = parent;
-        } else {
-            break;
-        }
-    }
-}
-
-fn sift_down(heap: &mut [Example], mut i: usize, len: usize) {
-    loop {
-        let (l, r) = (2 * i + 1, 2 * i + 2);
-        let mut lowest = i;
-        if l < len && below(heap[l], heap[lowest]) {
-            lowest = l;
-        }
-        if r < len && below(heap[r], heap[lowest]) {
-            lowest = r;
-        }
-        if lowest == i {
-            return;
-        }
-        heap.swap(i, lowest);
-        i = lowest;
     }
 }
 
@@ -261,6 +241,9 @@ struct Pass2<'a> {
     hist: Vec<u64>,
     s: usize,
     slot_len: Vec<u32>,
+    /// Largest kept key of each full slot (`u64::MAX` until full): most candidates are rejected
+    /// by this compact array without touching the slot's reservoir.
+    slot_worst: Vec<u64>,
     slots: Vec<Drawn>,
 }
 
@@ -337,6 +320,7 @@ impl<'a> Pass2<'a> {
             hist: vec![0; d * edges.hist_bins],
             s,
             slot_len: vec![0; slots],
+            slot_worst: vec![u64::MAX; slots],
             slots: vec![Drawn::default(); slots * s],
         }
     }
@@ -361,6 +345,9 @@ impl<'a> Pass2<'a> {
     /// Keep the `s` smallest keys of a slot in a max-heap on (key, row).
     #[inline]
     fn offer(&mut self, slot: usize, d: Drawn) {
+        if d.key > self.slot_worst[slot] {
+            return;
+        }
         let s = self.s;
         let len = self.slot_len[slot] as usize;
         let heap = &mut self.slots[slot * s..(slot + 1) * s];
@@ -373,6 +360,9 @@ impl<'a> Pass2<'a> {
                 i = (i - 1) / 2;
             }
             self.slot_len[slot] += 1;
+            if len + 1 == s {
+                self.slot_worst[slot] = heap[0].key;
+            }
         } else if above(heap[0], d) {
             heap[0] = d;
             let mut i = 0;
@@ -391,6 +381,7 @@ impl<'a> Pass2<'a> {
                 heap.swap(i, top);
                 i = top;
             }
+            self.slot_worst[slot] = heap[0].key;
         }
     }
 
@@ -506,10 +497,9 @@ fn pass1_result(store: &FeatureStore, p: &Pass1, k: usize) -> MineResult {
     r.sum = p.acc.iter().map(|a| a.sum).collect();
     r.max = p.acc.iter().map(|a| fired(a, a.max)).collect();
     r.min = p.acc.iter().map(|a| fired(a, a.min)).collect();
-    for (f, a) in p.acc.iter().enumerate() {
-        let mut examples = p.heap[f * k..f * k + a.len as usize].to_vec();
-        examples.sort_by(|x, y| y.value.total_cmp(&x.value).then(x.row.cmp(&y.row)));
-        for (rank, e) in examples.iter().enumerate() {
+    let _ = k;
+    for f in 0..p.acc.len() {
+        for (rank, e) in p.best(f).iter().enumerate() {
             r.top_feature.push(f as u32);
             r.top_rank.push(rank as u16);
             r.top_row.push(e.row);
