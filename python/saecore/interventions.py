@@ -697,26 +697,32 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
 
 
-def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any]:
+def load_model_for(sae: Any, model: str | None = None, device: str | None = None) -> tuple[torch.nn.Module, Any]:
+    """Load the model an SAE was trained on (or ``model``), in eval mode, and check it matches the SAE."""
     from . import models
-    from .sae import SAE
 
-    sae = SAE.load(args.sae)
-    name = args.model or getattr(_cfg(sae), "model_name", None)
+    name = model or getattr(_cfg(sae), "model_name", None)
     if not name:
-        raise ValueError(f"SAE at {args.sae} records no model_name; pass --model")
+        raise ValueError("the SAE records no model_name; pass the model explicitly (--model)")
     try:
-        model, tokenizer = models.load(name, device=args.device)
+        lm, tokenizer = models.load(name, device=device)
     except ValueError:
         # harvest records built-in models as "NAME@CHECKSUM"; load the built-in NAME then.
         base = str(name).split("@", 1)[0]
         if base == name or base not in models.KNOWN_MODELS:
             raise
-        model, tokenizer = models.load(base, device=args.device)
-    model.eval()
-    sae = sae.to(_device(model))
-    check_compatible(model, sae)
-    return model, tokenizer, sae
+        lm, tokenizer = models.load(base, device=device)
+    lm.eval()
+    check_compatible(lm, sae)
+    return lm, tokenizer
+
+
+def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any]:
+    from .sae import SAE
+
+    sae = SAE.load(args.sae).eval()
+    model, tokenizer = load_model_for(sae, args.model, args.device)
+    return model, tokenizer, sae.to(_device(model))
 
 
 def _fail(verb: str, err: Exception) -> int:
@@ -903,6 +909,7 @@ __all__ = [
     "check_features",
     "greedy_generate",
     "index_dir_for",
+    "load_model_for",
     "probe",
     "splice",
     "steer",

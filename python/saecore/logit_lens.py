@@ -213,8 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m saecore.logit_lens --sae DIR``: write ``index/SAE/logit_lens.parquet`` for an SAE."""
     import argparse
 
-    from . import models
-    from .interventions import check_compatible, index_dir_for
+    from .interventions import index_dir_for, load_model_for
     from .sae import SAE
 
     parser = argparse.ArgumentParser(prog="python -m saecore.logit_lens", description=main.__doc__)
@@ -225,9 +224,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="default: the run's index/SAE/logit_lens.parquet")
     parser.add_argument("--no-norm-weight", action="store_true", help="plain W_dec @ W_U")
     args = parser.parse_args(argv)
-    sae = SAE.load(args.sae)
-    model, tokenizer = models.load(args.model or sae.cfg.model_name, device=args.device)
-    check_compatible(model, sae)
+    sae = SAE.load(args.sae).eval()
+    model, tokenizer = load_model_for(sae, args.model, args.device)
     out = args.out or index_dir_for(args.sae) / "logit_lens.parquet"
     print(write_logit_lens(sae, model, tokenizer, out, args.top, apply_norm_weight=not args.no_norm_weight))
     return 0

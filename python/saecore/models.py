@@ -187,8 +187,17 @@ def builtin_tokenizer_dir(name: str = BUILTIN_MODEL) -> Path:
 
 
 # -- public API -------------------------------------------------------------------------------------
+def _builtin_name(name_or_path: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """Map the name a store records (``smollm2-135m@<gguf sha16>``) back to the built-in name."""
+    base, sep, _checksum = str(name_or_path).partition("@")
+    if sep and base in KNOWN_MODELS and not Path(name_or_path).expanduser().is_dir():
+        return base
+    return name_or_path
+
+
 def model_dir(name_or_path: str | os.PathLike[str]) -> Path:
     """The local Hugging Face folder behind a model name or path (converting a built-in model if needed)."""
+    name_or_path = _builtin_name(name_or_path)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -228,6 +237,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Any:
     """Only the tokenizer of a model (cheap for the built-in model once its tokenizer is cached)."""
     from transformers import AutoTokenizer
 
+    name_or_path = _builtin_name(name_or_path)
     path = Path(name_or_path).expanduser()
     folder = (
         builtin_tokenizer_dir(str(name_or_path))

@@ -46,6 +46,17 @@ class QuickstartConfig:
     norm_outlier_factor: float | None = 10.0
     """Drop tokens whose norm exceeds this multiple of the median (attention-sink tokens)."""
 
+    d_sae: int = 4096
+    """Latents of the quickstart's TopK SAE."""
+    k: int = 32
+    """Active latents per token."""
+    train_epochs: int = 8
+    """Passes over the harvested tokens (the quickstart's store is small; more passes, better features)."""
+    train_batch_size: int = 2048
+    """Tokens per training step."""
+    sae_name: str = "topk-4k"
+    """Folder name of the SAE under ``saes/``, ``features/`` and ``index/``."""
+
     def __post_init__(self) -> None:
         self.run = Path(self.run)
         if self.tokens < self.context_length:
@@ -54,6 +65,22 @@ class QuickstartConfig:
     @property
     def activations(self) -> Path:
         return self.run / "activations.zarr"
+
+    @property
+    def sae_dir(self) -> Path:
+        return self.run / "saes" / self.sae_name
+
+    @property
+    def features(self) -> Path:
+        return self.run / "features" / f"{self.sae_name}.zarr"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.run / "index" / self.sae_name
+
+    @property
+    def pages(self) -> Path:
+        return self.run / "pages"
 
 
 @dataclass
@@ -111,8 +138,129 @@ def _harvest_summary(cfg: QuickstartConfig) -> str:
     )
 
 
+# -- step: train -------------------------------------------------------------------------------------
+def _training_facts(cfg: QuickstartConfig) -> dict:
+    import json
+
+    try:
+        meta = json.loads((cfg.sae_dir / "cfg.json").read_text()).get("metadata") or {}
+    except (OSError, ValueError):
+        return {}
+    return meta.get("saecore") or {}
+
+
+def _train_run(cfg: QuickstartConfig) -> None:
+    from .activations import ActivationStore
+    from .train import train
+
+    store = ActivationStore(cfg.activations)
+    train(
+        store,
+        cfg.sae_dir,
+        architecture="topk",
+        d_sae=cfg.d_sae,
+        k=cfg.k,
+        num_tokens=cfg.train_epochs * store.num_rows,
+        batch_size=cfg.train_batch_size,
+        checkpoint_every_steps=50,
+    )
+
+
+def _train_summary(cfg: QuickstartConfig) -> str:
+    f = _training_facts(cfg)
+    return (
+        f"TopK SAE, {cfg.d_sae} latents, k={cfg.k}; {f.get('steps')} steps, {f.get('tokens'):,} tokens; "
+        f"dead fraction {f.get('dead_fraction', float('nan')):.3f}"
+    )
+
+
+# -- step: eval --------------------------------------------------------------------------------------
+def _eval_run(cfg: QuickstartConfig) -> None:
+    from .evaluate import evaluate
+
+    evaluate(cfg.sae_dir, cfg.activations, model=cfg.model)
+
+
+def _eval_summary(cfg: QuickstartConfig) -> str:
+    import json
+
+    m = json.loads((cfg.sae_dir / "metrics.json").read_text())
+    parts = [f"{k} {m[k]:.3f}" for k in ("l0", "explained_variance", "ce_loss_recovered", "kl_divergence") if k in m]
+    return "held out: " + ", ".join(parts)
+
+
+# -- step: encode ------------------------------------------------------------------------------------
+def _encode_done(cfg: QuickstartConfig) -> bool:
+    from .features import FeatureStore
+
+    try:
+        fs = FeatureStore(cfg.features)
+        return bool(fs.complete and fs.has_csc)
+    except (OSError, ValueError, SaecoreError):
+        return False
+
+
+def _encode_run(cfg: QuickstartConfig) -> None:
+    from .encode import encode
+
+    encode(cfg.activations, cfg.sae_dir, cfg.features)
+
+
+def _encode_summary(cfg: QuickstartConfig) -> str:
+    from .features import FeatureStore
+
+    fs = FeatureStore(cfg.features)
+    return f"{fs.n_rows:,} tokens x {fs.d_sae} features, {fs.nnz:,} nonzeros in {fs.num_shards} shards"
+
+
+# -- step: index (statistics, top-k, samples, logit lens, neighbours, map) -----------------------------
+def _index_run(cfg: QuickstartConfig) -> None:
+    from . import geometry
+    from .index import index
+    from .logit_lens import write_logit_lens
+    from .models import load
+    from .sae import SAE
+
+    index(cfg.features, cfg.index_dir, activations=cfg.activations)
+    model, tokenizer = load(cfg.model)
+    write_logit_lens(SAE.load(cfg.sae_dir, device="cpu"), model, tokenizer, cfg.index_dir / "logit_lens.parquet")
+    directions = geometry.load_directions(cfg.sae_dir)
+    geometry.write_parquet_atomic(geometry.neighbours_table(directions, [], k=10), cfg.index_dir / "neighbours.parquet")
+    geometry.write_parquet_atomic(geometry.enc_dec_cosine(directions), cfg.index_dir / "enc_dec_cosine.parquet")
+    table, _method = geometry.feature_map([directions], "umap")
+    # Written last: its presence marks the whole step complete.
+    geometry.write_parquet_atomic(table, cfg.index_dir / "map.parquet")
+
+
+def _index_summary(cfg: QuickstartConfig) -> str:
+    import pyarrow.parquet as pq
+
+    stats = pq.read_table(cfg.index_dir / "stats.parquet")
+    alive = sum(1 for c in stats.column("count").to_pylist() if c > 0)
+    return f"{alive:,} of {stats.num_rows:,} features fire; tables: " + ", ".join(
+        sorted(p.stem for p in cfg.index_dir.glob("*.parquet"))
+    )
+
+
+# -- step: pages -------------------------------------------------------------------------------------
+def _pages_run(cfg: QuickstartConfig) -> None:
+    from .pages import build_pages
+
+    build_pages(cfg.run)
+
+
+def _pages_summary(cfg: QuickstartConfig) -> str:
+    return f"open file://{(cfg.pages / 'index.html').resolve()}"
+
+
 STEPS: list[Step] = [
     Step("harvest", lambda c: c.activations, _harvest_done, _harvest_run, _harvest_summary),
+    Step("train", lambda c: c.sae_dir, lambda c: bool(_training_facts(c).get("complete")), _train_run, _train_summary),
+    Step("eval", lambda c: c.sae_dir / "metrics.json", lambda c: (c.sae_dir / "metrics.json").exists(), _eval_run,
+         _eval_summary),
+    Step("encode", lambda c: c.features, _encode_done, _encode_run, _encode_summary),
+    Step("index", lambda c: c.index_dir, lambda c: (c.index_dir / "map.parquet").exists(), _index_run, _index_summary),
+    Step("pages", lambda c: c.pages, lambda c: (c.pages / "index.html").exists(), _pages_run, _pages_summary),
 ]
 
 

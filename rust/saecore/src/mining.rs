@@ -25,7 +25,7 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::parallel;
-use crate::store::{FeatureStore, Shard};
+use crate::store::{FeatureStore, Scratch, Shard};
 
 /// What to compute.
 #[derive(Clone, Copy, Debug)]
@@ -425,13 +425,14 @@ fn fold_shards<A: Send>(
         for _ in 0..workers {
             scope.spawn(|_| {
                 let mut acc = make();
+                let (mut scratch, mut shard) = (Scratch::default(), Shard::default());
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= n {
                         break;
                     }
-                    match store.read_shard_parts(i, with_values) {
-                        Ok(shard) => step(&mut acc, &shard),
+                    match store.read_shard_into(i, with_values, &mut scratch, &mut shard) {
+                        Ok(()) => step(&mut acc, &shard),
                         Err(e) => {
                             stop.store(true, Ordering::Relaxed);
                             failure.lock().expect("failure lock").get_or_insert(e);

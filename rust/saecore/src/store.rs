@@ -19,7 +19,8 @@ pub use format::{parse_spec, FileEntry, Manifest, ShardEntry, ValueDtype};
 pub use writer::{FeaturesIn, RowPtrIn, ShardWriter, ValuesIn, WriterOptions};
 
 use crate::error::{Error, Result};
-use format::{bytes_to_f32, bytes_to_u32, bytes_to_u64, decode_chunk, read_manifest, read_verified, shard_chunk_path, shard_name};
+use format::{decode_values_into, decode_verified_into, read_manifest, shard_chunk_path, shard_name};
+pub use format::Scratch;
 
 /// One decoded token-major shard.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -114,27 +115,29 @@ impl FeatureStore {
 
     /// Read, verify and decode shard `index` (values too when `with_values`).
     pub fn read_shard_parts(&self, index: usize, with_values: bool) -> Result<Shard> {
+        let mut shard = Shard::default();
+        self.read_shard_into(index, with_values, &mut Scratch::default(), &mut shard)?;
+        Ok(shard)
+    }
+
+    /// [`read_shard_parts`](Self::read_shard_parts) into reused buffers (for loops over many shards).
+    pub fn read_shard_into(&self, index: usize, with_values: bool, scratch: &mut Scratch, out: &mut Shard) -> Result<()> {
         let entry = self.shard_entry(index)?;
         let name = format!("{}: shard {}", self.root.display(), shard_name(index as u64));
-        let rows = entry.rows as usize;
-        let nnz = entry.nnz as usize;
-        let chunk = |array: &str, file: FileEntry, n: usize, elem: usize| -> Result<Vec<u8>> {
-            let what = format!("{name} array {array}");
-            let raw = read_verified(&shard_chunk_path(&self.root, index as u64, array), file, &what)?;
-            decode_chunk(&raw, n, elem, &what)
-        };
-        let row_ptr = bytes_to_u64(&chunk("row_ptr", entry.row_ptr, rows + 1, 8)?);
-        let (feature, value) = match (entry.feature, entry.value) {
-            (Some(f), Some(v)) => {
-                let feature = bytes_to_u32(&chunk("feature", f, nnz, 4)?);
-                let dtype = self.manifest.value_dtype;
-                let value = if with_values { bytes_to_f32(&chunk("value", v, nnz, dtype.size())?, dtype) } else { Vec::new() };
-                (feature, value)
+        let (rows, nnz) = (entry.rows as usize, entry.nnz as usize);
+        let path = |array: &str| shard_chunk_path(&self.root, index as u64, array);
+        let what = |array: &str| format!("{name} array {array}");
+        out.row_start = entry.row_start;
+        decode_verified_into(&path("row_ptr"), entry.row_ptr, &what("row_ptr"), rows + 1, scratch, &mut out.row_ptr, u64::from_le_bytes)?;
+        out.feature.clear();
+        out.value.clear();
+        if let (Some(f), Some(v)) = (entry.feature, entry.value) {
+            decode_verified_into(&path("feature"), f, &what("feature"), nnz, scratch, &mut out.feature, u32::from_le_bytes)?;
+            if with_values {
+                decode_values_into(&path("value"), v, &what("value"), nnz, self.manifest.value_dtype, scratch, &mut out.value)?;
             }
-            _ => (Vec::new(), Vec::new()),
-        };
-        check_shard(&name, &row_ptr, &feature, self.manifest.d_sae, nnz)?;
-        Ok(Shard { row_start: entry.row_start, row_ptr, feature, value })
+        }
+        check_shard(&name, &out.row_ptr, &out.feature, self.manifest.d_sae, nnz)
     }
 
     /// Read, verify and decode shard `index`.

@@ -384,6 +384,103 @@ pub fn read_verified(path: &Path, expected: FileEntry, what: &str) -> Result<Vec
     Ok(bytes)
 }
 
+/// Reusable buffers for decoding shards, so a worker that decodes many shards allocates (and
+/// page-faults) once instead of once per chunk.
+#[derive(Default)]
+pub struct Scratch {
+    raw: Vec<u8>,
+    plain: Vec<u8>,
+    halves: Vec<u16>,
+}
+
+/// Read, verify and decode a chunk of `n` elements of `E` bytes into `out`, reusing `scratch`.
+pub fn decode_verified_into<T, const E: usize>(
+    path: &Path,
+    expected: FileEntry,
+    what: &str,
+    n: usize,
+    scratch: &mut Scratch,
+    out: &mut Vec<T>,
+    from_le: fn([u8; E]) -> T,
+) -> Result<()> {
+    use std::io::Read;
+    scratch.raw.clear();
+    let opened = fs::File::open(path).and_then(|mut f| f.read_to_end(&mut scratch.raw));
+    match opened {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::Corrupt(format!("{what}: chunk file {} is missing", path.display())))
+        }
+        Err(e) => return Err(Error::io(path, e)),
+    }
+    check_entry(&scratch.raw, path, expected, what)?;
+    // One spare byte: a stream that decodes to more than expected then shows up as a length error.
+    scratch.plain.resize(n * E + 1, 0);
+    let written = zstd::bulk::decompress_to_buffer(&scratch.raw, &mut scratch.plain[..])
+        .map_err(|e| Error::Corrupt(format!("{what}: zstd stream does not decode ({e})")))?;
+    if written != n * E {
+        return Err(Error::Corrupt(format!("{what}: decodes to {written} bytes, expected {}", n * E)));
+    }
+    out.clear();
+    out.reserve(n);
+    let planes = &scratch.plain;
+    out.extend((0..n).map(|i| {
+        let mut b = [0u8; E];
+        for (j, byte) in b.iter_mut().enumerate() {
+            *byte = planes[j * n + i];
+        }
+        from_le(b)
+    }));
+    Ok(())
+}
+
+/// Decode a value chunk of `dtype` into `f32`s, reusing `scratch`.
+pub fn decode_values_into(
+    path: &Path,
+    expected: FileEntry,
+    what: &str,
+    n: usize,
+    dtype: ValueDtype,
+    scratch: &mut Scratch,
+    out: &mut Vec<f32>,
+) -> Result<()> {
+    match dtype {
+        ValueDtype::F32 => decode_verified_into(path, expected, what, n, scratch, out, f32::from_le_bytes),
+        ValueDtype::F16 => {
+            use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
+            let mut halves = std::mem::take(&mut scratch.halves);
+            let result = decode_verified_into(path, expected, what, n, scratch, &mut halves, u16::from_le_bytes);
+            if result.is_ok() {
+                out.clear();
+                out.resize(n, 0.0);
+                halves.reinterpret_cast::<half::f16>().convert_to_f32_slice(out);
+            }
+            scratch.halves = halves;
+            result
+        }
+    }
+}
+
+fn check_entry(bytes: &[u8], path: &Path, expected: FileEntry, what: &str) -> Result<()> {
+    if bytes.len() as u64 != expected.size {
+        return Err(Error::Corrupt(format!(
+            "{what}: {} is {} bytes, the manifest says {} (truncated or overwritten)",
+            path.display(),
+            bytes.len(),
+            expected.size
+        )));
+    }
+    let crc = crc32c::crc32c(bytes);
+    if crc != expected.crc32c {
+        return Err(Error::Corrupt(format!(
+            "{what}: {} fails its CRC-32C (0x{crc:08x}, manifest 0x{:08x}); the file is damaged",
+            path.display(),
+            expected.crc32c
+        )));
+    }
+    Ok(())
+}
+
 /// Decode a chunk written as `bytes → shuffle(E) → zstd` into `n` little-endian elements of `E` bytes.
 pub fn decode_chunk(encoded: &[u8], n: usize, elem_size: usize, what: &str) -> Result<Vec<u8>> {
     let expected = n * elem_size;
