@@ -224,6 +224,13 @@ def main() -> None:
     n = args.tokens or (10_000_000 if args.full else 100_000)
     d = args.features
     skip = set(filter(None, args.skip.split(",")))
+    # Import every library before timing anything: children are forked, so no method pays for an
+    # import (saecore's pulls in zarr). Nothing here starts a thread pool before the fork.
+    import pyarrow.compute  # noqa: F401
+    import scipy.sparse  # noqa: F401
+    import torch  # noqa: F401
+
+    import saecore._native  # noqa: F401
 
     t0 = time.perf_counter()
     row_ptr, feature, value = synth(n, d, args.nnz)

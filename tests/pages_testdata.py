@@ -131,8 +131,12 @@ def write_index(index: Path, acts: np.ndarray, docs: np.ndarray, pos: np.ndarray
     _table(index / "samples.parquet", {k: (v, t) for (k, v), t in zip(samp.items(), (u4, u2, u8, i8, i4, f4))})
     dens = np.log10(count[count > 0] / n)
     edges = np.linspace(dens.min() - 0.1, dens.max() + 0.1, 6)
-    _table(index / "density_histogram.parquet", {"lo_log10": (edges[:-1], f8), "hi_log10": (edges[1:], f8),
-                                                  "count": (np.histogram(dens, edges)[0], u8)})
+    # As `saecore index` writes it: a first bin with edges -inf holds the features that never fire.
+    lo = np.concatenate([[-np.inf], edges[:-1]])
+    hi = np.concatenate([[-np.inf], edges[1:]])
+    dead_and_live = np.concatenate([[int((count == 0).sum())], np.histogram(dens, edges)[0]])
+    _table(index / "density_histogram.parquet", {"lo_log10": (lo, f8), "hi_log10": (hi, f8),
+                                                  "count": (dead_and_live, u8)})
 
 
 def write_geometry(index: Path) -> None:

@@ -369,3 +369,12 @@ def test_server_binds_localhost_and_serves_the_pages(built):
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
+
+
+def test_density_chart_leaves_out_the_dead_bin(built):
+    """`saecore index` writes dead features as a bin with edges -inf; the chart gets only finite bins."""
+    text = (built.run / "pages" / SAE / "sae.js").read_text()
+    rows = json.loads(re.search(r"window\.SAECORE_SAE=(.*);\s*$", text, re.DOTALL).group(1))["density_histogram"]
+    assert rows and all(np.isfinite(lo) and np.isfinite(hi) for lo, hi, _ in rows)
+    stats = pq.read_table(built.run / "index" / SAE / "stats.parquet").to_pydict()
+    assert sum(c for _, _, c in rows) == sum(1 for c in stats["count"] if c > 0)

@@ -99,6 +99,11 @@ def read_table(path: Path, name: str) -> dict[str, np.ndarray] | None:
             missing = [c for c in schema if c not in present]
             raise ValueError(f"{path}: missing column(s) {missing}; a {name} table has {list(schema)}") from e
         raise CorruptDataError(f"{path}: unreadable Parquet table ({e})") from e
+    if name == "density_histogram":
+        # `saecore index` puts the features that never fire in a first bin with edges -inf (log10 of 0);
+        # the dead count is shown from the stats table, so that bin is left out of the chart.
+        lo = table.column("lo_log10").to_numpy()
+        table = table.filter(pa.array(~np.isneginf(lo)))
     columns: dict[str, np.ndarray] = {}
     for col, dtype in schema.items():
         arr = table.column(col)
