@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 cargo test --release -p saecore
 # Run from outside the source tree so the installed package (with its compiled extension) is imported.
-cd tests && python3 -m pytest -q -p no:cacheprovider "$@" .
+cd tests && python3 -m pytest -q -p no:cacheprovider --durations=15 "$@" .

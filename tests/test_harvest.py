@@ -399,6 +399,8 @@ def test_quickstart_steps_run_once_and_then_skip(tiny_model_dir, small_corpus_di
         hook=HOOK,
         tokens=1024,
         context_length=32,
+        d_sae=256,
+        k=8,
     )
     made = []
     extra = Step(
@@ -411,7 +413,12 @@ def test_quickstart_steps_run_once_and_then_skip(tiny_model_dir, small_corpus_di
     first, second = io.StringIO(), io.StringIO()
     run_steps(cfg, [*STEPS, extra], out=first)
     run_steps(cfg, [*STEPS, extra], out=second)
-    assert "[1/2] harvest: done" in first.getvalue() and "[2/2] count: done" in first.getvalue()
-    assert "harvest: already complete, skipped" in second.getvalue() and made == [1]
+    n = len(STEPS) + 1
+    assert f"[1/{n}] harvest: done" in first.getvalue() and f"[{n}/{n}] count: done" in first.getvalue()
+    # Every stage of the pipeline ran on the tiny model, and a rerun skips them all.
+    for step in STEPS:
+        assert f"{step.name}: already complete, skipped" in second.getvalue(), step.name
+    assert made == [1]
+    assert (cfg.pages / "index.html").exists() and (cfg.index_dir / "topk.parquet").exists()
     assert str(cfg.activations) in second.getvalue() and "rows x 64" in second.getvalue()
     assert ActivationStore(cfg.activations).attrs["max_tokens"] == 1024

@@ -54,6 +54,30 @@ def test_sparse_fast_path_matches_dense_reference(arch, d_in, d_sae, batch, k, d
         torch.testing.assert_close(getattr(fast, name).grad, getattr(ref, name).grad, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_auxk_loss_is_in_the_units_of_the_mse(arch):
+    """Gao et al.'s loss is MSE/Var(x) + α·MSE_aux/Var(e); ours is the plain MSE, so the AuxK term carries
+    Var(x): when no dead latent can fire it equals Var(x)·‖e‖²/‖e − ē‖², and it grows with the input scale
+    exactly as the MSE does (so α means the same at any d_in)."""
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(3)) * 2 + 0.5
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[16:] = True
+    outs = []
+    for scale in (1.0, 3.0):
+        sae = SAE(SAEConfig(arch, d_in=8, d_sae=32, k=2, input_scale=scale), seed=0)
+        with torch.no_grad():
+            sae.b_enc[16:] = -1e4  # dead latents never fire: their reconstruction of the residual is 0
+        outs.append((sae(x, dead_mask=dead), scale))
+    for out, scale in outs:
+        xs = x * scale
+        e = xs - out.x_hat * scale
+        var_x = (xs - xs.mean(0)).pow(2).sum() / x.shape[0]
+        expected = var_x * e.pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        torch.testing.assert_close(out.aux_loss.detach(), expected.detach(), rtol=1e-4, atol=1e-6)
+    (a, _), (b, _) = outs
+    torch.testing.assert_close(b.aux_loss / a.aux_loss, b.mse / a.mse, rtol=1e-4, atol=0)
+
+
 @settings(max_examples=30, deadline=None)
 @given(n_rows=st.integers(1, 9), d_sae=st.integers(1, 20), d_in=st.integers(1, 7), nnz=st.integers(0, 40), seed=st.integers(0, 99))
 def test_sparse_decode_matches_dense(n_rows, d_sae, d_in, nnz, seed):

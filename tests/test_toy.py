@@ -14,7 +14,10 @@ EASY = ToyConfig(n_features=64, d=32, mean_active=3, noise=0.01, seed=0)
 EASY_SETTINGS = {
     "relu": dict(l1_coefficient=2.0),
     "topk": dict(k=3),
-    "batchtopk": dict(k=3),
+    # BatchTopK hands out exactly the batch's k·B firings, so unlike TopK no latent fires as a filler on rows
+    # with fewer than k true features: a direction whose latent is shared with another is only split off
+    # by AuxK. Its dead window is 10 batches (Bussmann et al. use 5) and it trains 2 epochs.
+    "batchtopk": dict(k=3, dead_window_tokens=2560, num_tokens=2 * 131072),
     "jumprelu": dict(l0_coefficient=0.5, jumprelu_bandwidth=2.0, jumprelu_init_threshold=1.0),
 }
 # Hard: 512 directions in 64 dimensions, ~8 active per row, 5% noise; 1024 latents.
@@ -39,12 +42,12 @@ def test_toy_data_is_sparse_combinations_of_the_true_directions():
 
 @pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
 def test_every_architecture_recovers_the_true_directions(easy_store, tmp_path, arch):
-    cfg = TrainConfig(architecture=arch, d_sae=128, batch_size=256, lr=3e-3, progress=False,
-                      dead_window_tokens=20000, **EASY_SETTINGS[arch])
+    settings = {"dead_window_tokens": 20000, **EASY_SETTINGS[arch]}
+    cfg = TrainConfig(architecture=arch, d_sae=128, batch_size=256, lr=3e-3, progress=False, **settings)
     sae = train(easy_store, tmp_path, cfg)
     score = mean_max_cosine(sae.W_dec, true_directions(EASY))
     print(f"toy easy {arch}: mean max cosine {score:.4f}")
-    assert score >= (0.99 if arch != "batchtopk" else 0.97)
+    assert score >= 0.99
 
 
 @pytest.mark.slow

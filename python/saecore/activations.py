@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ._atomic import write_json
 from .errors import StoreError, StoreMismatchError
 
 FORMAT = "saecore.activations/1"
@@ -80,9 +81,7 @@ def hook_array_name(hook: str) -> str:
 
 
 def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(path, payload)
 
 
 def _spec_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:

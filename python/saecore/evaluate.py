@@ -25,13 +25,13 @@ import argparse
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ._atomic import write_json
 from .activations import ActivationStore
 from .sae import SAE
 
@@ -39,9 +39,7 @@ METRICS_FILENAME = "metrics.json"
 
 
 def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(path, payload)
 
 
 def _training_facts(sae_dir: Path) -> dict[str, Any]:

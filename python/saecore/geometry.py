@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,27 +275,16 @@ def default_store(sae_dir: Path) -> Path | None:
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
     """Write ``table`` beside ``path`` and rename it into place, so readers never see half a file."""
-    import pyarrow.parquet as pq
+    from ._atomic import write_parquet
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_parquet(table, path)
 
 
 def _save_figure_atomic(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{uuid.uuid4().hex}.partial{path.suffix}")
-    try:
+    from ._atomic import atomic_target
+
+    with atomic_target(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

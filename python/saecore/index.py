@@ -26,7 +26,6 @@ import os
 import sys
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import _native
+from . import _atomic, _native
 from .activations import ActivationStore
 from .features import Activations, FeatureStore, build_csc
 
@@ -48,15 +47,11 @@ DEFAULTS = {"k": 20, "hist_bins": 32, "sample_bins": 10, "samples_per_bin": 10, 
 
 
 def _write_parquet(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    _atomic.write_parquet(table, path)
 
 
 def _write_json(payload: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    _atomic.write_json(path, payload)
 
 
 def _mine_with_progress(path: Path, params: dict[str, Any], passes: int, shards: int, progress: bool) -> dict[str, Any]:

@@ -105,10 +105,9 @@ def _sha256(path: Path) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from ._atomic import write_text
+
+    write_text(path, text)
 
 
 def _publish_dir(staging: Path, final: Path) -> None:

@@ -185,7 +185,7 @@ def _eval_summary(cfg: QuickstartConfig) -> str:
     import json
 
     m = json.loads((cfg.sae_dir / "metrics.json").read_text())
-    parts = [f"{k} {m[k]:.3f}" for k in ("l0", "explained_variance", "ce_loss_recovered", "kl_divergence") if k in m]
+    parts = [f"{k} {m[k]:.3f}" for k in ("l0", "explained_variance", "ce_loss_recovered", "kl_div") if k in m]
     return "held out: " + ", ".join(parts)
 
 

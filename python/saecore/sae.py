@@ -505,8 +505,14 @@ class SAE(nn.Module):
         else:
             vals = F.relu((xs @ self.W_enc + self.b_enc)[rows, latents])
             recon = dense_decode(rows, latents, vals, self.W_dec, B)
-        denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return (recon - residual).pow(2).sum() / denom
+        # Gao et al. normalise both losses by a variance: MSE/Var(x) + α·MSE_aux/Var(e). Our main loss is
+        # the plain MSE (per row, scaled units), so the AuxK term is multiplied by Var(x) per row to keep
+        # their α = 1/32 meaning the same balance (unscaled, it was ~d_in times weaker: with Anthropic's
+        # scaling Var(x) ≈ d_in, and dead latents barely moved).
+        with torch.no_grad():
+            denom = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+            var_x = (xs - xs.mean(0)).pow(2).sum() / B
+        return (recon - residual).pow(2).sum() * (var_x / denom)
 
     # -- constraints applied by the trainer ------------------------------------------------------
     @torch.no_grad()

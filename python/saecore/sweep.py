@@ -28,9 +28,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._atomic import write_text
 from .activations import ActivationStore
 from .sae import SAE
-from .train import TrainConfig, _resolve_store, add_train_arguments, config_from_args, train, training_rows
+from .train import (
+    TrainConfig,
+    _resolve_store,
+    add_train_arguments,
+    config_from_args,
+    train,
+    training_rows,
+)
 
 
 @torch.no_grad()
@@ -85,9 +93,7 @@ def fit(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def svg_plot(runs: list[dict[str, Any]], fitted: dict[str, Any], title: str) -> str:

@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import types
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._atomic import atomic_target
 from .activations import ActivationStore
 from .errors import SaecoreError, StoreError
 from .sae import ARCHITECTURES, SAE, SAEConfig, default_device
@@ -268,9 +268,8 @@ def training_rows(store: ActivationStore, holdout_fraction: float) -> int:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_target(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
