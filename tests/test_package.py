@@ -23,3 +23,12 @@ def test_cli_rejects_unknown_verb():
     proc = subprocess.run([sys.executable, "-m", "saecore.cli", "frobnicate"], capture_output=True, text=True)
     assert proc.returncode != 0
     assert "frobnicate" in proc.stderr
+
+
+def test_every_verb_describes_its_options():
+    from saecore.cli import build_parser
+
+    for verb, (_module, help_) in VERBS.items():
+        text = build_parser(verb).format_help()
+        assert f"saecore {verb}" in text and help_ in text, verb
+        assert "--" in text, f"{verb} documents no options"

@@ -401,7 +401,7 @@ pub fn decode_verified_into<T, const E: usize>(
     n: usize,
     scratch: &mut Scratch,
     out: &mut Vec<T>,
-    from_le: fn([u8; E]) -> T,
+    from_le: impl Fn([u8; E]) -> T,
 ) -> Result<()> {
     use std::io::Read;
     scratch.raw.clear();
@@ -423,14 +423,9 @@ pub fn decode_verified_into<T, const E: usize>(
     }
     out.clear();
     out.reserve(n);
-    let planes = &scratch.plain;
-    out.extend((0..n).map(|i| {
-        let mut b = [0u8; E];
-        for (j, byte) in b.iter_mut().enumerate() {
-            *byte = planes[j * n + i];
-        }
-        from_le(b)
-    }));
+    // Byte planes as slices of exactly `n`, so the gather below has no bounds checks and inlines.
+    let planes: [&[u8]; E] = std::array::from_fn(|j| &scratch.plain[j * n..(j + 1) * n]);
+    out.extend((0..n).map(|i| from_le(std::array::from_fn(|j| planes[j][i]))));
     Ok(())
 }
 
