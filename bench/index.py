@@ -6,6 +6,8 @@ count, sum, max and the top-k (value, token) examples:
 
 * saecore   — Rust pass 1 over the on-disk feature store (read + CRC + zstd decode + mine), all cores
 * SciPy     — CSR → CSC (``tocsc``) then per-column ``argpartition``           (data already in RAM)
+* SciPy .npz — the same, starting from the compressed ``.npz`` a SciPy user would keep on disk
+  (``load_npz`` + float16 → float32), i.e. from the same starting point as saecore
 * NumPy     — ``lexsort`` by (feature, -value), then the first k of each group    (data already in RAM)
 * pyarrow   — ``Table.sort_by`` + ``group_by().aggregate``                       (data already in RAM)
 * torch     — SAEDashboard's method: densify token chunks, running ``topk`` over the token axis
@@ -13,8 +15,10 @@ count, sum, max and the top-k (value, token) examples:
 The baselines start from in-memory CSR arrays (no I/O, no decompression), saecore from its compressed
 store on disk (page cache warm). Each method runs in a forked child; "peak MB" is the child's peak RSS
 above its RSS at the start. Also printed: the time to just read the store's bytes (the bandwidth
-bound), read + verify + decode, the full two-pass index, and bytes per nonzero on disk vs SciPy's .npz
-and a Parquet (row, feature, value) table.
+bound) from the page cache and from the disk (the files evicted first with
+``posix_fadvise(DONTNEED)``), saecore pass 1 from a cold cache, read + verify + decode, the full
+two-pass index, and bytes per nonzero on disk vs SciPy's .npz and a Parquet (row, feature, value)
+table.
 
     python bench/index.py            # quick: 100k tokens × 16384 features × 32 nnz/token
     python bench/index.py --full     # 10M tokens (needs ~12 GB RAM for the in-memory baselines)
@@ -195,6 +199,23 @@ def saecore_mine(path: Path, d: int, second_pass: bool):
     return top_signature(r["top_value"], r["top_feature"], d), r["count"]
 
 
+def scipy_npz_method(npz: Path, d: int):
+    import scipy.sparse as sp
+
+    m = sp.load_npz(npz)
+    return scipy_method(m.indptr, m.indices, m.data.astype(np.float32), d)
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache, so the next read comes from the disk."""
+    for p in files:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def read_bytes(files: list[Path]) -> int:
     total = 0
     for p in files:
@@ -218,7 +239,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=None)
     ap.add_argument("--features", type=int, default=16384)
     ap.add_argument("--nnz", type=int, default=32, help="draws per token (Zipf repeats collapse)")
-    ap.add_argument("--skip", default="", help="comma-separated baselines to skip (scipy,numpy,pyarrow,torch)")
+    ap.add_argument("--skip", default="", help="comma-separated baselines to skip (scipy,scipy-npz,numpy,pyarrow,torch)")
     ap.add_argument("--torch-max-tokens", type=int, default=2_000_000, help="skip torch above this (it is O(N·D))")
     args = ap.parse_args()
     n = args.tokens or (10_000_000 if args.full else 100_000)
@@ -245,6 +266,16 @@ def main() -> None:
         store_bytes = sum(p.stat().st_size for p in files)
         print(f"saecore store written in {w_s:.2f} s ({n / w_s:,.0f} tokens/s, f16 -> zstd on writer threads)")
 
+        npz = tmp / "m.npz"
+        if "scipy-npz" not in skip:
+            import scipy.sparse as sp
+
+            sp.save_npz(npz, sp.csr_matrix((value.astype(np.float16), feature, row_ptr), shape=(n, d)), compressed=True)
+            read_bytes([npz])  # warm, like the store
+        evict(files)
+        cold_s, _, _ = in_child(lambda: read_bytes(files))
+        evict(files)
+        cold_mine_s, _, _ = in_child(lambda: saecore_mine(store, d, False))
         read_bytes(files)  # warm the page cache
         results: dict[str, tuple[float, float, float]] = {}
         sigs: dict[str, np.ndarray] = {}
@@ -255,6 +286,9 @@ def main() -> None:
                 continue
             s, mb, out = in_child(lambda fn=fn: fn(row_ptr, feature, value, d))
             results[name], sigs[name] = (s, mb, CPU[-1]), out[0]
+            if name == "scipy" and "scipy-npz" not in skip:
+                s, mb, out = in_child(lambda: scipy_npz_method(npz, d))
+                results["scipy (from .npz)"], sigs["scipy (from .npz)"] = (s, mb, CPU[-1]), out[0]
         idx_s, idx_mb, _ = in_child(lambda: saecore_mine(store, d, True))
         idx_cpu = CPU[-1]
         read_s, _, _ = in_child(lambda: read_bytes(files))
@@ -270,11 +304,16 @@ def main() -> None:
             key = "saecore" if name.startswith("saecore") else name
             agree = np.allclose(sigs[key], ref, rtol=1e-5)
             print(f"{name:<20}{sec:>10.3f}{n / sec:>14,.0f}{sec / base:>11.1f}{cpu:>9.2f}{cpu / base_cpu:>8.1f}{mb:>10.0f}  {'yes' if agree else 'NO'}")
-        best = min((v[0], k) for k, v in results.items() if not k.startswith("saecore")) if len(results) > 1 else None
-        if best:
-            print(f"\nsaecore vs best baseline ({best[1]}): {best[0] / base:.1f}x faster")
+        in_ram = [(v[0], k) for k, v in results.items() if not k.startswith("saecore") and "npz" not in k]
+        if in_ram:
+            best = min(in_ram)
+            print(f"\nsaecore vs best baseline ({best[1]}, data already decoded in RAM): {best[0] / base:.1f}x faster")
+        if "scipy (from .npz)" in results:
+            print(f"saecore vs SciPy from its own compressed file (same starting point): {results['scipy (from .npz)'][0] / base:.1f}x faster")
         print(f"full index (2 passes: + histograms, quantile samples): {idx_s:.3f} s ({idx_cpu:.2f} CPU s), peak {idx_mb:.0f} MB")
-        print(f"\nbandwidth bound: read the store's {store_bytes / 2**20:.1f} MiB: {read_s:.3f} s ({store_bytes / read_s / 2**30:.2f} GiB/s)")
+        print(f"\nbandwidth bound: read the store's {store_bytes / 2**20:.1f} MiB from the page cache: {read_s:.3f} s "
+              f"({store_bytes / read_s / 2**30:.2f} GiB/s); from the disk: {cold_s:.3f} s ({store_bytes / cold_s / 2**30:.2f} GiB/s)")
+        print(f"saecore pass 1 from a cold cache: {cold_mine_s:.3f} s = {cold_mine_s / cold_s:.2f}x the disk read")
         print(f"read + CRC + zstd decode of every shard (all cores): {dec_s:.3f} s ({dec_cpu:.2f} CPU s)")
         print(f"load average while running: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"saecore pass 1 = {base / read_s:.1f}x the read time, {base / dec_s:.2f}x the decode time "
@@ -285,7 +324,8 @@ def main() -> None:
         import pyarrow.parquet as pq
         import scipy.sparse as sp
 
-        sp.save_npz(tmp / "m.npz", sp.csr_matrix((value.astype(np.float16), feature, row_ptr), shape=(n, d)), compressed=True)
+        if not npz.exists():
+            sp.save_npz(npz, sp.csr_matrix((value.astype(np.float16), feature, row_ptr), shape=(n, d)), compressed=True)
         rows = np.repeat(np.arange(n, dtype=np.uint32), np.diff(row_ptr))
         pq.write_table(pa.table({"row": rows, "feature": feature.astype(np.uint32), "value": pa.array(value.astype(np.float16))}),
                        tmp / "m.parquet", compression="zstd")

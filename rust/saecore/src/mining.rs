@@ -17,8 +17,10 @@
 //! Bin rule (histograms, sample bins, density histogram): a value `x` with edges `e[0..=n]` falls in
 //! the largest bin `j < n` with `e[j] <= x`; the edges are part of the output.
 //!
-//! Both passes regroup each decoded shard feature-major (`ByFeature`) and fold one feature's run at
-//! a time, so the feature's state stays in cache instead of costing a miss per activation.
+//! Pass 1 folds each decoded shard row by row into 16-byte per-feature statistics that stay in L2
+//! (the top-k buffers are touched only by the few activations that beat a feature's threshold).
+//! Pass 2's per-feature state (edges, counts, reservoir thresholds) is too large for that, so it
+//! regroups each shard feature-major (`ByFeature`) and folds one feature's run at a time.
 //!
 //! Memory: `threads × (2 × one decoded shard + d_sae × (48 + 32·k + 8·hist_bins + sample_bins·(16 + 24·s)) bytes)`,
 //! never proportional to the number of tokens.
@@ -105,33 +107,19 @@ pub fn sample_key(seed: u64, feature: u32, row: u64) -> u64 {
     mix64(mix64(seed ^ u64::from(feature)) ^ row)
 }
 
-/// `true` when example `(va, ra)` ranks above `(vb, rb)`: larger value, then smaller row.
-#[inline]
-fn ranks_above(va: f32, ra: u64, vb: f32, rb: u64) -> bool {
-    va > vb || (va == vb && ra < rb)
-}
-
-/// Per-feature running statistics plus the admission threshold of its top-k heap.
+/// The per-activation statistics of a feature: 16 bytes, aligned so one activation touches one
+/// cache line, and 16,384 features' worth (256 KiB) stays in a core's L2 while a shard streams
+/// past. Everything touched only by top-k candidates lives in separate arrays.
 #[derive(Clone, Copy, Debug)]
-struct FeatureAcc {
+#[repr(C, align(16))]
+struct HotStats {
     sum: f64,
-    count: u64,
-    worst_row: u64,
-    max: f32,
+    /// Activations since the last flush into `Pass1::flushed_count` (fits: see `add_shard`).
+    count: u32,
     min: f32,
-    worst_value: f32,
-    len: u32,
 }
 
-const EMPTY_ACC: FeatureAcc = FeatureAcc {
-    sum: 0.0,
-    count: 0,
-    worst_row: 0,
-    max: f32::NEG_INFINITY,
-    min: f32::INFINITY,
-    worst_value: f32::NEG_INFINITY,
-    len: 0,
-};
+const EMPTY_HOT: HotStats = HotStats { sum: 0.0, count: 0, min: f32::INFINITY };
 
 #[derive(Clone, Copy, Debug, Default)]
 struct Example {
@@ -139,116 +127,194 @@ struct Example {
     row: u64,
 }
 
+/// An example packed into one integer that orders by rank: the value's bits (a non-negative
+/// `f32` orders like its bit pattern) above the complemented row, so a larger value ranks higher
+/// and, between equal values, the smaller row. Selection then runs on plain integer compares.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct RankKey(u128);
+
+impl RankKey {
+    #[inline]
+    fn new(value: f32, row: u64) -> Self {
+        RankKey((u128::from(value.to_bits()) << 64) | u128::from(!row))
+    }
+
+    #[inline]
+    fn value(self) -> f32 {
+        f32::from_bits((self.0 >> 64) as u32)
+    }
+
+    fn example(self) -> Example {
+        Example { value: self.value(), row: !(self.0 as u64) }
+    }
+}
+
 /// Pass-1 accumulator: statistics plus, per feature, an unsorted buffer of candidate examples.
 ///
 /// Candidates are appended (one cache line touched) until the buffer holds `2k`; then a selection
 /// keeps the best `k` and their worst becomes the admission threshold. That is amortised O(1) per
-/// candidate instead of a heap's O(log k) dependent memory accesses.
+/// candidate instead of a heap's O(log k) dependent memory accesses, and after the first few
+/// thousand rows almost every activation is rejected by one compare against the threshold.
+/// A feature's max is its best example's value (tracked separately only when `k == 0`).
 struct Pass1 {
     k: usize,
     cap: usize,
-    acc: Vec<FeatureAcc>,
-    buf: Vec<Example>,
-    by_feature: ByFeature,
+    hot: Vec<HotStats>,
+    flushed_count: Vec<u64>,
+    rows_since_flush: u64,
+    /// Per-feature max, kept only when `k == 0` (otherwise the top example has it).
+    max_without_top: Vec<f32>,
+    /// Value of the worst kept example once a buffer was compacted (`-inf` before).
+    threshold: Vec<f32>,
+    /// The full threshold (value and row), read only to settle a tie with `threshold`.
+    worst: Vec<RankKey>,
+    len: Vec<u32>,
+    buf: Vec<RankKey>,
 }
 
 impl Pass1 {
     fn new(d: usize, k: usize) -> Self {
         let cap = if k == 0 { 0 } else { 2 * k };
-        Pass1 { k, cap, acc: vec![EMPTY_ACC; d], buf: vec![Example::default(); d * cap], by_feature: ByFeature::default() }
+        Pass1 {
+            k,
+            cap,
+            hot: vec![EMPTY_HOT; d],
+            flushed_count: vec![0; d],
+            rows_since_flush: 0,
+            max_without_top: if k == 0 { vec![f32::NEG_INFINITY; d] } else { Vec::new() },
+            threshold: vec![f32::NEG_INFINITY; d],
+            worst: vec![RankKey(0); d],
+            len: vec![0; d],
+            buf: vec![RankKey(0); d * cap],
+        }
+    }
+
+    fn d(&self) -> usize {
+        self.hot.len()
+    }
+
+    fn count(&self, f: usize) -> u64 {
+        self.flushed_count[f] + u64::from(self.hot[f].count)
+    }
+
+    fn sum(&self, f: usize) -> f64 {
+        self.hot[f].sum
+    }
+
+    fn min(&self, f: usize) -> f32 {
+        self.hot[f].min
+    }
+
+    fn max(&self, f: usize) -> f32 {
+        if self.k == 0 {
+            return self.max_without_top[f];
+        }
+        let kept = &self.buf[f * self.cap..f * self.cap + self.len[f] as usize];
+        kept.iter().map(|key| key.value()).fold(f32::NEG_INFINITY, f32::max)
     }
 
     #[cfg(test)]
     fn add(&mut self, f: usize, value: f32, row: u64) {
-        let a = &mut self.acc[f];
-        a.count += 1;
-        a.sum += f64::from(value);
-        a.max = a.max.max(value);
-        a.min = a.min.min(value);
-        self.offer(f, Example { value, row });
+        let h = &mut self.hot[f];
+        h.count += 1;
+        h.sum += f64::from(value);
+        h.min = h.min.min(value);
+        if self.k == 0 {
+            self.max_without_top[f] = self.max_without_top[f].max(value);
+        }
+        self.offer(f, RankKey::new(value, row));
     }
 
-    /// Consider `e` for feature `f`'s top-k (the threshold is only set once a buffer was compacted).
+    /// Consider `key` for feature `f`'s top-k.
     #[inline]
-    fn offer(&mut self, f: usize, e: Example) {
+    fn offer(&mut self, f: usize, key: RankKey) {
         if self.k == 0 {
             return;
         }
-        let a = &mut self.acc[f];
-        if a.worst_value != f32::NEG_INFINITY && !ranks_above(e.value, e.row, a.worst_value, a.worst_row) {
+        let (t, v) = (self.threshold[f], key.value());
+        if v < t || (v == t && key <= self.worst[f]) {
             return;
         }
-        let len = a.len as usize;
-        self.buf[f * self.cap + len] = e;
-        a.len += 1;
-        if a.len as usize == self.cap {
+        let len = self.len[f] as usize;
+        self.buf[f * self.cap + len] = key;
+        self.len[f] += 1;
+        if len + 1 == self.cap {
             self.compact(f);
         }
     }
 
     /// Keep the best `k` of a full buffer; their worst becomes the admission threshold.
+    #[cold]
     fn compact(&mut self, f: usize) {
         let k = self.k;
         let buf = &mut self.buf[f * self.cap..(f + 1) * self.cap];
-        buf.select_nth_unstable_by(k - 1, |x, y| y.value.total_cmp(&x.value).then(x.row.cmp(&y.row)));
-        let a = &mut self.acc[f];
-        a.worst_value = buf[k - 1].value;
-        a.worst_row = buf[k - 1].row;
-        a.len = k as u32;
+        buf.select_nth_unstable_by(k - 1, |x, y| y.cmp(x));
+        let worst = buf[k - 1];
+        self.worst[f] = worst;
+        self.threshold[f] = worst.value();
+        self.len[f] = k as u32;
     }
 
     /// The best `k` examples of feature `f`, best first.
     fn best(&self, f: usize) -> Vec<Example> {
-        let mut examples = self.buf[f * self.cap..f * self.cap + self.acc[f].len as usize].to_vec();
-        examples.sort_by(|x, y| y.value.total_cmp(&x.value).then(x.row.cmp(&y.row)));
-        examples.truncate(self.k);
-        examples
+        let mut keys = self.buf[f * self.cap..f * self.cap + self.len[f] as usize].to_vec();
+        keys.sort_unstable_by(|x, y| y.cmp(x));
+        keys.truncate(self.k);
+        keys.into_iter().map(RankKey::example).collect()
     }
 
-    /// Fold one feature's activations of a shard (rows ascending): the feature's statistics and
-    /// candidate buffer stay in L1 for the whole run instead of one cache miss per activation.
-    fn add_feature(&mut self, f: usize, row_start: u64, run: &[(u32, f32)]) {
-        let a = &mut self.acc[f];
-        let (mut sum, mut max, mut min) = (a.sum, a.max, a.min);
-        for &(_, v) in run {
-            sum += f64::from(v);
-            max = max.max(v);
-            min = min.min(v);
+    /// Move the `u32` hot counts into the `u64` totals.
+    fn flush_counts(&mut self) {
+        for (total, h) in self.flushed_count.iter_mut().zip(&mut self.hot) {
+            *total += u64::from(h.count);
+            h.count = 0;
         }
-        (a.sum, a.max, a.min) = (sum, max, min);
-        a.count += run.len() as u64;
-        if self.k == 0 {
-            return;
-        }
-        // Most activations fall below the feature's current k-th best: reject them with one
-        // compare against a threshold kept in registers, before touching the buffer.
-        let (mut worst_value, mut worst_row) = (self.acc[f].worst_value, self.acc[f].worst_row);
-        for &(r, value) in run {
-            let row = row_start + u64::from(r);
-            if value < worst_value || (value == worst_value && row > worst_row) {
-                continue;
-            }
-            self.offer(f, Example { value, row });
-            (worst_value, worst_row) = (self.acc[f].worst_value, self.acc[f].worst_row);
-        }
+        self.rows_since_flush = 0;
     }
 
+    /// Fold a shard row by row, straight into the per-feature statistics: they fit in L2, so
+    /// this beats regrouping the shard by feature (which writes and re-reads every activation).
+    /// Each feature still sees its activations in row order, so sums are added in the same order.
     fn add_shard(&mut self, shard: &Shard) {
-        let mut by = std::mem::take(&mut self.by_feature);
-        by.fill(shard, self.acc.len());
-        by.for_each(|f, run| self.add_feature(f, shard.row_start, run));
-        self.by_feature = by;
+        // A feature fires at most once per row, so a hot count cannot pass the rows seen since
+        // the last flush; flushing before that could exceed u32 keeps the counts exact.
+        let rows = shard.rows() as u64;
+        if self.rows_since_flush + rows > u64::from(u32::MAX) {
+            self.flush_counts();
+        }
+        self.rows_since_flush += rows;
+        let (row_ptr, feature, value) = (&shard.row_ptr, &shard.feature, &shard.value);
+        for r in 0..shard.rows() {
+            let row = shard.row_start + r as u64;
+            let (lo, hi) = (row_ptr[r] as usize, row_ptr[r + 1] as usize);
+            for (&f, &v) in feature[lo..hi].iter().zip(&value[lo..hi]) {
+                let f = f as usize;
+                let h = &mut self.hot[f];
+                h.sum += f64::from(v);
+                h.count += 1;
+                h.min = h.min.min(v);
+                if self.k == 0 {
+                    self.max_without_top[f] = self.max_without_top[f].max(v);
+                } else if v >= self.threshold[f] {
+                    // Values are finite, so `>=` passes exactly the candidates that can tie or
+                    // beat the threshold; `offer` settles ties by row.
+                    self.offer(f, RankKey::new(v, row));
+                }
+            }
+        }
     }
 
     fn merge(&mut self, other: Pass1) {
-        for f in 0..self.acc.len() {
-            let b = other.acc[f];
-            let a = &mut self.acc[f];
-            a.count += b.count;
+        for f in 0..self.d() {
+            let b = other.hot[f];
+            self.flushed_count[f] += other.flushed_count[f] + u64::from(b.count);
+            let a = &mut self.hot[f];
             a.sum += b.sum;
-            a.max = a.max.max(b.max);
             a.min = a.min.min(b.min);
-            for i in 0..b.len as usize {
+            if self.k == 0 {
+                self.max_without_top[f] = self.max_without_top[f].max(other.max_without_top[f]);
+            }
+            for i in 0..other.len[f] as usize {
                 self.offer(f, other.buf[f * other.cap + i]);
             }
         }
@@ -283,47 +349,56 @@ struct Edges {
     sample_bins: usize,
     hist: Vec<f32>,
     sample: Vec<f32>,
-    ln_min: Vec<f64>,
+    /// `fast_log2` of the feature's min: with `hist_scale`, a first guess of a value's bin.
+    log2_min: Vec<f32>,
     hist_scale: Vec<f64>,
     sample_scale: Vec<f64>,
 }
 
 impl Edges {
     fn new(pass1: &Pass1, hist_bins: usize, sample_bins: usize) -> Self {
-        let d = pass1.acc.len();
+        let d = pass1.d();
         let (hb, sb) = (hist_bins, sample_bins);
         let mut e = Edges {
             hist_bins: hb,
             sample_bins: sb,
             hist: vec![0.0; d * (hb + 1)],
             sample: vec![0.0; d * (sb + 1)],
-            ln_min: vec![0.0; d],
+            log2_min: vec![0.0; d],
             hist_scale: vec![0.0; d],
             sample_scale: vec![0.0; d],
         };
-        for (f, a) in pass1.acc.iter().enumerate() {
-            if a.count == 0 {
+        for f in 0..d {
+            if pass1.count(f) == 0 {
                 continue;
             }
-            let (lo, hi) = (f64::from(a.min), f64::from(a.max));
+            let (min, max) = (pass1.min(f), pass1.max(f));
+            let (lo, hi) = (f64::from(min), f64::from(max));
             let ratio = hi / lo;
             let hist = &mut e.hist[f * (hb + 1)..(f + 1) * (hb + 1)];
             for (j, edge) in hist.iter_mut().enumerate() {
                 *edge = (lo * ratio.powf(j as f64 / hb as f64)) as f32;
             }
-            hist[0] = a.min;
-            hist[hb] = a.max;
+            hist[0] = min;
+            hist[hb] = max;
             let sample = &mut e.sample[f * (sb + 1)..(f + 1) * (sb + 1)];
             for (b, edge) in sample.iter_mut().enumerate() {
                 *edge = (hi * b as f64 / sb as f64) as f32;
             }
-            sample[sb] = a.max;
-            e.ln_min[f] = lo.ln();
-            e.hist_scale[f] = if hi > lo { hb as f64 / (hi.ln() - lo.ln()) } else { 0.0 };
+            sample[sb] = max;
+            e.log2_min[f] = fast_log2(min);
+            e.hist_scale[f] = if hi > lo { hb as f64 / (hi.log2() - lo.log2()) } else { 0.0 };
             e.sample_scale[f] = sb as f64 / hi;
         }
         e
     }
+}
+
+/// log2 of a positive finite `x` to within 0.09, read off its bits (exponent plus mantissa as a
+/// linear fraction): only a first guess of a histogram bin, which `locate` then corrects.
+#[inline]
+fn fast_log2(x: f32) -> f32 {
+    x.to_bits() as f32 * (1.0 / (1u32 << 23) as f32) - 127.0
 }
 
 /// The largest `j < n` with `edges[j] <= x`, starting the search from the estimate `guess`.
@@ -406,18 +481,24 @@ impl<'a> Pass2<'a> {
         let (hb, sb) = (e.hist_bins, e.sample_bins);
         if hb > 0 {
             let edges = &e.hist[f * (hb + 1)..(f + 1) * (hb + 1)];
-            let (ln_min, scale) = (e.ln_min[f], e.hist_scale[f]);
+            let (log2_min, scale) = (e.log2_min[f], e.hist_scale[f]);
             let counts = &mut self.hist[f * hb..(f + 1) * hb];
             for &(_, v) in run {
-                counts[locate(edges, v, (f64::from(v).ln() - ln_min) * scale)] += 1;
+                counts[locate(edges, v, f64::from(fast_log2(v) - log2_min) * scale)] += 1;
             }
         }
         if sb > 0 && self.s > 0 {
             let (scale, seed_mix) = (e.sample_scale[f], self.seed_mix[f]);
+            let sample_edges = &e.sample[f * (sb + 1)..(f + 1) * (sb + 1)];
             for &(r, value) in run {
-                let b = locate(&e.sample[f * (sb + 1)..(f + 1) * (sb + 1)], value, f64::from(value) * scale);
+                let slot = f * sb + locate(sample_edges, value, f64::from(value) * scale);
                 let row = row_start + u64::from(r);
-                self.offer(f * sb + b, Drawn { key: mix64(seed_mix ^ row), row, value });
+                let key = mix64(seed_mix ^ row);
+                // Nearly every activation of a busy bin loses to the bin's s smallest keys: reject
+                // it here, without a call, on the compact array of each slot's largest kept key.
+                if key <= self.slot_worst[slot] {
+                    self.offer(slot, Drawn { key, row, value });
+                }
             }
         }
     }
@@ -576,13 +657,14 @@ fn mine_inner(store: &FeatureStore, o: &MineOptions, progress: &AtomicU64) -> Re
 
 fn pass1_result(store: &FeatureStore, p: &Pass1, k: usize) -> MineResult {
     let mut r = MineResult { n_rows: store.n_rows(), d_sae: store.d_sae(), ..Default::default() };
-    let fired = |a: &FeatureAcc, x: f32| if a.count > 0 { x } else { 0.0 };
-    r.count = p.acc.iter().map(|a| a.count).collect();
-    r.sum = p.acc.iter().map(|a| a.sum).collect();
-    r.max = p.acc.iter().map(|a| fired(a, a.max)).collect();
-    r.min = p.acc.iter().map(|a| fired(a, a.min)).collect();
+    let d = p.d();
+    let fired = |f: usize, x: f32| if p.count(f) > 0 { x } else { 0.0 };
+    r.count = (0..d).map(|f| p.count(f)).collect();
+    r.sum = (0..d).map(|f| p.sum(f)).collect();
+    r.max = (0..d).map(|f| fired(f, p.max(f))).collect();
+    r.min = (0..d).map(|f| fired(f, p.min(f))).collect();
     let _ = k;
-    for f in 0..p.acc.len() {
+    for f in 0..d {
         for (rank, e) in p.best(f).iter().enumerate() {
             r.top_feature.push(f as u32);
             r.top_rank.push(rank as u16);

@@ -129,12 +129,20 @@ impl FeatureStore {
         let what = |array: &str| format!("{name} array {array}");
         out.row_start = entry.row_start;
         decode_verified_into(&path("row_ptr"), entry.row_ptr, &what("row_ptr"), rows + 1, scratch, &mut out.row_ptr, u64::from_le_bytes)?;
-        out.feature.clear();
-        out.value.clear();
-        if let (Some(f), Some(v)) = (entry.feature, entry.value) {
-            decode_verified_into(&path("feature"), f, &what("feature"), nnz, scratch, &mut out.feature, u32::from_le_bytes)?;
-            if with_values {
-                decode_values_into(&path("value"), v, &what("value"), nnz, self.manifest.value_dtype, scratch, &mut out.value)?;
+        // The decoders overwrite `out`'s buffers in place (clearing them first would re-zero
+        // them for every shard); they are only emptied when this shard has nothing to decode.
+        match (entry.feature, entry.value) {
+            (Some(f), Some(v)) => {
+                decode_verified_into(&path("feature"), f, &what("feature"), nnz, scratch, &mut out.feature, u32::from_le_bytes)?;
+                if with_values {
+                    decode_values_into(&path("value"), v, &what("value"), nnz, self.manifest.value_dtype, scratch, &mut out.value)?;
+                } else {
+                    out.value.clear();
+                }
+            }
+            _ => {
+                out.feature.clear();
+                out.value.clear();
             }
         }
         check_shard(&name, &out.row_ptr, &out.feature, self.manifest.d_sae, nnz)

@@ -415,17 +415,24 @@ pub fn decode_verified_into<T, const E: usize>(
     }
     check_entry(&scratch.raw, path, expected, what)?;
     // One spare byte: a stream that decodes to more than expected then shows up as a length error.
-    scratch.plain.resize(n * E + 1, 0);
-    let written = zstd::bulk::decompress_to_buffer(&scratch.raw, &mut scratch.plain[..])
+    // The buffer only ever grows (shrinking and regrowing would zero it again for every array).
+    if scratch.plain.len() < n * E + 1 {
+        scratch.plain.resize(n * E + 1, 0);
+    }
+    let written = zstd::bulk::decompress_to_buffer(&scratch.raw, &mut scratch.plain[..n * E + 1])
         .map_err(|e| Error::Corrupt(format!("{what}: zstd stream does not decode ({e})")))?;
     if written != n * E {
         return Err(Error::Corrupt(format!("{what}: decodes to {written} bytes, expected {}", n * E)));
     }
-    out.clear();
-    out.reserve(n);
-    // Byte planes as slices of exactly `n`, so the gather below has no bounds checks and inlines.
+    // Byte planes as slices of exactly `n` and an output slice of exactly `n`: the gather below
+    // has no bounds checks or capacity checks left, so it compiles to a vectorised byte interleave.
     let planes: [&[u8]; E] = std::array::from_fn(|j| &scratch.plain[j * n..(j + 1) * n]);
-    out.extend((0..n).map(|i| from_le(std::array::from_fn(|j| planes[j][i]))));
+    // Every element is overwritten below, so only growth needs filling.
+    out.truncate(n);
+    out.resize_with(n, || from_le([0; E]));
+    for (i, slot) in out.iter_mut().enumerate() {
+        *slot = from_le(std::array::from_fn(|j| planes[j][i]));
+    }
     Ok(())
 }
 
@@ -446,7 +453,7 @@ pub fn decode_values_into(
             let mut halves = std::mem::take(&mut scratch.halves);
             let result = decode_verified_into(path, expected, what, n, scratch, &mut halves, u16::from_le_bytes);
             if result.is_ok() {
-                out.clear();
+                out.truncate(n);
                 out.resize(n, 0.0);
                 halves.reinterpret_cast::<half::f16>().convert_to_f32_slice(out);
             }
