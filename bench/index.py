@@ -33,8 +33,9 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -247,11 +248,10 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     # Import every library before timing anything: children are forked, so no method pays for an
     # import (saecore's pulls in zarr). Nothing here starts a thread pool before the fork.
-    import pyarrow.compute  # noqa: F401
+    import pyarrow.compute
+    import saecore._native  # noqa: F401
     import scipy.sparse  # noqa: F401
     import torch  # noqa: F401
-
-    import saecore._native  # noqa: F401
 
     t0 = time.perf_counter()
     row_ptr, feature, value = synth(n, d, args.nnz)

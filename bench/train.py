@@ -56,7 +56,12 @@ def saecore_runner(sae: SAE, arch: str, d_sae: int):
 
 
 def saelens_runner(arch: str, d_in: int, d_sae: int, k: int, weights: SAE):
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens import (
+        StandardTrainingSAE,
+        StandardTrainingSAEConfig,
+        TopKTrainingSAE,
+        TopKTrainingSAEConfig,
+    )
     from sae_lens.saes.sae import TrainStepInput
 
     if arch == "relu":

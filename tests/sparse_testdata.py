@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from saecore.features import dense_to_csr, open_writer
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from saecore.encode import encode
 from saecore.features import FeatureStore
 from saecore.sae import SAE, SAEConfig

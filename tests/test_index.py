@@ -11,10 +11,9 @@ import sys
 import numpy as np
 import pyarrow as pa
 import pytest
+import saecore
 import torch
 from conftest import TINY_HOOK
-
-import saecore
 from saecore.encode import encode
 from saecore.index import FeatureIndex, index
 from saecore.sae import SAE, SAEConfig
@@ -131,7 +130,7 @@ def _pipeline(store, hook: str, tmp_path, d_sae: int, k: int, steps_tokens: int)
 
     cfg = TrainConfig(architecture="topk", d_sae=d_sae, k=k, batch_size=256, lr=3e-3, num_tokens=steps_tokens, hook=hook,
                       progress=False, shuffle_buffer_rows=2048, dead_window_tokens=1024)
-    sae = train(store, tmp_path / "saes" / "sae", cfg)
+    train(store, tmp_path / "saes" / "sae", cfg)
     encode(store, tmp_path / "saes" / "sae", tmp_path / "features" / "sae.zarr", batch_rows=256, shard_rows=512, progress=False)
     idx = index(tmp_path / "features" / "sae.zarr", tmp_path / "index" / "sae", k=4, progress=False)
     return SAE.load(tmp_path / "saes" / "sae"), idx

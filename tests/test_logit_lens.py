@@ -12,7 +12,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from saecore import models
-from saecore.logit_lens import final_norm_gain, iter_logit_lens, lens_scores, read_logit_lens, write_logit_lens
+from saecore.logit_lens import (
+    final_norm_gain,
+    iter_logit_lens,
+    lens_scores,
+    read_logit_lens,
+    write_logit_lens,
+)
 
 torch.set_num_threads(2)
 

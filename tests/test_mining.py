@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sparse_testdata import bin_of, mix64, random_dense, stored, write_store
-
 from saecore import _native
+from sparse_testdata import bin_of, mix64, random_dense, stored, write_store
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -128,7 +127,7 @@ def test_quantile_samples_cover_every_activation_level(tmp_path):
     f0 = r["sample_feature"] == 0
     assert np.array_equal(np.bincount(r["sample_bin"][f0], minlength=10), [7] * 10)
     edges = r["sample_edges"].reshape(2, 11)[0]
-    assert np.all((r["sample_value"][f0] >= edges[r["sample_bin"][f0]]))
+    assert np.all(r["sample_value"][f0] >= edges[r["sample_bin"][f0]])
     f1 = r["sample_feature"] == 1
     assert r["sample_bin"][f1].tolist() == [9] * 7
     assert r["top_row"][r["top_feature"] == 1].tolist() == [0, 1, 2]  # all tied: smallest rows win

@@ -32,3 +32,11 @@ def test_every_verb_describes_its_options():
         text = build_parser(verb).format_help()
         assert f"saecore {verb}" in text and help_ in text, verb
         assert "--" in text, f"{verb} documents no options"
+
+
+def test_type_stubs_match_the_native_module():
+    """_native.pyi is written by hand; stubtest compares it with the compiled module's signatures."""
+    run = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "saecore._native"], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stdout + run.stderr

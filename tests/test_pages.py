@@ -18,7 +18,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-from pages_testdata import BRIDGE, DEAD, N_FEATURES, OTHER, SAE, WORDS, make_run, word_tokenizer
+from pages_testdata import (
+    BRIDGE,
+    DEAD,
+    N_FEATURES,
+    OTHER,
+    SAE,
+    WORDS,
+    make_run,
+    word_tokenizer,
+)
 from saecore import CorruptDataError, pages
 from saecore.pages import build_pages, feature_href, make_server
 

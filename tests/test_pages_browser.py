@@ -13,7 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pages_testdata import BRIDGE, DEAD, N_FEATURES, OTHER, SAE, make_run, word_tokenizer
+from pages_testdata import (
+    BRIDGE,
+    DEAD,
+    N_FEATURES,
+    OTHER,
+    SAE,
+    make_run,
+    word_tokenizer,
+)
 from saecore.pages import build_pages, feature_href
 
 ARTIFACTS = Path(__file__).parent / "artifacts"

@@ -42,7 +42,14 @@ def test_saelens_loads_saecore_checkpoints_with_equal_encodings(tmp_path, arch):
 
 
 def _saelens_sae(kind: str):
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
 
     torch.manual_seed(0)
     if kind == "standard":

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import saecore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sparse_testdata import random_dense, stored, write_store
-
-import saecore
 from saecore import _native
 from saecore.features import FeatureStore, build_csc, dense_to_csr, open_writer
+from sparse_testdata import random_dense, stored, write_store
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

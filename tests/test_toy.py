@@ -6,7 +6,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from saecore.toy import ToyConfig, mean_max_cosine, sample, true_directions, write_toy_store
+from saecore.toy import (
+    ToyConfig,
+    mean_max_cosine,
+    sample,
+    true_directions,
+    write_toy_store,
+)
 from saecore.train import TrainConfig, train
 
 # Easy: 64 directions in 32 dimensions, ~3 active per row, little noise; 128 latents.

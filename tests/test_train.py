@@ -16,7 +16,14 @@ from saecore.activations import ActivationStore
 from saecore.errors import StoreError
 from saecore.sae import SAE
 from saecore.toy import ToyConfig, write_toy_store
-from saecore.train import STATE_FILENAME, ConfigMismatchError, ShuffledBatches, TrainConfig, Trainer, train
+from saecore.train import (
+    STATE_FILENAME,
+    ConfigMismatchError,
+    ShuffledBatches,
+    TrainConfig,
+    Trainer,
+    train,
+)
 
 TOY = ToyConfig(n_features=32, d=16, mean_active=2, noise=0.01, seed=1)
 

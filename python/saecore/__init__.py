@@ -22,7 +22,7 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):  # noqa: ANN202 - lazy attributes keep `import saecore` light (no torch)
+def __getattr__(name: str):  # lazy attributes keep `import saecore` light (no torch)
     lazy = {
         "harvest": ("saecore.harvest", "harvest"),
         "train": ("saecore.train", "train"),

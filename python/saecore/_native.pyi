@@ -1,6 +1,23 @@
 """Type stubs of the Rust extension module saecore._native (kept in step by hand; checked by stubtest)."""
 
+from typing import final
+
 import numpy
+from typing_extensions import Self
+
+__all__ = [
+    "CorruptDataError",
+    "FeatureStoreReader",
+    "FeatureStoreWriter",
+    "Progress",
+    "__version__",
+    "build_csc",
+    "density_histogram",
+    "mine",
+    "neighbours_threshold",
+    "neighbours_top_k",
+    "num_threads",
+]
 
 __version__: str
 
@@ -30,12 +47,13 @@ def neighbours_threshold(
     """All pairs with cosine >= threshold: (rows u32, cols u32, cosines f32), by row, cosine desc, col."""
 
 # --- sparse feature store and mining (index helper) ---
+@final
 class FeatureStoreWriter:
     """Appends CSR batches to a feature store (creates it, or resumes after its last committed shard)."""
 
-    def __init__(
-        self, path: str, d_sae: int, *, value_dtype: str = "float16", shard_rows: int = 16384, spec_json: str = "{}", threads: int = 2
-    ) -> None: ...
+    def __new__(
+        cls, path: str, d_sae: int, *, value_dtype: str = "float16", shard_rows: int = 16384, spec_json: str = "{}", threads: int = 2
+    ) -> Self: ...
     @property
     def rows_at_open(self) -> int: ...
     @property
@@ -51,10 +69,11 @@ class FeatureStoreWriter:
     def close(self) -> None:
         """Stop without finishing (queued shards are committed)."""
 
+@final
 class FeatureStoreReader:
     """Read-only view of a feature store, fixed to the shards committed when it was opened."""
 
-    def __init__(self, path: str) -> None: ...
+    def __new__(cls, path: str) -> Self: ...
     @property
     def d_sae(self) -> int: ...
     @property
@@ -76,13 +95,15 @@ class FeatureStoreReader:
     def activations(self, feature: int) -> tuple[numpy.ndarray, numpy.ndarray]:
         """(rows u64, values f32) of one feature from the feature-major copy."""
 
-def build_csc(path: str, *, mem_budget_bytes: int = 1073741824, chunk_elems: int = 1048576) -> str:
-    """Build the feature-major copy of a complete store (no-op if present); returns the manifest JSON."""
+def build_csc(path: str, *, mem_budget_bytes: int = ..., chunk_elems: int = ...) -> str:
+    """Build the feature-major copy of a complete store (no-op if present); returns the manifest JSON.
+    Defaults: mem_budget_bytes 1 GiB, chunk_elems 1,048,576."""
 
+@final
 class Progress:
     """Counter of finished work units, advanced by Rust while Python polls it."""
 
-    def __init__(self) -> None: ...
+    def __new__(cls) -> Self: ...
     @property
     def value(self) -> int: ...
 

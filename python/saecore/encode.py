@@ -124,7 +124,7 @@ def _encode_rows(
     start, n = writer.rows_at_open, store.num_rows
     starts = list(range(start, n, batch_rows))
     bar = tqdm(total=n, initial=start, unit="tok", desc="encode", disable=not progress, file=sys.stderr)
-    read = lambda a: store.read(hook, a, min(a + batch_rows, n))  # noqa: E731 - tiny closure for the prefetcher
+    read = lambda a: store.read(hook, a, min(a + batch_rows, n))  # a tiny closure for the prefetcher
     with ThreadPoolExecutor(max_workers=1) as pool, torch.inference_mode():
         pending = pool.submit(read, starts[0]) if starts else None
         for i, first in enumerate(starts):

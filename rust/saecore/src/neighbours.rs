@@ -548,7 +548,7 @@ mod tests {
             for p in 0..k {
                 assert!((f64::from(cos[p]) - want_row[p].0).abs() < 1e-4, "row {r} rank {p}: {} vs {}", cos[p], want_row[p].0);
                 let gap_before = p == 0 || want_row[p - 1].0 - want_row[p].0 > 1e-4;
-                let gap_after = want_row.get(p + 1).map_or(true, |n| want_row[p].0 - n.0 > 1e-4);
+                let gap_after = want_row.get(p + 1).is_none_or(|n| want_row[p].0 - n.0 > 1e-4);
                 if gap_before && gap_after {
                     assert_eq!(idx[p], want_row[p].1, "row {r} rank {p}");
                 }

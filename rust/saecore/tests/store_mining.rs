@@ -195,7 +195,7 @@ proptest! {
                     .filter(|a| (0..sample_bins).rev().find(|&j| se[j] <= a.1).unwrap() == b)
                     .map(|a| (sample_key(seed, f as u32, a.0), a.0, a.1))
                     .collect();
-                members.sort_by(|x, y| (x.0, x.1).cmp(&(y.0, y.1)));
+                members.sort_by_key(|x| (x.0, x.1));
                 members.truncate(samples_per_bin);
                 members.sort_by(|x, y| y.2.total_cmp(&x.2).then(x.1.cmp(&y.1)));
                 for m in members {
@@ -221,7 +221,7 @@ proptest! {
 
 fn sample_data(n: usize, d: u32) -> Data {
     let rows = (0..n)
-        .map(|r| (0..d).filter(|f| (r as u32 * 7 + f * 3) % 5 == 0).map(|f| (f, 0.25 * (1 + (r + f as usize) % 9) as f32)).collect())
+        .map(|r| (0..d).filter(|f| (r as u32 * 7 + f * 3).is_multiple_of(5)).map(|f| (f, 0.25 * (1 + (r + f as usize) % 9) as f32)).collect())
         .collect();
     Data { d_sae: d, rows }
 }

@@ -6,9 +6,9 @@
 //!    ascending because shards are visited in row order).
 //! 3. Finished elements stream into fixed-size chunks that are compressed in parallel.
 //!
-//! Peak memory ≈ `mem_budget_bytes` (12 bytes per buffered activation) + 2 × threads decoded shards
-//! + one output chunk per thread — unless a single feature alone exceeds the budget, in which case
-//! its block holds that feature's activations.
+//! Peak memory ≈ `mem_budget_bytes` (12 bytes per buffered activation) plus 2 × threads decoded
+//! shards plus one output chunk per thread — unless a single feature alone exceeds the budget, in
+//! which case its block holds that feature's activations.
 
 use std::fs;
 use std::path::Path;

@@ -290,7 +290,7 @@ impl ShardWriter {
 
     fn last_shard_is_partial(&self) -> bool {
         self.buf.rows() == 0
-            && self.rows_written % self.options.shard_rows != 0
+            && !self.rows_written.is_multiple_of(self.options.shard_rows)
             && self.rows_written == self.rows_at_open
     }
 
