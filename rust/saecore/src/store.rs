@@ -157,7 +157,11 @@ impl FeatureStore {
     pub fn verify(&self) -> Result<()> {
         crate::parallel::install(|| {
             use rayon::prelude::*;
-            (0..self.num_shards()).into_par_iter().try_for_each(|i| self.read_shard(i).map(drop))
+            // Buffers reused per worker, as mining does, so this times reading and decoding only.
+            (0..self.num_shards()).into_par_iter().try_for_each_init(
+                || (Scratch::default(), Shard::default()),
+                |(scratch, shard), i| self.read_shard_into(i, true, scratch, shard),
+            )
         })?;
         if self.manifest.csc.is_some() {
             csc::verify(self)?;
