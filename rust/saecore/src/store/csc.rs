@@ -160,33 +160,79 @@ pub fn plan_blocks(counts: &[u64], budget: u64) -> Vec<(usize, usize)> {
 }
 
 /// One pass over all shards gathering the activations of features `f0..f1` in CSC order.
+///
+/// The block's feature range is cut into one part per thread with about equal activation counts;
+/// each part's rows and values are a contiguous slice of the output, so every thread scatters
+/// its own features from the shared decoded shards into memory no other thread touches. Shards
+/// are scattered in row order, so each column stays sorted.
 fn fill_block(store: &FeatureStore, f0: usize, f1: usize, col_ptr: &[u64]) -> Result<(Vec<u64>, Vec<f32>)> {
     let base = col_ptr[f0];
     let n = (col_ptr[f1] - base) as usize;
     let mut rows = vec![0u64; n];
     let mut values = vec![0f32; n];
-    let mut cursor: Vec<usize> = col_ptr[f0..f1].iter().map(|&p| (p - base) as usize).collect();
-    // Decode a few shards in parallel, then scatter them in row order so each column stays sorted.
-    let group = 2 * rayon::current_num_threads();
+    let threads = rayon::current_num_threads();
+    let mut parts = split_features(&col_ptr[f0..=f1], threads)
+        .into_iter()
+        .map(|(a, b)| (f0 + a, f0 + b))
+        .collect::<Vec<_>>();
+    parts.retain(|&(a, b)| a < b);
+    let mut targets = Vec::with_capacity(parts.len());
+    let (mut rows_rest, mut values_rest) = (rows.as_mut_slice(), values.as_mut_slice());
+    for &(a, b) in &parts {
+        let len = (col_ptr[b] - col_ptr[a]) as usize;
+        let (r, rr) = std::mem::take(&mut rows_rest).split_at_mut(len);
+        let (v, vr) = std::mem::take(&mut values_rest).split_at_mut(len);
+        (rows_rest, values_rest) = (rr, vr);
+        let cursor: Vec<usize> = col_ptr[a..b].iter().map(|&p| (p - col_ptr[a]) as usize).collect();
+        targets.push(Part { first: a, end: b, rows: r, values: v, cursor });
+    }
+    let group = 2 * threads;
     let indices: Vec<usize> = (0..store.num_shards()).collect();
     for batch in indices.chunks(group) {
         let shards: Vec<Shard> = batch.par_iter().map(|&i| store.read_shard(i)).collect::<Result<_>>()?;
-        for shard in &shards {
-            for r in 0..shard.rows() {
-                let row = shard.row_start + r as u64;
-                for j in shard.row_ptr[r] as usize..shard.row_ptr[r + 1] as usize {
-                    let f = shard.feature[j] as usize;
-                    if f >= f0 && f < f1 {
-                        let slot = &mut cursor[f - f0];
-                        rows[*slot] = row;
-                        values[*slot] = shard.value[j];
-                        *slot += 1;
-                    }
+        targets.par_iter_mut().for_each(|part| shards.iter().for_each(|shard| part.scatter(shard)));
+    }
+    Ok((rows, values))
+}
+
+/// `k` consecutive feature ranges (relative to `ptr[0]`'s feature) with about equal activations.
+fn split_features(ptr: &[u64], k: usize) -> Vec<(usize, usize)> {
+    let d = ptr.len() - 1;
+    let total = ptr[d] - ptr[0];
+    let mut cuts = vec![0];
+    for j in 1..k {
+        let goal = ptr[0] + total * j as u64 / k as u64;
+        let at = ptr.partition_point(|&p| p < goal).min(d);
+        cuts.push(at.max(*cuts.last().unwrap_or(&0)));
+    }
+    cuts.push(d);
+    cuts.windows(2).map(|w| (w[0], w[1])).collect()
+}
+
+/// One thread's share of a block: features `first..end` and their slice of the output.
+struct Part<'a> {
+    first: usize,
+    end: usize,
+    rows: &'a mut [u64],
+    values: &'a mut [f32],
+    cursor: Vec<usize>,
+}
+
+impl Part<'_> {
+    fn scatter(&mut self, shard: &Shard) {
+        for r in 0..shard.rows() {
+            let row = shard.row_start + r as u64;
+            for j in shard.row_ptr[r] as usize..shard.row_ptr[r + 1] as usize {
+                let f = shard.feature[j] as usize;
+                if f >= self.first && f < self.end {
+                    let slot = &mut self.cursor[f - self.first];
+                    self.rows[*slot] = row;
+                    self.values[*slot] = shard.value[j];
+                    *slot += 1;
                 }
             }
         }
     }
-    Ok((rows, values))
 }
 
 /// Cuts a stream of (row, value) pairs into fixed chunks and writes them, compressing in parallel.
@@ -342,4 +388,26 @@ pub fn verify(store: &FeatureStore) -> Result<()> {
     let entry = csc_entry(store)?;
     col_ptr(store)?;
     parallel::install(|| (0..entry.row.len()).into_par_iter().try_for_each(|i| read_chunk(store, entry, i).map(drop)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_features;
+
+    #[test]
+    fn feature_split_covers_the_range_in_order_with_balanced_parts() {
+        // Column pointers of 6 features with 10, 0, 30, 5, 5, 50 activations.
+        let ptr = [100, 110, 110, 140, 145, 150, 200];
+        for k in 1..=8 {
+            let parts = split_features(&ptr, k);
+            assert_eq!(parts.len(), k);
+            assert_eq!(parts.first().map(|p| p.0), Some(0));
+            assert_eq!(parts.last().map(|p| p.1), Some(6));
+            assert!(parts.windows(2).all(|w| w[0].1 == w[1].0 && w[0].0 <= w[0].1));
+        }
+        // Two parts cut where the running count reaches half of the 100 activations: 50 and 50.
+        assert_eq!(split_features(&ptr, 2), vec![(0, 5), (5, 6)]);
+        // One feature holding everything: the parts without it are empty.
+        assert_eq!(split_features(&[0, 0, 9, 9], 3), vec![(0, 2), (2, 2), (2, 3)]);
+    }
 }
