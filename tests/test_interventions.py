@@ -420,6 +420,24 @@ def test_cli_attribute_and_probe(tiny_run):
     assert "Golden Gate" in out and "def main" in out
 
 
+def test_cli_logit_lens_writes_the_table_and_shows_features(tiny_run, tmp_path):
+    _, sae_dir = tiny_run
+    out = tmp_path / "lens.parquet"
+    code, stdout, err = _cli(
+        ["logit-lens", "--sae", str(sae_dir), "--top", "3", "--out", str(out), "--show", "5", "--device", "cpu"]
+    )
+    assert code == 0, err
+    table = pq.read_table(out)
+    assert table.num_rows == 256 * 2 * 3
+    from saecore.logit_lens import read_logit_lens
+
+    promoted = read_logit_lens(out, [5], "promote")[5]
+    assert len(promoted) == 3 and f"promotes:  {promoted!r}" in stdout
+    code, _, err = _cli(["logit-lens", "--sae", str(sae_dir), "--show", "256", "--out", str(out), "--device", "cpu"])
+    assert code == 2 and "feature id 256 is outside the valid range 0..255" in err
+    assert pq.read_table(out).num_rows == 256 * 2 * 3  # a refused run leaves the table as it was
+
+
 def test_cli_errors_exit_2_with_message(tiny_run):
     _, sae_dir = tiny_run
     code, _, err = _cli(

@@ -25,6 +25,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "steer": ("saecore.interventions", "clamp features during generation; baseline vs steered completion"),
     "attribute": ("saecore.interventions", "features behind a logit difference: activation, attribution, ablation"),
     "probe": ("saecore.interventions", "top features on the final token of each prompt (concept probe)"),
+    "logit-lens": ("saecore.logit_lens", "the tokens each feature's decoder direction promotes and suppresses"),
     "pages": ("saecore.pages", "write static HTML feature pages for a run"),
     "serve": ("saecore.pages", "serve a run's feature pages on localhost"),
 }

@@ -22,6 +22,7 @@ whatever ``d_sae`` is, and each batch is streamed to the file as a row group.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -209,26 +210,48 @@ def _u32(values: Sequence[int]) -> Any:
     return pa.array(list(values), type=pa.uint32())
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m saecore.logit_lens --sae DIR``: write ``index/SAE/logit_lens.parquet`` for an SAE."""
-    import argparse
+def cli_configure(parser: Any) -> None:
+    """Options of ``saecore logit-lens``."""
+    from .interventions import _add_common
 
-    from .interventions import index_dir_for, load_model_for
-    from .sae import SAE
-
-    parser = argparse.ArgumentParser(prog="python -m saecore.logit_lens", description=main.__doc__)
-    parser.add_argument("--sae", required=True)
-    parser.add_argument("--model")
-    parser.add_argument("--device")
-    parser.add_argument("--top", type=int, default=10)
+    _add_common(parser)
+    parser.add_argument("--top", type=int, default=10, help="tokens per feature and direction")
     parser.add_argument("--out", type=Path, help="default: the run's index/SAE/logit_lens.parquet")
-    parser.add_argument("--no-norm-weight", action="store_true", help="plain W_dec @ W_U")
-    args = parser.parse_args(argv)
-    sae = SAE.load(args.sae).eval()
-    model, tokenizer = load_model_for(sae, args.model, args.device)
-    out = args.out or index_dir_for(args.sae) / "logit_lens.parquet"
-    print(write_logit_lens(sae, model, tokenizer, out, args.top, apply_norm_weight=not args.no_norm_weight))
+    parser.add_argument("--no-norm-weight", action="store_true", help="plain W_dec @ W_U (skip the final norm's gain)")
+    parser.add_argument(
+        "--show", type=int, action="append", default=[], metavar="FEATURE", help="print this feature's tokens (repeatable)"
+    )
+
+
+def cli_run(args: Any) -> int:
+    """Run ``saecore logit-lens``: write the table for every feature, then print the ``--show`` features."""
+    from .interventions import _fail, _load, index_dir_for
+
+    try:
+        if args.top < 1:
+            raise ValueError(f"--top must be at least 1, got {args.top}")
+        model, tokenizer, sae = _load(args)
+        d_sae = int(sae.W_dec.shape[0])
+        for f in args.show:
+            if not 0 <= f < d_sae:
+                raise ValueError(f"feature id {f} is outside the valid range 0..{d_sae - 1} of {args.sae}")
+        out = args.out or index_dir_for(args.sae) / "logit_lens.parquet"
+        path = write_logit_lens(sae, model, tokenizer, out, args.top, apply_norm_weight=not args.no_norm_weight)
+    except ValueError as e:
+        return _fail("logit-lens", e)
+    print(f"wrote {path} ({d_sae} features x {args.top} tokens, promote and suppress)")
+    for f in args.show:
+        promote = read_logit_lens(path, [f], "promote").get(f, [])
+        suppress = read_logit_lens(path, [f], "suppress").get(f, [])
+        print(f"feature {f}\n  promotes:  {promote!r}\n  suppresses: {suppress!r}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m saecore.logit_lens`` is ``saecore logit-lens``."""
+    from .cli import main as cli_main
+
+    return cli_main(["logit-lens", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
