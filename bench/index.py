@@ -207,6 +207,28 @@ def scipy_npz_method(npz: Path, d: int):
     return scipy_method(m.indptr, m.indices, m.data.astype(np.float32), d)
 
 
+def saecore_csc(store: Path) -> None:
+    """Build the store's feature-major copy (read, decode, transpose, compress, write) on a copy."""
+    from saecore import _native
+
+    copy = store.with_name(store.name + ".csc-bench")
+    shutil.copytree(store, copy)
+    try:
+        _native.build_csc(str(copy))
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def scipy_csc(row_ptr, feature, value, d, out: Path | None) -> None:
+    """SciPy's feature-major copy: ``tocsc`` in RAM, optionally saved as a compressed ``.npz``."""
+    import scipy.sparse as sp
+
+    csc = sp.csr_matrix((value, feature, row_ptr), shape=(len(row_ptr) - 1, d)).tocsc()
+    if out is not None:
+        csc.data = csc.data.astype(np.float16)
+        sp.save_npz(out, csc, compressed=True)
+
+
 def evict(files: list[Path]) -> None:
     """Drop the files' pages from the page cache, so the next read comes from the disk."""
     for p in files:
@@ -261,7 +283,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="saecore-bench-"))
     try:
         store = tmp / "features.zarr"
-        w_s, w_mb, _ = in_child(lambda: saecore_write(store, row_ptr, feature, value, d))
+        w_s, _, _ = in_child(lambda: saecore_write(store, row_ptr, feature, value, d))
         files = [p for p in (store / "shards").rglob("*") if p.is_file() and p.parent.name == "c"]
         store_bytes = sum(p.stat().st_size for p in files)
         print(f"saecore store written in {w_s:.2f} s ({n / w_s:,.0f} tokens/s, f16 -> zstd on writer threads)")
@@ -291,6 +313,11 @@ def main() -> None:
                 results["scipy (from .npz)"], sigs["scipy (from .npz)"] = (s, mb, CPU[-1]), out[0]
         idx_s, idx_mb, _ = in_child(lambda: saecore_mine(store, d, True))
         idx_cpu = CPU[-1]
+        # The copy time includes duplicating the store (a plain file copy) so the original stays intact.
+        csc_s, csc_mb, _ = in_child(lambda: saecore_csc(store))
+        copy_s, _, _ = in_child(lambda: shutil.rmtree(shutil.copytree(store, store.with_name("copy-only"))))
+        tocsc_s, tocsc_mb, _ = (0.0, 0.0, None) if "scipy" in skip else in_child(lambda: scipy_csc(row_ptr, feature, value, d, None))
+        tocsc_npz_s = 0.0 if "scipy-npz" in skip else in_child(lambda: scipy_csc(row_ptr, feature, value, d, tmp / "csc.npz"))[0]
         read_s, _, _ = in_child(lambda: read_bytes(files))
         dec_s, _, _ = in_child(lambda: saecore_decode(store))
         dec_cpu = CPU[-1]
@@ -311,6 +338,11 @@ def main() -> None:
         if "scipy (from .npz)" in results:
             print(f"saecore vs SciPy from its own compressed file (same starting point): {results['scipy (from .npz)'][0] / base:.1f}x faster")
         print(f"full index (2 passes: + histograms, quantile samples): {idx_s:.3f} s ({idx_cpu:.2f} CPU s), peak {idx_mb:.0f} MB")
+        print(f"\nfeature-major copy: saecore build_csc (from the store on disk to csc/ on disk) {csc_s - copy_s:.3f} s "
+              f"(after subtracting {copy_s:.3f} s to copy the store aside), peak {csc_mb:.0f} MB")
+        if tocsc_s:
+            print(f"  SciPy tocsc (arrays in RAM, result in RAM): {tocsc_s:.3f} s, peak {tocsc_mb:.0f} MB"
+                  + (f"; tocsc + save_npz(float16, compressed): {tocsc_npz_s:.3f} s" if tocsc_npz_s else ""))
         print(f"\nbandwidth bound: read the store's {store_bytes / 2**20:.1f} MiB from the page cache: {read_s:.3f} s "
               f"({store_bytes / read_s / 2**30:.2f} GiB/s); from the disk: {cold_s:.3f} s ({store_bytes / cold_s / 2**30:.2f} GiB/s)")
         print(f"saecore pass 1 from a cold cache: {cold_mine_s:.3f} s = {cold_mine_s / cold_s:.2f}x the disk read")
