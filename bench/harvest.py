@@ -25,7 +25,7 @@ import saecore
 import torch
 from saecore import corpus as corpus_mod
 from saecore import hooks, models
-from saecore.harvest import iter_batches, iter_contexts
+from saecore.harvesting import iter_batches, iter_contexts
 
 
 def matmul_gflops(n: int = 1024, reps: int = 5) -> float:

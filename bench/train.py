@@ -28,7 +28,7 @@ import time
 import torch
 from saecore.sae import SAE, SAEConfig
 from saecore.toy import ToyConfig, sample
-from saecore.train import sae_step
+from saecore.training import sae_step
 
 
 def gemm_gflops(m: int, k: int, n: int, reps: int = 3) -> float:

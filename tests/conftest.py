@@ -67,7 +67,7 @@ def small_corpus(small_corpus_dir):
 def tiny_store(tiny_model, small_corpus_dir, tmp_path_factory):
     """A complete float32 activation store of the tiny model at ``blocks.1.hook_resid_post``: 64 contexts
     of 32 tokens from the small corpus, BOS and separator rows excluded (about 1,980 rows x 64). Read-only for tests."""
-    from saecore.harvest import harvest
+    from saecore.harvesting import harvest
 
     out = tmp_path_factory.mktemp("tiny-store") / "activations.zarr"
     return harvest(

@@ -11,7 +11,7 @@ import pytest
 import torch
 from saecore.evaluate import evaluate, format_table, reconstruction_metrics
 from saecore.sae import SAE, SAEConfig
-from saecore.train import TrainConfig, train
+from saecore.training import TrainConfig, train
 
 TINY_HOOK = "blocks.1.hook_resid_post"
 
@@ -93,7 +93,7 @@ def test_cli_eval_uses_the_training_store_and_holdout(tiny_store, tmp_path, caps
 @pytest.mark.timeout(1800)
 def test_real_smollm2_activations_train_and_evaluate(smollm2, tmp_path):
     """Harvest a small slice of SmolLM2 at its middle layer, train TopK, splice it back in."""
-    from saecore.harvest import harvest
+    from saecore.harvesting import harvest
 
     torch.set_num_threads(2)
     hook = "blocks.15.hook_resid_post"

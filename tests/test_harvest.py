@@ -14,7 +14,7 @@ import pytest
 import saecore
 import torch
 import zarr
-from saecore import harvest as harvest_mod
+from saecore import harvesting as harvest_mod
 from saecore import hooks
 from saecore.activations import ActivationStore, bf16_bits_to_float
 from saecore.corpus import CorpusError

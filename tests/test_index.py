@@ -126,7 +126,7 @@ def test_the_cli_writes_the_index(toy_run, tmp_path):
 
 def _pipeline(store, hook: str, tmp_path, d_sae: int, k: int, steps_tokens: int):
     """train → encode → index on ``store``; returns (sae, index)."""
-    from saecore.train import TrainConfig, train
+    from saecore.training import TrainConfig, train
 
     cfg = TrainConfig(architecture="topk", d_sae=d_sae, k=k, batch_size=256, lr=3e-3, num_tokens=steps_tokens, hook=hook,
                       progress=False, shuffle_buffer_rows=2048, dead_window_tokens=1024)
@@ -157,7 +157,7 @@ def test_end_to_end_on_the_tiny_model(tiny_store, tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_on_the_real_model(smollm2, small_corpus_dir, tmp_path):
-    from saecore.harvest import harvest
+    from saecore.harvesting import harvest
 
     hook = "blocks.9.hook_resid_post"
     store = harvest(model=smollm2, corpus=small_corpus_dir, hooks=[hook], out=tmp_path / "activations.zarr",

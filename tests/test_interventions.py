@@ -456,8 +456,8 @@ REAL_HOOK = "blocks.26.hook_resid_post"
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     """SmolLM2 and an SAE briefly trained on its real activations (a few thousand tokens, CPU)."""
-    from saecore.harvest import harvest
-    from saecore.train import train
+    from saecore.harvesting import harvest
+    from saecore.training import train
 
     model, tok = models.load("smollm2-135m", device="cpu", dtype=torch.float32)
     root = tmp_path_factory.mktemp("smol-run")

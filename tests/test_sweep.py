@@ -9,7 +9,7 @@ import json
 import pytest
 from saecore.sweep import fit, frontier, sweep
 from saecore.toy import ToyConfig, write_toy_store
-from saecore.train import TrainConfig
+from saecore.training import TrainConfig
 
 
 def test_fit_recovers_a_known_power_law():

@@ -13,7 +13,7 @@ from saecore.toy import (
     true_directions,
     write_toy_store,
 )
-from saecore.train import TrainConfig, train
+from saecore.training import TrainConfig, train
 
 # Easy: 64 directions in 32 dimensions, ~3 active per row, little noise; 128 latents.
 EASY = ToyConfig(n_features=64, d=32, mean_active=3, noise=0.01, seed=0)

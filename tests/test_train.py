@@ -16,7 +16,7 @@ from saecore.activations import ActivationStore
 from saecore.errors import StoreError
 from saecore.sae import SAE
 from saecore.toy import ToyConfig, write_toy_store
-from saecore.train import (
+from saecore.training import (
     STATE_FILENAME,
     ConfigMismatchError,
     ShuffledBatches,

@@ -24,12 +24,12 @@ __all__ = [
 
 def __getattr__(name: str):  # lazy attributes keep `import saecore` light (no torch)
     lazy = {
-        "harvest": ("saecore.harvest", "harvest"),
-        "train": ("saecore.train", "train"),
+        "harvest": ("saecore.harvesting", "harvest"),
+        "train": ("saecore.training", "train"),
         "FeatureIndex": ("saecore.index", "FeatureIndex"),
         "SAE": ("saecore.sae", "SAE"),
         "SAEConfig": ("saecore.sae", "SAEConfig"),
-        "TrainConfig": ("saecore.train", "TrainConfig"),
+        "TrainConfig": ("saecore.training", "TrainConfig"),
     }
     if name in lazy:
         import importlib

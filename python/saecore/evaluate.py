@@ -93,7 +93,7 @@ def held_out_contexts(
     from training), or of ``corpus`` when given. ``held_out`` is False when the store consumed the whole
     corpus and the contexts are re-read from its start."""
     from . import corpus as corpus_mod
-    from .harvest import iter_contexts
+    from .harvesting import iter_contexts
 
     T = int(context_length or store.attrs.get("context_length") or 128)
     if corpus is None:

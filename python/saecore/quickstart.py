@@ -111,7 +111,7 @@ def _harvest_done(cfg: QuickstartConfig) -> bool:
 
 
 def _harvest_run(cfg: QuickstartConfig) -> None:
-    from .harvest import harvest
+    from .harvesting import harvest
 
     harvest(
         model=cfg.model,
@@ -151,7 +151,7 @@ def _training_facts(cfg: QuickstartConfig) -> dict:
 
 def _train_run(cfg: QuickstartConfig) -> None:
     from .activations import ActivationStore
-    from .train import train
+    from .training import train
 
     store = ActivationStore(cfg.activations)
     train(

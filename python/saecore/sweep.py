@@ -31,7 +31,7 @@ import torch
 from ._atomic import write_text
 from .activations import ActivationStore
 from .sae import SAE
-from .train import (
+from .training import (
     TrainConfig,
     _resolve_store,
     add_train_arguments,

@@ -24,10 +24,8 @@ import argparse
 import math
 import os
 import signal
-import sys
 import threading
 import time
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -639,15 +637,3 @@ def cli_run(args: argparse.Namespace) -> int:
     print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "
           f"in {time.time() - t0:.0f} s")
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """Importing ``saecore.train`` binds the package attribute ``saecore.train`` to this module, which
-    would shadow the function of the same name; making the module callable keeps the documented
-    ``saecore.train(store, out_dir, cfg)`` working either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> SAE:
-        return train(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule

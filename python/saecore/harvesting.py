@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -458,14 +457,3 @@ def cli_run(args: argparse.Namespace) -> int:
         f"special {c.get('excluded_special', 0)}, norm {c.get('excluded_norm', 0)}"
     )
     return 0
-
-
-class _CallableModule(types.ModuleType):
-    """``saecore.harvest`` is both this module and the function: once the module is imported it shadows
-    the package's lazy ``harvest`` attribute, so the module itself forwards calls to :func:`harvest`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> ActivationStore:
-        return harvest(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
