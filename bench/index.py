@@ -181,9 +181,11 @@ def torch_method(row_ptr, feature, value, d, chunk: int = 4096):
 
 
 def saecore_write(path: Path, row_ptr, feature, value, d, shard_rows: int = 16384):
-    from saecore import _native
+    from saecore import _native, features
 
-    w = _native.FeatureStoreWriter(str(path), d, shard_rows=shard_rows, threads=os.cpu_count() or 1)
+    w = _native.FeatureStoreWriter(
+        str(path), d, value_dtype=features.VALUE_DTYPE, shard_rows=shard_rows, spec_json="{}", threads=os.cpu_count() or 1
+    )
     step = 1 << 16  # encode-sized batches
     n = len(row_ptr) - 1
     for a in range(0, n, step):
@@ -195,8 +197,10 @@ def saecore_write(path: Path, row_ptr, feature, value, d, shard_rows: int = 1638
 
 def saecore_mine(path: Path, d: int, second_pass: bool):
     from saecore import _native
+    from saecore.index import IndexConfig
 
-    r = _native.mine(str(path), k=K, second_pass=second_pass)
+    params = {**IndexConfig().mining_params(), "k": K}
+    r = _native.mine(str(path), second_pass=second_pass, progress=None, **params)
     return top_signature(r["top_value"], r["top_feature"], d), r["count"]
 
 
@@ -209,12 +213,12 @@ def scipy_npz_method(npz: Path, d: int):
 
 def saecore_csc(store: Path) -> None:
     """Build the store's feature-major copy (read, decode, transpose, compress, write) on a copy."""
-    from saecore import _native
+    from saecore import features
 
     copy = store.with_name(store.name + ".csc-bench")
     shutil.copytree(store, copy)
     try:
-        _native.build_csc(str(copy))
+        features.build_csc(copy)
     finally:
         shutil.rmtree(copy, ignore_errors=True)
 

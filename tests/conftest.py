@@ -67,21 +67,13 @@ def small_corpus(small_corpus_dir):
 def tiny_store(tiny_model, small_corpus_dir, tmp_path_factory):
     """A complete float32 activation store of the tiny model at ``blocks.1.hook_resid_post``: 64 contexts
     of 32 tokens from the small corpus, BOS and separator rows excluded (about 1,980 rows x 64). Read-only for tests."""
-    from saecore.harvesting import harvest
+    from saecore.harvesting import HarvestConfig, harvest
 
     out = tmp_path_factory.mktemp("tiny-store") / "activations.zarr"
-    return harvest(
-        model=tiny_model,
-        corpus=small_corpus_dir,
-        hooks=[TINY_HOOK],
-        out=out,
-        context_length=32,
-        batch_size=8,
-        dtype="float32",
-        max_tokens=64 * 32,
-        chunk_rows=512,
-        progress=False,
+    cfg = HarvestConfig(
+        hooks=[TINY_HOOK], context_length=32, batch_size=8, dtype="float32", max_tokens=64 * 32, chunk_rows=512, progress=False
     )
+    return harvest(model=tiny_model, corpus=small_corpus_dir, out=out, cfg=cfg)
 
 
 @pytest.fixture(scope="session")

@@ -109,8 +109,8 @@ def write_index(index: Path, acts: np.ndarray, docs: np.ndarray, pos: np.ndarray
             for k, v in zip(top, (f, rank, r, docs[r], pos[r], acts[r, f])):
                 top[k].append(v)
     _table(index / "topk.parquet", {k: (v, t) for (k, v), t in zip(top.items(), (u4, u2, u8, i8, i4, f4))})
-    (index / "meta.json").write_text(json.dumps({"activation_store": "activations.zarr", "n_tokens": n, "k": TOP_K,
-                                                 "d_sae": f_count, "n_bins": 4}))
+    (index / "meta.json").write_text(json.dumps({"format": "saecore.index/1", "activation_store": "activations.zarr",
+                                                 "n_tokens": n, "k": TOP_K, "d_sae": f_count, "n_bins": 4}))
     if not full:
         return
     hist = {k: [] for k in ("feature", "bin", "lo", "hi", "count")}

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from saecore import _native
 from saecore.features import dense_to_csr, open_writer
+from saecore.index import IndexConfig
 
 
 def random_dense(seed: int, rows: int, d_sae: int, density: float, ties: bool) -> np.ndarray:
@@ -19,6 +21,12 @@ def random_dense(seed: int, rows: int, d_sae: int, density: float, ties: bool) -
         mask[rng.random(rows) < 0.15] = False  # all-zero rows
     values = rng.choice(np.float32([0.5, 1.0, 2.0, 3.0]), size=mask.shape) if ties else rng.exponential(2.0, mask.shape)
     return np.where(mask, values, 0).astype(np.float32)
+
+
+def mine(path: Path | str, **options) -> dict:
+    """``_native.mine`` (which takes every option explicitly) with IndexConfig's defaults for the rest."""
+    full = {**IndexConfig().mining_params(), "second_pass": True, "progress": None, **options}
+    return _native.mine(str(path), **full)
 
 
 def stored(dense: np.ndarray, value_dtype: str) -> np.ndarray:

@@ -93,13 +93,18 @@ def test_cli_eval_uses_the_training_store_and_holdout(tiny_store, tmp_path, caps
 @pytest.mark.timeout(1800)
 def test_real_smollm2_activations_train_and_evaluate(smollm2, tmp_path):
     """Harvest a small slice of SmolLM2 at its middle layer, train TopK, splice it back in."""
-    from saecore.harvesting import harvest
+    from saecore.harvesting import HarvestConfig, harvest
 
     torch.set_num_threads(2)
     hook = "blocks.15.hook_resid_post"
-    store = harvest(model=smollm2, corpus="default", hooks=[hook], out=tmp_path / "activations.zarr",
-                    context_length=64, batch_size=8, dtype="float32", max_tokens=64 * 64, chunk_rows=512,
-                    progress=False)
+    store = harvest(
+        model=smollm2,
+        corpus="default",
+        out=tmp_path / "activations.zarr",
+        cfg=HarvestConfig(
+            hooks=[hook], context_length=64, batch_size=8, dtype="float32", max_tokens=64 * 64, chunk_rows=512, progress=False
+        ),
+    )
     mses: list[float] = []
     cfg = TrainConfig(architecture="topk", d_sae=1024, k=32, batch_size=256, lr=2e-3, progress=False,
                       holdout_fraction=0.1, num_tokens=3 * 3500)  # three passes over ~3.5 k training rows

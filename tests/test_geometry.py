@@ -3,6 +3,7 @@ decoder-geometry baselines, encoder/decoder cosines and the 2-D map."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -72,10 +73,10 @@ def test_neighbours_cli_writes_the_interface_table(run_dir, capsys):
     assert "wrote 192 rows" in capsys.readouterr().out
 
 
-def test_neighbours_cli_rejects_other_width(run_dir):
+def test_neighbours_cli_rejects_other_width(run_dir, capsys):
     saes = run_dir / "saes"
-    with pytest.raises(SystemExit, match=r"narrow has d_in 8.*small has 64"):
-        main(["neighbours", "--sae", str(saes / "small"), "--other", str(saes / "narrow"), "--device", "cpu"])
+    assert main(["neighbours", "--sae", str(saes / "small"), "--other", str(saes / "narrow"), "--device", "cpu"]) == 2
+    assert re.search(r"saecore neighbours: error: .*narrow has d_in 8.*small has 64", capsys.readouterr().err)
 
 
 def test_neighbours_cli_clamps_k_to_a_small_sae(run_dir, tmp_path):
@@ -171,3 +172,28 @@ def test_umap_map_places_split_children_near_each_other(run_dir):
     truth = np.argsort(-(unit(large.decoder) @ unit(small.decoder).T), axis=0)[:2].T
     hits = np.mean([nearest[f] in truth[f] for f in range(24)])
     assert hits > 0.7
+
+
+def test_plots_leave_the_process_matplotlib_backend_alone(tmp_path):
+    """A library call must not switch the caller's backend (a notebook's, say): plots draw on their own
+    Agg canvas and leave no figure open in pyplot. Run in a child so this test's backend stays private."""
+    import subprocess
+    import sys
+    import textwrap
+
+    png = tmp_path / "map.png"
+    script = textwrap.dedent(f"""
+        import matplotlib
+        matplotlib.use("svg")
+        import matplotlib.pyplot as plt
+        import pyarrow as pa
+        from pathlib import Path
+        from saecore import geometry
+        table = pa.table({{"feature": pa.array([0, 1, 2], pa.uint32()), "sae": ["s", "s", "s"],
+                          "x": pa.array([0, 1, 2], pa.float32()), "y": pa.array([1, 0, 2], pa.float32())}})
+        geometry.plot_map(table, "pca", Path({str(png)!r}))
+        print(matplotlib.get_backend(), len(plt.get_fignums()))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["svg", "0"]
+    assert png.read_bytes().startswith(b"\x89PNG")

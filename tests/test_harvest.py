@@ -15,6 +15,7 @@ import saecore
 import torch
 import zarr
 from saecore import harvesting as harvest_mod
+from saecore.harvesting import HarvestConfig
 from saecore import hooks
 from saecore.activations import ActivationStore, bf16_bits_to_float
 from saecore.corpus import CorpusError
@@ -47,10 +48,8 @@ def test_rows_equal_a_direct_forward_of_each_context(tiny_model, small_corpus, t
     store = saecore.harvest(
         model=tiny_model,
         corpus=small_corpus,
-        hooks=[HOOK, "blocks.0.hook_mlp_out"],
         out=tmp_path / "a.zarr",
-        dtype="float32",
-        **SMALL,
+        cfg=HarvestConfig(hooks=[HOOK, "blocks.0.hook_mlp_out"], dtype="float32", **SMALL),
     )
     batches = list(harvest_mod.iter_batches(harvest_mod.iter_contexts(iter(small_corpus), tok, 32), 4, 16))
     ids = np.concatenate([b.input_ids for b in batches])  # (16, 32)
@@ -88,14 +87,8 @@ def test_16_bit_storage_rounds_like_torch(tiny_model, small_corpus, tiny_store, 
     store = saecore.harvest(
         model=tiny_model,
         corpus=small_corpus,
-        hooks=[HOOK],
         out=tmp_path / "s.zarr",
-        dtype=dtype,
-        context_length=32,
-        batch_size=8,
-        max_tokens=64 * 32,
-        chunk_rows=512,
-        progress=False,
+        cfg=HarvestConfig(hooks=[HOOK], dtype=dtype, context_length=32, batch_size=8, max_tokens=64 * 32, chunk_rows=512, progress=False),
     )
     exact = torch.from_numpy(tiny_store.read(HOOK, 0, tiny_store.num_rows))
     want = exact.to(getattr(torch, dtype)).float().numpy()
@@ -112,11 +105,8 @@ def test_keep_bos_and_special_keeps_every_token(tiny_model, small_corpus, tmp_pa
     store = saecore.harvest(
         model=tiny_model,
         corpus=small_corpus,
-        hooks=[HOOK],
         out=tmp_path / "k.zarr",
-        exclude_bos=False,
-        exclude_special=False,
-        **SMALL,
+        cfg=HarvestConfig(hooks=[HOOK], exclude_bos=False, exclude_special=False, **SMALL),
     )
     assert store.num_rows == 512 and (store.positions[:][::32] == 0).all()
 
@@ -125,15 +115,8 @@ def test_norm_outliers_are_dropped_and_recorded(tiny_model, small_corpus, tiny_s
     store = saecore.harvest(
         model=tiny_model,
         corpus=small_corpus,
-        hooks=[HOOK],
         out=tmp_path / "n.zarr",
-        dtype="float32",
-        norm_outlier_factor=1.05,
-        context_length=32,
-        batch_size=8,
-        max_tokens=64 * 32,
-        chunk_rows=512,
-        progress=False,
+        cfg=HarvestConfig(hooks=[HOOK], dtype="float32", norm_outlier_factor=1.05, context_length=32, batch_size=8, max_tokens=64 * 32, chunk_rows=512, progress=False),
     )
     ex = store.attrs["exclusions"]
     limit = ex["norm_threshold"][HOOK]
@@ -147,7 +130,7 @@ def test_norm_outliers_are_dropped_and_recorded(tiny_model, small_corpus, tiny_s
 # -- resume and refusal -----------------------------------------------------------------------------
 def test_interrupted_harvest_resumes_to_identical_rows(tiny_model, small_corpus, tmp_path, monkeypatch):
     kwargs = dict(
-        model=tiny_model, corpus=small_corpus, hooks=[HOOK], dtype="float16", norm_outlier_factor=1.3, **SMALL
+        model=tiny_model, corpus=small_corpus, cfg=HarvestConfig(hooks=[HOOK], dtype="float16", norm_outlier_factor=1.3, **SMALL)
     )
     whole = saecore.harvest(out=tmp_path / "whole.zarr", **kwargs)
     real_forward = harvest_mod.forward_batch
@@ -175,14 +158,24 @@ def test_interrupted_harvest_resumes_to_identical_rows(tiny_model, small_corpus,
 
 def test_rerun_with_other_arguments_is_refused(tiny_model, small_corpus, tmp_path):
     out = tmp_path / "m.zarr"
-    saecore.harvest(model=tiny_model, corpus=small_corpus, hooks=[HOOK], out=out, **SMALL)
+    saecore.harvest(model=tiny_model, corpus=small_corpus, out=out, cfg=HarvestConfig(hooks=[HOOK], **SMALL))
     before = _arrays(out)
     with pytest.raises(saecore.StoreMismatchError) as e:
-        saecore.harvest(model=tiny_model, corpus=small_corpus, hooks=[HOOK], out=out, **{**SMALL, "context_length": 16})
+        saecore.harvest(
+            model=tiny_model,
+            corpus=small_corpus,
+            out=out,
+            cfg=HarvestConfig(hooks=[HOOK], **{**SMALL, "context_length": 16}),
+        )
     assert "context_length: store has 32, now 16" in str(e.value)
     with pytest.raises(saecore.StoreMismatchError, match="dtype"):
-        saecore.harvest(model=tiny_model, corpus=small_corpus, hooks=[HOOK], out=out, dtype="float32", **SMALL)
-    again = saecore.harvest(model=tiny_model, corpus=small_corpus, hooks=[HOOK], out=out, **SMALL)  # same args: a no-op
+        saecore.harvest(
+            model=tiny_model,
+            corpus=small_corpus,
+            out=out,
+            cfg=HarvestConfig(hooks=[HOOK], dtype="float32", **SMALL),
+        )
+    again = saecore.harvest(model=tiny_model, corpus=small_corpus, out=out, cfg=HarvestConfig(hooks=[HOOK], **SMALL))  # same args: a no-op
     after = _arrays(again.path)
     for name in before:
         np.testing.assert_array_equal(before[name], after[name])
@@ -257,7 +250,10 @@ def test_unknown_model_cli(tmp_path, small_corpus_dir):
 def test_unknown_hook(tiny_model, small_corpus, tmp_path):
     with pytest.raises(ValueError, match=r"unknown hook 'blocks\.9\.hook_resid_post'.*0\.\.3"):
         saecore.harvest(
-            model=tiny_model, corpus=small_corpus, hooks=["blocks.9.hook_resid_post"], out=tmp_path / "x.zarr", **SMALL
+            model=tiny_model,
+            corpus=small_corpus,
+            out=tmp_path / "x.zarr",
+            cfg=HarvestConfig(hooks=["blocks.9.hook_resid_post"], **SMALL),
         )
     assert _leftovers(tmp_path) == []
 
@@ -267,11 +263,21 @@ def test_empty_and_too_short_corpora(tiny_model, tmp_path):
     empty = tmp_path / "in" / "empty.txt"
     empty.write_text("\n\n")
     with pytest.raises(CorpusError, match="empty"):
-        saecore.harvest(model=tiny_model, corpus=empty, hooks=[HOOK], out=tmp_path / "o" / "x.zarr", **SMALL)
+        saecore.harvest(
+            model=tiny_model,
+            corpus=empty,
+            out=tmp_path / "o" / "x.zarr",
+            cfg=HarvestConfig(hooks=[HOOK], **SMALL),
+        )
     short = tmp_path / "in" / "short.txt"
     short.write_text("Too short.")
     with pytest.raises(CorpusError, match="too short"):
-        saecore.harvest(model=tiny_model, corpus=short, hooks=[HOOK], out=tmp_path / "o" / "x.zarr", **SMALL)
+        saecore.harvest(
+            model=tiny_model,
+            corpus=short,
+            out=tmp_path / "o" / "x.zarr",
+            cfg=HarvestConfig(hooks=[HOOK], **SMALL),
+        )
     assert _leftovers(tmp_path / "o") == []
 
 
@@ -279,7 +285,12 @@ def test_unreadable_corpus_file(tiny_model, tmp_path):
     bad = tmp_path / "broken.parquet"
     bad.write_bytes(b"garbage" * 100)
     with pytest.raises(CorpusError, match=r"broken\.parquet"):
-        saecore.harvest(model=tiny_model, corpus=bad, hooks=[HOOK], out=tmp_path / "o" / "x.zarr", **SMALL)
+        saecore.harvest(
+            model=tiny_model,
+            corpus=bad,
+            out=tmp_path / "o" / "x.zarr",
+            cfg=HarvestConfig(hooks=[HOOK], **SMALL),
+        )
     assert _leftovers(tmp_path / "o") == []
 
 
@@ -287,9 +298,14 @@ def test_unwritable_output(tiny_model, small_corpus, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     with pytest.raises(PermissionError, match="a-file/x.zarr: cannot write"):
-        saecore.harvest(model=tiny_model, corpus=small_corpus, hooks=[HOOK], out=blocker / "x.zarr", **SMALL)
+        saecore.harvest(
+            model=tiny_model,
+            corpus=small_corpus,
+            out=blocker / "x.zarr",
+            cfg=HarvestConfig(hooks=[HOOK], **SMALL),
+        )
     with pytest.raises(NotADirectoryError, match="a-file: exists and is not a folder"):
-        saecore.harvest(model=tiny_model, corpus=small_corpus, hooks=[HOOK], out=blocker, **SMALL)
+        saecore.harvest(model=tiny_model, corpus=small_corpus, out=blocker, cfg=HarvestConfig(hooks=[HOOK], **SMALL))
     assert _leftovers(tmp_path) == ["a-file"]
 
 
@@ -297,7 +313,12 @@ def test_every_row_excluded_leaves_nothing(tiny_model, tmp_path):
     only_special = tmp_path / "special.txt"
     only_special.write_text("<|endoftext|>" * 200)  # the tokenizer reads these as special token 0
     with pytest.raises(saecore.StoreError, match="no rows"):
-        saecore.harvest(model=tiny_model, corpus=only_special, hooks=[HOOK], out=tmp_path / "o" / "x.zarr", **SMALL)
+        saecore.harvest(
+            model=tiny_model,
+            corpus=only_special,
+            out=tmp_path / "o" / "x.zarr",
+            cfg=HarvestConfig(hooks=[HOOK], **SMALL),
+        )
     assert _leftovers(tmp_path / "o") == []
 
 
@@ -337,14 +358,8 @@ def test_real_smollm2_harvest_on_real_text(smollm2, tmp_path):
         store = saecore.harvest(
             model=smollm2,
             corpus="pydoc",
-            hooks=[hook],
             out=tmp_path / "real.zarr",
-            context_length=128,
-            batch_size=8,
-            max_tokens=3072,
-            dtype="float16",
-            norm_outlier_factor=20.0,
-            progress=False,
+            cfg=HarvestConfig(hooks=[hook], context_length=128, batch_size=8, max_tokens=3072, dtype="float16", norm_outlier_factor=20.0, progress=False),
         )
         assert store.d_model() == 576 and 2800 < store.num_rows <= 3072 - 24
         first = torch.from_numpy(store.token_ids[:127].astype(np.int64))[None]
@@ -370,13 +385,8 @@ def test_peak_memory_does_not_grow_with_tokens(tiny_model, tmp_path):
         saecore.harvest(
             model=tiny_model,
             corpus="pydoc",
-            hooks=[HOOK],
             out=tmp_path / name,
-            context_length=32,
-            batch_size=8,
-            max_tokens=n_contexts * 32,
-            chunk_rows=256,
-            progress=False,
+            cfg=HarvestConfig(hooks=[HOOK], context_length=32, batch_size=8, max_tokens=n_contexts * 32, chunk_rows=256, progress=False),
         )
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()

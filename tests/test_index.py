@@ -124,8 +124,8 @@ def test_the_cli_writes_the_index(toy_run, tmp_path):
         assert again._table(name).equals(idx._table(name)), name
 
 
-def _pipeline(store, hook: str, tmp_path, d_sae: int, k: int, steps_tokens: int):
-    """train → encode → index on ``store``; returns (sae, index)."""
+def _pipeline(store, hook: str, tmp_path, d_sae: int, k: int, steps_tokens: int, tokenizer=None):
+    """train → encode → index on ``store``; returns (sae, index) (the index decodes with ``tokenizer``, if given)."""
     from saecore.training import TrainConfig, train
 
     cfg = TrainConfig(architecture="topk", d_sae=d_sae, k=k, batch_size=256, lr=3e-3, num_tokens=steps_tokens, hook=hook,
@@ -133,6 +133,8 @@ def _pipeline(store, hook: str, tmp_path, d_sae: int, k: int, steps_tokens: int)
     train(store, tmp_path / "saes" / "sae", cfg)
     encode(store, tmp_path / "saes" / "sae", tmp_path / "features" / "sae.zarr", batch_rows=256, shard_rows=512, progress=False)
     idx = index(tmp_path / "features" / "sae.zarr", tmp_path / "index" / "sae", k=4, progress=False)
+    if tokenizer is not None:
+        idx = FeatureIndex(idx.path, tokenizer=tokenizer)
     return SAE.load(tmp_path / "saes" / "sae"), idx
 
 
@@ -149,19 +151,25 @@ def _check_top_examples_recompute(store, hook: str, sae, idx, features: int = 8)
         assert ex.tokens and "«" in ex.text
 
 
-def test_end_to_end_on_the_tiny_model(tiny_store, tmp_path):
-    sae, idx = _pipeline(tiny_store, TINY_HOOK, tmp_path, d_sae=96, k=8, steps_tokens=4096)
+def test_end_to_end_on_the_tiny_model(tiny_store, tiny_model, tmp_path):
+    # The store records the model "tiny-llama(…)", which has no tokenizer to load by name: pass it.
+    _, tokenizer = tiny_model
+    sae, idx = _pipeline(tiny_store, TINY_HOOK, tmp_path, d_sae=96, k=8, steps_tokens=4096, tokenizer=tokenizer)
     assert idx.n_tokens == tiny_store.num_rows
     _check_top_examples_recompute(tiny_store, TINY_HOOK, sae, idx)
 
 
 @pytest.mark.slow
 def test_end_to_end_on_the_real_model(smollm2, small_corpus_dir, tmp_path):
-    from saecore.harvesting import harvest
+    from saecore.harvesting import HarvestConfig, harvest
 
     hook = "blocks.9.hook_resid_post"
-    store = harvest(model=smollm2, corpus=small_corpus_dir, hooks=[hook], out=tmp_path / "activations.zarr",
-                    context_length=64, batch_size=8, dtype="float32", max_tokens=64 * 48, progress=False)
+    store = harvest(
+        model=smollm2,
+        corpus=small_corpus_dir,
+        out=tmp_path / "activations.zarr",
+        cfg=HarvestConfig(hooks=[hook], context_length=64, batch_size=8, dtype="float32", max_tokens=64 * 48, progress=False),
+    )
     torch.set_num_threads(2)
     sae, idx = _pipeline(store, hook, tmp_path, d_sae=512, k=16, steps_tokens=8192)
     _check_top_examples_recompute(store, hook, sae, idx)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import numpy as np
 import pyarrow as pa
@@ -139,10 +140,12 @@ def test_steer_scale_uses_max_activation_from_index_then_prompt(tiny, sae_mid, t
     assert res.clamps[feature] == pytest.approx(2.0 * float(f[:, feature].max()), rel=1e-5)
     # With an index, its stats table wins.
     index_dir = tmp_path / "index" / "sae"
-    index_dir.mkdir(parents=True)
     n = sae_mid.cfg.d_sae
-    stats = pa.table({"feature": pa.array(np.arange(n), pa.uint32()), "max": pa.array(np.full(n, 1.5), pa.float32())})
-    pq.write_table(stats, index_dir / "stats.parquet")
+    _write_stats_index(index_dir, np.full(n, 1.5, np.float32), complete=False)
+    with pytest.raises(FileNotFoundError, match="meta.json"):  # an interrupted `saecore index` is refused
+        interventions.steer(model, tok, sae_mid, "Once upon a time", feature, scale=10.0, max_new_tokens=2,
+                            index_dir=index_dir)
+    _write_stats_index(index_dir, np.full(n, 1.5, np.float32))
     res = interventions.steer(
         model, tok, sae_mid, "Once upon a time", feature, scale=10.0, max_new_tokens=2, index_dir=index_dir
     )
@@ -269,14 +272,27 @@ def test_probe_lists_top_features_on_the_final_token(tiny, sae_mid):
         assert [r.activation for r in mine] == pytest.approx(f.topk(3).values.tolist())
 
 
+def _write_stats_index(index_dir, maxes, complete=True):
+    """A stats table in the declared schema (only ``max`` matters here) and, if complete, its meta.json."""
+    from saecore import tables
+
+    index_dir.mkdir(parents=True, exist_ok=True)
+    n = len(maxes)
+    zeros = np.zeros(n)
+    stats = tables.STATS.table({"feature": np.arange(n), "count": np.ones(n, np.uint64), "density": zeros, "sum": zeros,
+                                "max": maxes, "mean_nonzero": zeros})
+    pq.write_table(stats, tables.STATS.path(index_dir))
+    if complete:
+        (index_dir / "meta.json").write_text(json.dumps({"format": tables.INDEX_FORMAT, "d_sae": n, "n_tokens": 1}))
+
+
 def test_probe_reads_max_activation_and_logit_lens_from_the_index(tiny, sae_mid, tmp_path):
     from saecore.logit_lens import read_logit_lens, write_logit_lens
 
     model, tok = tiny
     n = sae_mid.cfg.d_sae
     maxes = np.linspace(1.0, 2.0, n).astype(np.float32)
-    stats = pa.table({"feature": pa.array(np.arange(n), pa.uint32()), "max": pa.array(maxes, pa.float32())})
-    pq.write_table(stats, tmp_path / "stats.parquet")
+    _write_stats_index(tmp_path, maxes)
     write_logit_lens(sae_mid, model, tok, tmp_path / "logit_lens.parquet", top=5, progress=False)
     rows = interventions.probe(model, tok, sae_mid, ["The Golden Gate Bridge"], top=3, index_dir=tmp_path)
     lens = read_logit_lens(tmp_path / "logit_lens.parquet", kind="promote")
@@ -456,22 +472,19 @@ REAL_HOOK = "blocks.26.hook_resid_post"
 @pytest.fixture(scope="module")
 def smol(tmp_path_factory):
     """SmolLM2 and an SAE briefly trained on its real activations (a few thousand tokens, CPU)."""
-    from saecore.harvesting import harvest
+    from saecore.harvesting import HarvestConfig, harvest
     from saecore.training import train
 
-    model, tok = models.load("smollm2-135m", device="cpu", dtype=torch.float32)
+    loaded = models.load("smollm2-135m", device="cpu", dtype=torch.float32)
+    model, tok = loaded
     root = tmp_path_factory.mktemp("smol-run")
     store = harvest(
-        (model, tok),
+        loaded,  # recorded as "smollm2-135m", its LoadedModel name
         "default",
-        hooks=[REAL_HOOK],
         out=root / "activations.zarr",
-        context_length=64,
-        batch_size=8,
-        dtype="float32",
-        max_tokens=4096,
-        device="cpu",
-        progress=False,
+        cfg=HarvestConfig(
+            hooks=[REAL_HOOK], context_length=64, batch_size=8, dtype="float32", max_tokens=4096, device="cpu", progress=False
+        ),
     )
     sae = train(
         store,
@@ -531,10 +544,10 @@ def test_real_model_attribution_matches_small_ablation_and_errors(smol):
     np.testing.assert_allclose(measured, predicted, rtol=0.05, atol=1e-4)
     # Errors on the real model: hook mismatch, bad feature id, prompt over the context.
     other = make_sae(64, 16, "blocks.2.hook_resid_post", model_name="tiny")
-    with pytest.raises(ValueError, match=r"expects d_in=64 but model 'smollm2-135m' has d_model=576"):
+    with pytest.raises(ValueError, match=r"expects d_in=64 but model '[^']*smollm2-135m[^']*' has d_model=576"):
         interventions.probe(model, tok, other, ["Hi"])
     deep = make_sae(576, 16, "blocks.40.hook_resid_post", model_name="other-model")
-    with pytest.raises(ValueError, match=r"'blocks.40.hook_resid_post' .*'other-model'.* of model 'smollm2-135m'"):
+    with pytest.raises(ValueError, match=r"'blocks.40.hook_resid_post' .*'other-model'.* of model '[^']*smollm2-135m[^']*'"):
         interventions.steer(model, tok, deep, "Hi", 0, value=1.0)
     with pytest.raises(ValueError, match=r"feature id 512 is out of range .*valid ids are 0\.\.511"):
         interventions.steer(model, tok, sae, "Hi", 512, value=1.0)

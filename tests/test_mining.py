@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from saecore import _native
-from sparse_testdata import bin_of, mix64, random_dense, stored, write_store
+from sparse_testdata import mine, bin_of, mix64, random_dense, stored, write_store
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -105,8 +105,8 @@ def test_mining_matches_numpy_whatever_the_sharding(tmp_path_factory, seed, rows
     tmp = tmp_path_factory.mktemp("mine")
     huge = write_store(tmp / "huge.zarr", dense, shard_rows=max(rows, 1), value_dtype=value_dtype)
     tiny = write_store(tmp / "tiny.zarr", dense, shard_rows=1, batch_rows=7, value_dtype=value_dtype)
-    r_huge = _native.mine(str(huge), **params)
-    r_tiny = _native.mine(str(tiny), **params)
+    r_huge = mine(huge, **params)
+    r_tiny = mine(tiny, **params)
     assert_matches_reference(r_huge, want, k, hb, sb, s, sample_seed)
     for key, value in r_huge.items():
         if key.startswith("t_"):
@@ -123,7 +123,7 @@ def test_quantile_samples_cover_every_activation_level(tmp_path):
     dense[:, 0] = rng.uniform(0, 10, 4000)  # spread over all levels
     dense[:100, 1] = 1.0  # one value: everything in the top bin
     path = write_store(tmp_path / "f.zarr", dense, shard_rows=512, value_dtype="float32")
-    r = _native.mine(str(path), sample_bins=10, samples_per_bin=7, k=3)
+    r = mine(path, sample_bins=10, samples_per_bin=7, k=3)
     f0 = r["sample_feature"] == 0
     assert np.array_equal(np.bincount(r["sample_bin"][f0], minlength=10), [7] * 10)
     edges = r["sample_edges"].reshape(2, 11)[0]
@@ -158,7 +158,7 @@ def test_two_mining_calls_from_two_threads_overlap(tmp_path):
     keep = np.concatenate([np.ones((rows, 1), bool), np.diff(feature, axis=1) > 0], axis=1)
     counts = keep.sum(1)
     row_ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    w = _native.FeatureStoreWriter(str(tmp_path / "f.zarr"), d, shard_rows=4096)
+    w = _native.FeatureStoreWriter(str(tmp_path / "f.zarr"), d, value_dtype="float16", shard_rows=4096, spec_json="{}", threads=2)
     w.append(row_ptr, feature[keep].astype(np.int64), rng.exponential(1, int(counts.sum())).astype(np.float32))
     w.finish()
     barrier = threading.Barrier(2)
@@ -166,7 +166,7 @@ def test_two_mining_calls_from_two_threads_overlap(tmp_path):
 
     def run() -> None:
         barrier.wait()
-        r = _native.mine(str(tmp_path / "f.zarr"), k=32, samples_per_bin=20)
+        r = mine(tmp_path / "f.zarr", k=32, samples_per_bin=20)
         spans.append((r["t_start_ns"], r["t_end_ns"]))
 
     threads = [threading.Thread(target=run) for _ in range(2)]
@@ -181,7 +181,28 @@ def test_two_mining_calls_from_two_threads_overlap(tmp_path):
 def test_progress_counts_both_passes(tmp_path):
     path = write_store(tmp_path / "f.zarr", random_dense(3, 100, 8, 0.3, False), shard_rows=10)
     progress = _native.Progress()
-    _native.mine(str(path), progress=progress)
+    mine(path, progress=progress)
     assert progress.value == 20
-    _native.mine(str(path), progress=progress, second_pass=False)
+    mine(path, progress=progress, second_pass=False)
     assert progress.value == 30
+
+
+def test_mine_returns_the_shape_its_stub_declares(tmp_path):
+    """``_native.pyi`` types mine's dict as ``_MineResult``; stubtest does not look inside a returned dict,
+    so every key, Python type and NumPy dtype is compared with a real result here."""
+    import ast
+    from importlib import resources
+
+    stub = ast.parse(resources.files("saecore").joinpath("_native.pyi").read_text())
+    (cls,) = [n for n in stub.body if isinstance(n, ast.ClassDef) and n.name == "_MineResult"]
+    declared = {n.target.id: ast.unparse(n.annotation) for n in cls.body if isinstance(n, ast.AnnAssign)}
+    path = write_store(tmp_path / "f.zarr", random_dense(1, 300, 12, 0.2, False), shard_rows=64)
+    r = mine(path, k=4, hist_bins=8, sample_bins=5, samples_per_bin=3, seed=0, second_pass=True,
+                     progress=None)
+    assert set(r) == set(declared)
+    for key, annotation in declared.items():
+        if annotation == "int":
+            assert type(r[key]) is int, key
+        else:
+            dtype = annotation.removeprefix("npt.NDArray[numpy.").removesuffix("]")
+            assert isinstance(r[key], np.ndarray) and r[key].dtype == np.dtype(dtype), (key, r[key].dtype, dtype)

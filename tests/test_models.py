@@ -93,4 +93,4 @@ def test_builtin_cache_is_keyed_by_gguf_checksum_and_16_bit(smollm2):
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
         key = next(iter(f.keys()))
         assert f.get_tensor(key).dtype == torch.float16
-    assert not list(folder.parent.glob(".*converting"))  # no half-written conversion left behind
+    assert not list(folder.parent.glob(".*.partial"))  # no half-written conversion left behind

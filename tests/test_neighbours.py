@@ -190,11 +190,13 @@ def test_errors_name_the_problem(device):
 
 def test_native_rejects_bad_arrays_directly():
     with pytest.raises(ValueError, match=r"matrix a: expected a 2-D float32"):
-        _native.neighbours_top_k(np.ones((3, 3), dtype=np.float64), None, 1)
+        _native.neighbours_top_k(np.ones((3, 3), dtype=np.float64), None, 1, tile=None, name_a="a", name_b="b")
     with pytest.raises(ValueError, match=r"matrix a: array must be C-contiguous"):
-        _native.neighbours_top_k(np.ones((3, 4), dtype=np.float32)[:, ::2], None, 1)
+        _native.neighbours_top_k(np.ones((3, 4), dtype=np.float32)[:, ::2], None, 1, tile=None, name_a="a", name_b="b")
     with pytest.raises(ValueError, match=r"max_pairs = 3"):
-        _native.neighbours_threshold(np.ones((3, 2), dtype=np.float32), None, 0.5, max_pairs=3)
+        _native.neighbours_threshold(
+            np.ones((3, 2), dtype=np.float32), None, 0.5, max_pairs=3, tile=None, name_a="a", name_b="b"
+        )
 
 
 def test_calls_release_the_gil():

@@ -28,7 +28,7 @@ from pages_testdata import (
     make_run,
     word_tokenizer,
 )
-from saecore import CorruptDataError, pages
+from saecore import CorruptDataError, index, pages
 from saecore.pages import build_pages, feature_href, make_server
 
 
@@ -127,7 +127,7 @@ def test_window_stops_at_the_document_boundary(built):
 def test_contiguous_span_matches_a_loop(same, data):
     centre = data.draw(st.integers(0, same.shape[1] - 1))
     same[:, centre] = True
-    lo, hi = pages._contiguous_span(same, centre)
+    lo, hi = index._contiguous_span(same, centre)
     for r in range(same.shape[0]):
         a = centre
         while a > 0 and same[r, a - 1]:
@@ -143,7 +143,8 @@ def test_context_windows_do_not_depend_on_the_block_size(built):
 
     store = ActivationStore(built.run / "activations.zarr")
     rows = np.flatnonzero(built.acts.max(1) > 0)
-    examples = [pages.Example(int(r), int(built.doc_ids[r]), int(built.positions[r]), 1.0, 0) for r in rows]
+    examples = [pages.Example(feature=0, row=int(r), doc_id=int(built.doc_ids[r]), position=int(built.positions[r]),
+                              value=1.0, rank=0) for r in rows]
     small = pages.ContextReader(store, block_rows=16)  # many blocks, windows across block edges
     whole = pages.ContextReader(store)
     for reader in (small, whole):

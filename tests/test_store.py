@@ -12,9 +12,8 @@ import pytest
 import saecore
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from saecore import _native
 from saecore.features import FeatureStore, build_csc, dense_to_csr, open_writer
-from sparse_testdata import random_dense, stored, write_store
+from sparse_testdata import mine, random_dense, stored, write_store
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -120,7 +119,7 @@ def test_a_reader_sees_only_committed_shards(tmp_path):
     early = FeatureStore(tmp_path / "f.zarr")
     assert (early.num_shards, early.n_rows, early.complete) == (2, 40, False)
     with pytest.raises(ValueError, match="incomplete"):
-        _native.mine(str(tmp_path / "f.zarr"))
+        mine(tmp_path / "f.zarr")
     w = open_writer(tmp_path / "f.zarr", 8, {}, shard_rows=20)
     w.append(*dense_to_csr(dense[40:]))
     w.finish()
@@ -149,7 +148,7 @@ def test_damaged_shards_are_detected_and_named(tmp_path, damage, message):
     with pytest.raises(saecore.CorruptDataError, match="shard 000001"):
         fs.verify()
     with pytest.raises(saecore.CorruptDataError, match="shard 000001"):
-        _native.mine(str(path))
+        mine(path)
 
 
 def test_a_damaged_manifest_is_reported(tmp_path):

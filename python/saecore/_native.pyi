@@ -1,12 +1,14 @@
-"""Type stubs of the Rust extension module saecore._native (kept in step by hand; checked by stubtest)."""
+"""Type stubs of the Rust extension module saecore._native (kept in step by hand; checked by stubtest).
 
-from typing import final
+No argument has a default here: the defaults live once, in the config dataclasses that call these."""
+
+from typing import TypedDict, final
 
 import numpy
+import numpy.typing as npt
 from typing_extensions import Self
 
 __all__ = [
-    "CorruptDataError",
     "FeatureStoreReader",
     "FeatureStoreWriter",
     "Progress",
@@ -21,15 +23,12 @@ __all__ = [
 
 __version__: str
 
-class CorruptDataError(ValueError):
-    """Data on disk failed a checksum, is truncated, or does not parse."""
-
 def num_threads() -> int:
     """Number of threads the core's pool uses (SAECORE_NUM_THREADS caps it)."""
 
 # --- neighbours (geometry helper) ---
 def neighbours_top_k(
-    a: numpy.ndarray, b: numpy.ndarray | None, k: int, *, tile: int | None = None, name_a: str = "a", name_b: str = "b"
+    a: numpy.ndarray, b: numpy.ndarray | None, k: int, *, tile: int | None, name_a: str, name_b: str
 ) -> tuple[numpy.ndarray, numpy.ndarray]:
     """Top-k cosine neighbours of a's rows in b (or in a, itself excluded): (indices u32 [n,k], cosines f32 [n,k]).
     a, b: C-contiguous float32, or uint16 holding float16 bits."""
@@ -39,10 +38,10 @@ def neighbours_threshold(
     b: numpy.ndarray | None,
     threshold: float,
     *,
-    max_pairs: int = 100_000_000,
-    tile: int | None = None,
-    name_a: str = "a",
-    name_b: str = "b",
+    max_pairs: int,
+    tile: int | None,
+    name_a: str,
+    name_b: str,
 ) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
     """All pairs with cosine >= threshold: (rows u32, cols u32, cosines f32), by row, cosine desc, col."""
 
@@ -52,7 +51,7 @@ class FeatureStoreWriter:
     """Appends CSR batches to a feature store (creates it, or resumes after its last committed shard)."""
 
     def __new__(
-        cls, path: str, d_sae: int, *, value_dtype: str = "float16", shard_rows: int = 16384, spec_json: str = "{}", threads: int = 2
+        cls, path: str, d_sae: int, *, value_dtype: str, shard_rows: int, spec_json: str, threads: int
     ) -> Self: ...
     @property
     def rows_at_open(self) -> int: ...
@@ -95,9 +94,8 @@ class FeatureStoreReader:
     def activations(self, feature: int) -> tuple[numpy.ndarray, numpy.ndarray]:
         """(rows u64, values f32) of one feature from the feature-major copy."""
 
-def build_csc(path: str, *, mem_budget_bytes: int = ..., chunk_elems: int = ...) -> str:
-    """Build the feature-major copy of a complete store (no-op if present); returns the manifest JSON.
-    Defaults: mem_budget_bytes 1 GiB, chunk_elems 1,048,576."""
+def build_csc(path: str, *, mem_budget_bytes: int, chunk_elems: int) -> str:
+    """Build the feature-major copy of a complete store (no-op if present); returns the manifest JSON."""
 
 @final
 class Progress:
@@ -107,17 +105,58 @@ class Progress:
     @property
     def value(self) -> int: ...
 
+class _MineResult(TypedDict):
+    """What :func:`mine` returns (a plain dict at runtime; this type exists only for checkers).
+
+    Per feature (``[d_sae]``): ``count``, ``sum``, ``max``, ``min``; ``hist_*`` and ``sample_edges`` are
+    ``[d_sae, bins (+1)]`` flattened row-major. ``top_*`` hold one entry per top-k example in (feature,
+    rank) order, ``sample_*`` one per quantile sample in (feature, bin, value desc, row asc) order.
+    """
+
+    n_rows: int
+    """Token rows mined."""
+    d_sae: int
+    """Features in the store."""
+    t_start_ns: int
+    """Wall clock (ns since the epoch) when the Rust work began, with the GIL released."""
+    t_end_ns: int
+    """Wall clock when it ended."""
+    count: npt.NDArray[numpy.uint64]
+    """Nonzero activations per feature."""
+    sum: npt.NDArray[numpy.float64]
+    """Sum of each feature's activations."""
+    max: npt.NDArray[numpy.float32]
+    """Largest activation per feature (0 when it never fires)."""
+    min: npt.NDArray[numpy.float32]
+    """Smallest nonzero activation per feature (0 when it never fires)."""
+    top_feature: npt.NDArray[numpy.uint32]
+    top_rank: npt.NDArray[numpy.uint16]
+    """Rank within the feature (0 = largest value)."""
+    top_row: npt.NDArray[numpy.uint64]
+    """Token row of the activation store."""
+    top_value: npt.NDArray[numpy.float32]
+    hist_edges: npt.NDArray[numpy.float32]
+    """``[d_sae * (hist_bins + 1)]`` log-spaced bin edges."""
+    hist_counts: npt.NDArray[numpy.uint64]
+    """``[d_sae * hist_bins]``."""
+    sample_edges: npt.NDArray[numpy.float32]
+    """``[d_sae * (sample_bins + 1)]`` sample-bin edges, ``max * b / sample_bins``."""
+    sample_feature: npt.NDArray[numpy.uint32]
+    sample_bin: npt.NDArray[numpy.uint16]
+    sample_row: npt.NDArray[numpy.uint64]
+    sample_value: npt.NDArray[numpy.float32]
+
 def mine(
     path: str,
     *,
-    k: int = 20,
-    hist_bins: int = 32,
-    sample_bins: int = 10,
-    samples_per_bin: int = 10,
-    seed: int = 0,
-    second_pass: bool = True,
-    progress: Progress | None = None,
-) -> dict[str, object]:
+    k: int,
+    hist_bins: int,
+    sample_bins: int,
+    samples_per_bin: int,
+    seed: int,
+    second_pass: bool,
+    progress: Progress | None,
+) -> _MineResult:
     """Statistics, histograms, top-k and quantile samples of every feature (numpy arrays in a dict)."""
 
 def density_histogram(count: numpy.ndarray, n_rows: int, n_bins: int) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,11 +29,12 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ._atomic import write_json
+from ._atomic import publish_dir, write_json
 from .errors import StoreError, StoreMismatchError
+from .run import STORE_COMMIT_FILE
 
 FORMAT = "saecore.activations/1"
-COMMIT_FILE = "commit.json"
+COMMIT_FILE = STORE_COMMIT_FILE
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -78,10 +78,6 @@ def _encode_rows(block: np.ndarray, dtype: str, hook: str) -> np.ndarray:
 def hook_array_name(hook: str) -> str:
     """Zarr array name of a hook point (hook names may contain dots, which zarr allows)."""
     return f"acts/{hook}"
-
-
-def _write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    write_json(path, payload)
 
 
 def _spec_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -184,10 +180,17 @@ class ActivationStoreWriter:
         cls, path: Path, spec: dict[str, Any], hook_dims: Mapping[str, int], capacity_rows: int, chunk_rows: int
     ) -> ActivationStoreWriter:
         # Build the empty store beside its final name and rename it into place, so a crash during
-        # creation never leaves a folder that looks like a store.
-        path.parent.mkdir(parents=True, exist_ok=True)
-        staging = path.with_name(f".{path.name}.{uuid.uuid4().hex}.creating")
-        capacity_rows = max(int(capacity_rows), 1)
+        # creation never leaves a folder that looks like a store. An empty folder the user made for
+        # us is replaced; a store another process published meanwhile is not (FileExistsError).
+        with publish_dir(path, if_exists="error") as staging:
+            state = cls._create_arrays(staging, spec, hook_dims, max(int(capacity_rows), 1), chunk_rows)
+        return cls(path, zarr.open_group(str(path), mode="r+"), spec, state, chunk_rows)
+
+    @staticmethod
+    def _create_arrays(
+        staging: Path, spec: dict[str, Any], hook_dims: Mapping[str, int], capacity_rows: int, chunk_rows: int
+    ) -> CommitState:
+        """Write an empty store (arrays, spec, commit record) into ``staging``; returns its commit state."""
         group = zarr.open_group(str(staging), mode="w", zarr_format=3)
         compressors = [zarr.codecs.ZstdCodec(level=3)]
         for hook in spec["hooks"]:
@@ -206,11 +209,8 @@ class ActivationStoreWriter:
             )
         group.attrs["saecore_spec"] = spec
         state = CommitState(batches_done=0, rows_committed=0, sum_sq_norm={h: 0.0 for h in spec["hooks"]})
-        _write_json_atomic(staging / COMMIT_FILE, state.to_json())
-        if path.exists():
-            path.rmdir()  # an empty folder the user made for us
-        os.replace(staging, path)
-        return cls(path, zarr.open_group(str(path), mode="r+"), spec, state, chunk_rows)
+        write_json(staging / COMMIT_FILE, state.to_json())
+        return state
 
     # -- writing ---------------------------------------------------------------------------------
     @property
@@ -272,7 +272,7 @@ class ActivationStoreWriter:
         for k, v in self._buffered_counters.items():
             counters[k] = counters.get(k, 0) + v
         new_state = CommitState(self.state.batches_done + self._buffered_batches, stop, sum_sq, counters=counters)
-        _write_json_atomic(self.path / COMMIT_FILE, new_state.to_json())
+        write_json(self.path / COMMIT_FILE, new_state.to_json())
         self.state = new_state
         self._buffer.clear()
         self._buffered_batches = 0
@@ -309,7 +309,7 @@ class ActivationStoreWriter:
         self.state = CommitState(
             self.state.batches_done, rows, self.state.sum_sq_norm, complete=True, counters=self.state.counters
         )
-        _write_json_atomic(self.path / COMMIT_FILE, self.state.to_json())
+        write_json(self.path / COMMIT_FILE, self.state.to_json())
         return ActivationStore(self.path)
 
 
@@ -355,7 +355,8 @@ class ActivationStore:
         dims = ", ".join(f"{h}: {self.d_model(h)}" for h in self.hooks)
         return f"ActivationStore({str(self.path)!r}, rows={self.num_rows}, {dims})"
 
-    def _check_hook(self, hook: str | None) -> str:
+    def resolve_hook(self, hook: str | None) -> str:
+        """``hook`` checked against the store's hooks; None means the store's only hook."""
         if hook is None:
             if len(self.hooks) != 1:
                 raise ValueError(f"{self.path}: store holds hooks {self.hooks}; name one")
@@ -366,15 +367,15 @@ class ActivationStore:
 
     def d_model(self, hook: str | None = None) -> int:
         """Width of the activations at ``hook``."""
-        return int(self.attrs["d_model"][self._check_hook(hook)])
+        return int(self.attrs["d_model"][self.resolve_hook(hook)])
 
     def mean_squared_norm(self, hook: str | None = None) -> float:
         """Mean ‖x‖² over all rows at ``hook`` (Anthropic's input scaling divides by its square root)."""
-        return float(self.attrs["mean_squared_norm"][self._check_hook(hook)])
+        return float(self.attrs["mean_squared_norm"][self.resolve_hook(hook)])
 
     def array(self, hook: str | None = None) -> zarr.Array:
         """The raw zarr array of activations at ``hook`` ([N, d]); uint16 bit patterns for bfloat16 stores."""
-        return self._group[hook_array_name(self._check_hook(hook))]
+        return self._group[hook_array_name(self.resolve_hook(hook))]
 
     @property
     def chunk_rows(self) -> int:

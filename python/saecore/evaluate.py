@@ -22,28 +22,30 @@ Definitions (pinned; also in docs/training.md). Sums run over the evaluated toke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import models
 from ._atomic import write_json
 from .activations import ActivationStore
+from .config import add_arguments, from_args, option, validate
+from .devices import default_device
+from .run import CFG_FILE, METRICS_FILE
 from .sae import SAE
 
-METRICS_FILENAME = "metrics.json"
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    write_json(path, payload)
+METRICS_FILENAME = METRICS_FILE
 
 
 def _training_facts(sae_dir: Path) -> dict[str, Any]:
-    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    cfg = json.loads((sae_dir / CFG_FILE).read_text())
     return ((cfg.get("metadata") or {}).get("saecore") or {})
 
 
@@ -167,27 +169,47 @@ def spliced_metrics(model: Any, sae: SAE, input_ids: np.ndarray, batch_size: int
     }
 
 
+@dataclass
+class EvalConfig:
+    """How ``saecore eval`` measures an SAE (the SAE, store, model and corpus aside)."""
+
+    n_contexts: int = option(16, ge=1, le=1 << 20, flag="--contexts")
+    """Held-out contexts for the CE-loss recovered and KL."""
+
+    context_length: int | None = option(None, ge=2, le=1 << 17)
+    """Tokens per held-out context; unset: the store's context length."""
+
+    splice: bool = option(True, flag="--no-splice")
+    """Splice the SAE into the model for CE-loss recovered and KL (--no-splice: no model needed)."""
+
+    device: str | None = None
+    """Torch device; unset: CUDA when present, else the CPU."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def evaluate(
     sae_dir: str | os.PathLike[str],
     store: ActivationStore | str | os.PathLike[str] | None = None,
     model: Any = None,
     *,
     rows: tuple[int, int] | None = None,
-    n_contexts: int = 16,
-    context_length: int | None = None,
     corpus: Any = None,
-    splice: bool = True,
-    device: str | None = None,
     write: bool = True,
+    cfg: EvalConfig | None = None,
+    **overrides: Any,
 ) -> dict[str, Any]:
     """Evaluate the SAE in ``sae_dir``; write ``metrics.json`` beside it (atomically) and return the metrics.
 
     ``store``: defaults to the one it was trained on; ``rows``: defaults to the trainer's holdout (the
     whole store if it had none). ``model``: a name/path or ``(model, tokenizer)``; defaults to the SAE's
-    ``model_name``; ``splice=False`` skips the CE/KL part (no model needed).
+    ``model_name``. ``cfg`` (:class:`EvalConfig`) or single-field ``overrides`` (``splice=False`` skips
+    the CE/KL part: no model needed).
     """
+    cfg = dataclasses.replace(cfg or EvalConfig(), **overrides)
     sae_dir = Path(sae_dir)
-    dev = torch.device(device) if device else (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    dev = default_device(cfg.device)
     sae = SAE.load(sae_dir, device=dev)
     facts = _training_facts(sae_dir)
     if store is None:
@@ -210,24 +232,15 @@ def evaluate(
     if "dead_fraction" in facts:
         metrics["train_dead_fraction"] = facts["dead_fraction"]
         metrics["train_dead_window_tokens"] = facts.get("dead_window_tokens")
-    if splice:
-        m, tok = _load_model(model if model is not None else sae.cfg.model_name, dev)
-        ids, held_out = held_out_contexts(store, tok, n_contexts, context_length, corpus)
+    if cfg.splice:
+        model = model if model is not None else sae.cfg.model_name
+        m, tok = model if isinstance(model, tuple) else models.load(model, device=dev)
+        ids, held_out = held_out_contexts(store, tok, cfg.n_contexts, cfg.context_length, corpus)
         metrics.update(spliced_metrics(m, sae, ids))
         metrics["text_held_out"] = held_out
     if write:
-        _write_json_atomic(sae_dir / METRICS_FILENAME, metrics)
+        write_json(sae_dir / METRICS_FILENAME, metrics)
     return metrics
-
-
-def _load_model(model: Any, device: torch.device) -> tuple[Any, Any]:
-    if isinstance(model, tuple):
-        return model
-    from . import models
-
-    m, tok = models.load(model, device=device)
-    m.eval()
-    return m, tok
 
 
 def format_table(metrics: dict[str, Any]) -> str:
@@ -248,17 +261,11 @@ def cli_configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None, help="activation store (default: the one it was trained on)")
     parser.add_argument("--model", default=None, help="model name or HF folder (default: the SAE's model_name)")
     parser.add_argument("--corpus", default=None, help="text for CE/KL (default: the store's corpus past the harvested part)")
-    parser.add_argument("--contexts", type=int, default=16, help="held-out contexts for CE/KL")
-    parser.add_argument("--context-length", type=int, default=None)
-    parser.add_argument("--no-splice", action="store_true", help="skip CE-loss recovered and KL (no model needed)")
-    parser.add_argument("--device", default=None)
+    add_arguments(parser, EvalConfig)
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    metrics = evaluate(
-        args.sae, args.store, args.model, n_contexts=args.contexts, context_length=args.context_length,
-        corpus=args.corpus, splice=not args.no_splice, device=args.device,
-    )
+    metrics = evaluate(args.sae, args.store, args.model, corpus=args.corpus, cfg=from_args(EvalConfig, args))
     print(format_table(metrics))
     print(f"wrote {Path(args.sae) / METRICS_FILENAME}")
     return 0

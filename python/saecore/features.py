@@ -22,7 +22,7 @@ import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 
@@ -140,8 +140,16 @@ class FeatureStore:
         return np.concatenate(ptrs), feature, value
 
 
+# The store's defaults, declared once: EncodeConfig and these functions use them; the binding has none.
+VALUE_DTYPE: Final = "float16"
+SHARD_ROWS = 16384
+WRITER_THREADS = 2
+CSC_MEM_BUDGET_BYTES = 1 << 30
+CSC_CHUNK_ELEMS = 1 << 20
+
+
 def build_csc(
-    path: str | os.PathLike[str], *, mem_budget_bytes: int = 1 << 30, chunk_elems: int = 1 << 20
+    path: str | os.PathLike[str], *, mem_budget_bytes: int = CSC_MEM_BUDGET_BYTES, chunk_elems: int = CSC_CHUNK_ELEMS
 ) -> dict[str, Any]:
     """Build the feature-major copy of a complete store (a no-op when it exists); returns the manifest.
 
@@ -155,9 +163,9 @@ def open_writer(
     d_sae: int,
     spec: dict[str, Any],
     *,
-    value_dtype: str = "float16",
-    shard_rows: int = 16384,
-    threads: int = 2,
+    value_dtype: str = VALUE_DTYPE,
+    shard_rows: int = SHARD_ROWS,
+    threads: int = WRITER_THREADS,
 ) -> _native.FeatureStoreWriter:
     """Create or resume a store. Reopening with another ``spec``/``d_sae``/dtype/shard size raises
     ValueError naming each difference."""

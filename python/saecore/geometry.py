@@ -22,13 +22,17 @@ from __future__ import annotations
 import argparse
 import os
 import warnings
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from . import _native
+from . import _native, run, tables
+from ._atomic import atomic_target, write_parquet
+from .config import add_arguments, from_args, option, validate
+from .devices import default_device
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -37,8 +41,6 @@ if TYPE_CHECKING:
 DEFAULT_MAX_PAIRS = 100_000_000
 """Threshold mode's cap on the number of pairs returned (the output can grow with n²)."""
 
-NEIGHBOURS_SCHEMA_FIELDS = (("feature", "uint32"), ("rank", "uint16"), ("other_sae", "string"),
-                            ("neighbour", "uint32"), ("cosine", "float32"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -67,9 +69,9 @@ def neighbours(
     (threads: ``SAECORE_NUM_THREADS``); ``"cuda"``/``"cuda:N"`` runs the blocks through PyTorch.
     A zero row has cosine 0 with everything; a NaN or infinite element is a ValueError naming the row.
     """
-    device = _pick_device(device)
-    if device != "cpu":
-        return _torch_neighbours(a, b, k, threshold, device, max_pairs=max_pairs, names=names)
+    dev = default_device(device)
+    if dev.type != "cpu":
+        return _torch_neighbours(a, b, k, threshold, dev, max_pairs=max_pairs, names=names)
     na, nb = names
     a_in = _native_input(a, na)
     b_in = None if b is None else _native_input(b, nb)
@@ -78,14 +80,6 @@ def neighbours(
     return _native.neighbours_threshold(
         a_in, b_in, float(threshold), max_pairs=int(max_pairs), tile=tile, name_a=na, name_b=nb
     )
-
-
-def _pick_device(device: str | None) -> str:
-    if device is not None:
-        return str(device)
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:
@@ -120,7 +114,7 @@ def _native_input(x: Any, name: str) -> np.ndarray:
     return np.ascontiguousarray(x)
 
 
-def _torch_unit_rows(x: Any, name: str, device: str) -> torch.Tensor:
+def _torch_unit_rows(x: Any, name: str, device: str | torch.device) -> torch.Tensor:
     """Rows scaled to unit norm on ``device`` in float32; zero rows stay zero; NaN/inf → ValueError."""
     torch = _torch()
     t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(_to_numpy(x, name)))
@@ -141,7 +135,7 @@ def _torch_neighbours(
     b: Any | None,
     k: int,
     threshold: float | None,
-    device: str,
+    device: str | torch.device,
     *,
     max_pairs: int = DEFAULT_MAX_PAIRS,
     names: tuple[str, str] = ("a", "b"),
@@ -156,43 +150,67 @@ def _torch_neighbours(
     na, nb = names
     ua = _torch_unit_rows(a, na, device)
     ub = ua if b is None else _torch_unit_rows(b, nb, device)
+    _check_torch_shapes(ua, ub, k if threshold is None else None, names, itself=b is None)
+    blocks = _score_blocks(ua, ub, itself=b is None, rows_per_block=max(1, block_elements // max(ub.shape[0], 1)))
+    with torch.no_grad():
+        if threshold is None:
+            return _top_k_of_blocks(blocks, k)
+        return _pairs_of_blocks(blocks, threshold, max_pairs)
+
+
+def _check_torch_shapes(ua: torch.Tensor, ub: torch.Tensor, k: int | None, names: tuple[str, str], itself: bool) -> None:
+    """Same widths, and (top-k mode, ``k`` given) 1 <= k <= the candidates each row has."""
+    na, nb = names
     if ua.shape[1] != ub.shape[1]:
         raise ValueError(
             f"matrices {na} ({ua.shape[0]} x {ua.shape[1]}) and {nb} ({ub.shape[0]} x {ub.shape[1]}) "
             "have different vector widths d"
         )
     n_b = ub.shape[0]
-    if threshold is None:
-        limit = n_b if b is not None else n_b - 1
-        if not 1 <= k <= limit:
-            what = f"the {n_b} rows of {nb}" if b is not None else f"{n_b} - 1 = {limit} (the other rows of {na})"
-            raise ValueError(f"k = {k} must be between 1 and {what}")
-    rows_per_block = max(1, block_elements // max(n_b, 1))
-    out_i, out_c, out_r = [], [], []
+    limit = n_b - 1 if itself else n_b
+    if k is not None and not 1 <= k <= limit:
+        what = f"{n_b} - 1 = {limit} (the other rows of {na})" if itself else f"the {n_b} rows of {nb}"
+        raise ValueError(f"k = {k} must be between 1 and {what}")
+
+
+def _score_blocks(
+    ua: torch.Tensor, ub: torch.Tensor, itself: bool, rows_per_block: int
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, cosines [R, n_b]) of each block of ``rows_per_block`` rows of A against all of B."""
+    torch = _torch()
+    for r0 in range(0, ua.shape[0], rows_per_block):
+        scores = ua[r0 : r0 + rows_per_block] @ ub.T  # (R, n_b)
+        if itself:  # a row is not its own neighbour
+            diag = torch.arange(scores.shape[0], device=scores.device)
+            scores[diag, diag + r0] = -torch.inf
+        yield r0, scores
+
+
+def _top_k_of_blocks(blocks: Iterable[tuple[int, torch.Tensor]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    out_i, out_c = [], []
+    for _, scores in blocks:
+        idx, cos = _topk_ties_to_smaller_index(scores, k)
+        out_i.append(idx.to(_torch().int64).cpu().numpy().astype(np.uint32))
+        out_c.append(cos.cpu().numpy())
+    return np.concatenate(out_i), np.concatenate(out_c)
+
+
+def _pairs_of_blocks(
+    blocks: Iterable[tuple[int, torch.Tensor]], threshold: float, max_pairs: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every (row, col, cosine) with cosine >= ``threshold``, by row, cosine descending, column."""
+    out_r, out_i, out_c = [], [], []
     total = 0
-    with torch.no_grad():
-        for r0 in range(0, ua.shape[0], rows_per_block):
-            scores = ua[r0 : r0 + rows_per_block] @ ub.T  # (R, n_b)
-            if b is None:  # a row is not its own neighbour
-                diag = torch.arange(scores.shape[0], device=device)
-                scores[diag, diag + r0] = -torch.inf
-            if threshold is None:
-                idx, cos = _topk_ties_to_smaller_index(scores, k)
-                out_i.append(idx.to(torch.int64).cpu().numpy().astype(np.uint32))
-                out_c.append(cos.cpu().numpy())
-            else:
-                rr, cc = (scores >= threshold).nonzero(as_tuple=True)
-                total += rr.numel()
-                if total > max_pairs:
-                    raise ValueError(
-                        f"more than max_pairs = {max_pairs} pairs have cosine >= {threshold}; "
-                        "raise the threshold or max_pairs"
-                    )
-                out_r.append((rr + r0).cpu().numpy().astype(np.uint32))
-                out_i.append(cc.cpu().numpy().astype(np.uint32))
-                out_c.append(scores[rr, cc].cpu().numpy())
-    if threshold is None:
-        return np.concatenate(out_i), np.concatenate(out_c)
+    for r0, scores in blocks:
+        rr, cc = (scores >= threshold).nonzero(as_tuple=True)
+        total += rr.numel()
+        if total > max_pairs:
+            raise ValueError(
+                f"more than max_pairs = {max_pairs} pairs have cosine >= {threshold}; raise the threshold or max_pairs"
+            )
+        out_r.append((rr + r0).cpu().numpy().astype(np.uint32))
+        out_i.append(cc.cpu().numpy().astype(np.uint32))
+        out_c.append(scores[rr, cc].cpu().numpy())
     rows, cols, cos = (np.concatenate(x) if x else np.zeros(0, t) for x, t in
                        ((out_r, np.uint32), (out_i, np.uint32), (out_c, np.float32)))
     order = np.lexsort((cols, -cos.astype(np.float64), rows))
@@ -244,8 +262,8 @@ def load_directions(sae_dir: str | os.PathLike[str]) -> SAEDirections:
     from .sae import SAE
 
     path = Path(sae_dir)
-    if not (path / "cfg.json").is_file():
-        raise FileNotFoundError(f"{path}: not an SAE folder (no cfg.json)")
+    if not (path / run.CFG_FILE).is_file():
+        raise FileNotFoundError(f"{path}: not an SAE folder (no {run.CFG_FILE})")
     sae = SAE.load(path, device="cpu")
     return SAEDirections(
         name=path.name,
@@ -257,44 +275,30 @@ def load_directions(sae_dir: str | os.PathLike[str]) -> SAEDirections:
 
 
 def index_dir(sae_dir: Path) -> Path:
-    """``runs/NAME/index/SAE`` for ``runs/NAME/saes/SAE`` (else ``SAE_DIR/index``)."""
-    sae_dir = Path(sae_dir)
-    if sae_dir.parent.name == "saes":
-        return sae_dir.parent.parent / "index" / sae_dir.name
-    return sae_dir / "index"
+    """Where an SAE's tables go: :func:`saecore.run.sae_index_dir` (``runs/NAME/index/SAE``, else ``SAE_DIR/index``)."""
+    return run.sae_index_dir(sae_dir)
 
 
 def default_store(sae_dir: Path) -> Path | None:
     """The run's activation store, ``runs/NAME/activations.zarr``, when the SAE sits in a run folder."""
-    sae_dir = Path(sae_dir)
-    if sae_dir.parent.name == "saes":
-        store = sae_dir.parent.parent / "activations.zarr"
-        return store if store.exists() else None
-    return None
-
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> Path:
-    """Write ``table`` beside ``path`` and rename it into place, so readers never see half a file."""
-    from ._atomic import write_parquet
-
-    return write_parquet(table, path)
+    return run.sae_activation_store(sae_dir)
 
 
 def _save_figure_atomic(fig: Any, path: Path) -> Path:
-    from ._atomic import atomic_target
-
     with atomic_target(path) as tmp:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
     return path
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(figsize: tuple[float, float]) -> Any:
+    """A figure drawn on its own Agg canvas: files only, no display, and no pyplot, so the process-wide
+    matplotlib backend (a notebook's, say) is never changed and no figure is left open in pyplot."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -326,32 +330,48 @@ def neighbours_table(sae: SAEDirections, others: list[SAEDirections], k: int = 1
             "neighbour": pa.array(idx.reshape(-1).astype(np.uint32)),
             "cosine": pa.array(cos.reshape(-1).astype(np.float32)),
         }))
-    schema = pa.schema([(n, getattr(pa, t)()) for n, t in NEIGHBOURS_SCHEMA_FIELDS])
+    schema = tables.NEIGHBOURS.schema
     return pa.concat_tables(parts).cast(schema) if parts else schema.empty_table()
 
 
+@dataclass
+class NeighboursConfig:
+    """Options of ``saecore neighbours``."""
+
+    sae: Path
+    """SAE folder (runs/NAME/saes/SAE)."""
+
+    other: list[Path] = option(default_factory=list, append=True)
+    """Another SAE folder on the same hook to find neighbours in."""
+
+    k: int = option(10, ge=1, le=10_000)
+    """Neighbours per feature."""
+
+    out: Path | None = None
+    """Output Parquet file; unset: runs/NAME/index/SAE/neighbours.parquet."""
+
+    device: str | None = None
+    """cpu (Rust core) or cuda[:N] (PyTorch); unset: CUDA when present."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def cli_configure_neighbours(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sae", required=True, type=Path, help="SAE folder (runs/NAME/saes/SAE)")
-    parser.add_argument("--other", action="append", default=[], type=Path,
-                        help="another SAE folder on the same hook to find neighbours in (repeatable)")
-    parser.add_argument("--k", type=int, default=10, help="neighbours per feature (default 10)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output Parquet file (default runs/NAME/index/SAE/neighbours.parquet)")
-    parser.add_argument("--device", default=None, help="cpu (Rust core) or cuda[:N] (PyTorch); default: CUDA if present")
+    add_arguments(parser, NeighboursConfig)
 
 
 def cli_run_neighbours(args: argparse.Namespace) -> int:
-    if args.k < 1:
-        raise SystemExit("saecore neighbours: --k must be at least 1")
+    args = from_args(NeighboursConfig, args)  # checked; the same attribute names
     sae = load_directions(args.sae)
     others = [load_directions(p) for p in args.other]
     for o in others:
         if o.decoder.shape[1] != sae.decoder.shape[1]:
-            raise SystemExit(f"saecore neighbours: {o.path} has d_in {o.decoder.shape[1]}, "
+            raise ValueError(f"{o.path} has d_in {o.decoder.shape[1]}, "
                              f"{sae.path} has {sae.decoder.shape[1]}; neighbours need the same hook width")
     table = neighbours_table(sae, others, k=args.k, device=args.device)
-    out = args.out or index_dir(sae.path) / "neighbours.parquet"
-    write_parquet_atomic(table, out)
+    out = args.out or tables.NEIGHBOURS.path(index_dir(sae.path))
+    write_parquet(table, out)
     print(f"wrote {table.num_rows} rows to {out}")
     return 0
 
@@ -470,9 +490,9 @@ def splitting_families(table: pa.Table, min_cosine: float = 0.5) -> pa.Table:
 
 def plot_splitting(table: pa.Table, families: pa.Table, path: Path) -> Path:
     """Each small feature's best cosine in every larger SAE; family sizes; cosine vs co-activation."""
-    plt = _pyplot()
     has_jaccard = table["jaccard"].null_count < table.num_rows
-    fig, axes = plt.subplots(1, 3 if has_jaccard else 2, figsize=(15 if has_jaccard else 10, 4))
+    fig = _figure((15 if has_jaccard else 10, 4))
+    axes = fig.subplots(1, 3 if has_jaccard else 2)
     other = np.asarray(families["other_sae"].to_pylist(), dtype=object)
     best = families["best_cosine"].to_numpy()
     size = families["family_size"].to_numpy()
@@ -491,39 +511,61 @@ def plot_splitting(table: pa.Table, families: pa.Table, path: Path) -> Path:
             axes[2].scatter(cos[sel], jac[sel], s=3, alpha=0.3, label=str(name))
         axes[2].set(xlabel="decoder cosine", ylabel="co-activation (Jaccard)")
     fig.suptitle("Feature splitting: the smallest SAE's features in the larger SAEs")
-    path = _save_figure_atomic(fig, path)
-    plt.close(fig)
-    return path
+    return _save_figure_atomic(fig, path)
+
+
+@dataclass
+class SplittingConfig:
+    """Options of ``saecore splitting``."""
+
+    sae: list[Path] = option(append=True)
+    """SAE folder; give two or more of increasing size on the same store."""
+
+    k: int = option(5, ge=1, le=10_000)
+    """Neighbours per small feature in each larger SAE."""
+
+    min_cosine: float = option(0.5, ge=-1, le=1)
+    """Cosine that makes a neighbour a family member."""
+
+    store: Path | None = None
+    """Activation store for co-activation; unset: the run's activations.zarr if present."""
+
+    coact_tokens: int = option(20_000, ge=1, le=1 << 32)
+    """Tokens encoded for co-activation."""
+
+    coact: bool = option(True, flag="--no-coact")
+    """Measure co-activation (--no-coact: decoder cosine only)."""
+
+    out: Path | None = None
+    """Output folder; unset: index/<smallest SAE>/."""
+
+    device: str | None = None
+    """cpu or cuda[:N]; unset: CUDA when present."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if len(self.sae) < 2:
+            raise ValueError("give at least two --sae folders (smallest first or in any order)")
 
 
 def cli_configure_splitting(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sae", action="append", required=True, type=Path,
-                        help="SAE folder; give two or more of increasing size on the same store (repeatable)")
-    parser.add_argument("--k", type=int, default=5, help="neighbours per small feature in each larger SAE")
-    parser.add_argument("--min-cosine", type=float, default=0.5, help="cosine that makes a neighbour a family member")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="activation store for co-activation (default: the run's activations.zarr if present)")
-    parser.add_argument("--coact-tokens", type=int, default=20_000, help="tokens encoded for co-activation")
-    parser.add_argument("--no-coact", action="store_true", help="decoder cosine only")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default: index/<smallest SAE>/)")
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N]; default: CUDA if present")
+    add_arguments(parser, SplittingConfig)
 
 
 def cli_run_splitting(args: argparse.Namespace) -> int:
-    if len(args.sae) < 2:
-        raise SystemExit("saecore splitting: give at least two --sae folders (smallest first or in any order)")
+    args = from_args(SplittingConfig, args)  # checked; the same attribute names
     saes = sorted((load_directions(p) for p in args.sae), key=lambda s: s.d_sae)
     widths = {s.decoder.shape[1] for s in saes}
     if len(widths) != 1:
-        raise SystemExit("saecore splitting: the SAEs read different widths: "
+        raise ValueError("the SAEs read different widths: "
                          + ", ".join(f"{s.path} d_in={s.decoder.shape[1]}" for s in saes))
-    store = None if args.no_coact else (args.store or default_store(saes[0].path))
+    store = None if not args.coact else (args.store or default_store(saes[0].path))
     table = splitting_table(saes, k=args.k, device=args.device, store_path=store, coact_tokens=args.coact_tokens)
     families = splitting_families(table, args.min_cosine)
     out = args.out or index_dir(saes[0].path)
-    write_parquet_atomic(table, out / "splitting.parquet")
-    write_parquet_atomic(families, out / "splitting_families.parquet")
-    plot_splitting(table, families, out / "splitting.png")
+    write_parquet(table, out / run.SPLITTING_FILE)
+    write_parquet(families, out / run.SPLITTING_FAMILIES_FILE)
+    plot_splitting(table, families, out / run.SPLITTING_PLOT)
     for name in dict.fromkeys(families["other_sae"].to_pylist()):
         sel = np.asarray(families["other_sae"].to_pylist()) == name
         sizes = families["family_size"].to_numpy()[sel]
@@ -592,17 +634,15 @@ def geometry_baselines(sae: SAEDirections, covariance: np.ndarray | None = None,
 
 
 def plot_baselines(table: pa.Table, title: str, path: Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig = _figure((6.5, 4))
+    ax = fig.subplots()
     kinds = np.asarray(table["kind"].to_pylist(), dtype=object)
     values = table["max_cosine"].to_numpy()
     for kind in dict.fromkeys(kinds):
         ax.hist(values[kinds == kind], bins=60, range=(-0.05, 1.0), histtype="step", label=str(kind), density=True)
     ax.set(xlabel="max cosine to any other direction", ylabel="density", title=title)
     ax.legend()
-    path = _save_figure_atomic(fig, path)
-    plt.close(fig)
-    return path
+    return _save_figure_atomic(fig, path)
 
 
 def enc_dec_cosine(sae: SAEDirections) -> pa.Table:
@@ -614,8 +654,8 @@ def enc_dec_cosine(sae: SAEDirections) -> pa.Table:
     norms = np.linalg.norm(enc, axis=1) * np.linalg.norm(dec, axis=1)
     dots = np.einsum("ij,ij->i", enc, dec)
     cos = np.divide(dots, norms, out=np.zeros_like(dots), where=norms > 0)
-    return pa.table({"feature": pa.array(np.arange(len(cos), dtype=np.uint32)),
-                     "cosine": pa.array(cos.astype(np.float32))})
+    return tables.ENC_DEC_COSINE.table({"feature": pa.array(np.arange(len(cos), dtype=np.uint32)),
+                                        "cosine": pa.array(cos.astype(np.float32))})
 
 
 def feature_map(saes: list[SAEDirections], method: str = "umap", seed: int = 0) -> tuple[pa.Table, str]:
@@ -649,7 +689,7 @@ def feature_map(saes: list[SAEDirections], method: str = "umap", seed: int = 0) 
         xy = centred @ vt[:2].T
         if xy.shape[1] < 2:
             xy = np.pad(xy, ((0, 0), (0, 2 - xy.shape[1])))
-    return pa.table({
+    return tables.MAP.table({
         "feature": pa.array(np.concatenate([np.arange(s.d_sae, dtype=np.uint32) for s in saes])),
         "sae": pa.array([s.name for s in saes for _ in range(s.d_sae)], pa.string()),
         "x": pa.array(xy[:, 0].astype(np.float32)),
@@ -658,8 +698,8 @@ def feature_map(saes: list[SAEDirections], method: str = "umap", seed: int = 0) 
 
 
 def plot_map(table: pa.Table, method: str, path: Path) -> Path:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 6))
+    fig = _figure((6.5, 6))
+    ax = fig.subplots()
     sae = np.asarray(table["sae"].to_pylist(), dtype=object)
     x, y = table["x"].to_numpy(), table["y"].to_numpy()
     for name in dict.fromkeys(sae):
@@ -667,40 +707,58 @@ def plot_map(table: pa.Table, method: str, path: Path) -> Path:
         ax.scatter(x[sel], y[sel], s=3, alpha=0.6, label=str(name))
     ax.set(title=f"Decoder directions ({method})", xticks=[], yticks=[])
     ax.legend(markerscale=4)
-    path = _save_figure_atomic(fig, path)
-    plt.close(fig)
-    return path
+    return _save_figure_atomic(fig, path)
+
+
+@dataclass
+class GeometryConfig:
+    """Options of ``saecore geometry``."""
+
+    sae: list[Path] = option(append=True)
+    """SAE folder."""
+
+    store: Path | None = None
+    """Activation store for the covariance baseline; unset: the run's activations.zarr."""
+
+    max_tokens: int = option(50_000, ge=2, le=1 << 32)
+    """Tokens read for the covariance."""
+
+    map: Literal["umap", "pca", "none"] = "umap"
+    """2-D map method (umap: cosine metric; pca: fast fallback; none: skip)."""
+
+    seed: int = option(0, ge=0, lt=1 << 32)
+    """Seeds the random baselines and the map."""
+
+    device: str | None = None
+    """cpu or cuda[:N]; unset: CUDA when present."""
+
+    def __post_init__(self) -> None:
+        validate(self)
 
 
 def cli_configure_geometry(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sae", action="append", required=True, type=Path, help="SAE folder (repeatable)")
-    parser.add_argument("--store", type=Path, default=None,
-                        help="activation store for the covariance baseline (default: the run's activations.zarr)")
-    parser.add_argument("--max-tokens", type=int, default=50_000, help="tokens read for the covariance")
-    parser.add_argument("--map", choices=["umap", "pca", "none"], default="umap",
-                        help="2-D map method (umap: cosine metric; pca: fast fallback; none: skip)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu or cuda[:N]; default: CUDA if present")
+    add_arguments(parser, GeometryConfig)
 
 
 def cli_run_geometry(args: argparse.Namespace) -> int:
+    args = from_args(GeometryConfig, args)  # checked; the same attribute names
     saes = [load_directions(p) for p in args.sae]
     for sae in saes:
         out = index_dir(sae.path)
-        write_parquet_atomic(enc_dec_cosine(sae), out / "enc_dec_cosine.parquet")
+        write_parquet(enc_dec_cosine(sae), tables.ENC_DEC_COSINE.path(out))
         store = args.store or default_store(sae.path)
         cov = activation_covariance(store, sae.hook_name or None, args.max_tokens) if store else None
         table = geometry_baselines(sae, cov, seed=args.seed, device=args.device)
-        write_parquet_atomic(table, out / "geometry.parquet")
-        plot_baselines(table, f"{sae.name}: decoder geometry vs random baselines", out / "geometry.png")
+        write_parquet(table, out / run.GEOMETRY_FILE)
+        plot_baselines(table, f"{sae.name}: decoder geometry vs random baselines", out / run.GEOMETRY_PLOT)
         _print_baseline_summary(sae.name, table)
         if cov is None:
             print("  (no activation store found: covariance baseline skipped; pass --store)")
     if args.map != "none":
         table, method = feature_map(saes, args.map, seed=args.seed)
         for sae in saes:
-            write_parquet_atomic(table, index_dir(sae.path) / "map.parquet")
-            plot_map(table, method, index_dir(sae.path) / "map.png")
+            write_parquet(table, tables.MAP.path(index_dir(sae.path)))
+            plot_map(table, method, index_dir(sae.path) / run.MAP_PLOT)
         print(f"map ({method}) of {table.num_rows} directions written to map.parquet/map.png")
     return 0
 
@@ -717,5 +775,5 @@ def _print_baseline_summary(name: str, table: pa.Table) -> None:
 __all__ = [
     "SAEDirections", "activation_covariance", "coactivation", "enc_dec_cosine", "feature_map",
     "geometry_baselines", "load_directions", "max_cosines", "neighbours", "neighbours_table",
-    "splitting_families", "splitting_table", "write_parquet_atomic",
+    "splitting_families", "splitting_table",
 ]

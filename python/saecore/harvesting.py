@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,9 @@ from . import corpus as corpus_mod
 from . import hooks as hooks_mod
 from . import models
 from .activations import ActivationStore, ActivationStoreWriter, remove_store
-from .errors import SaecoreError, StoreError
+from .config import add_arguments, from_args, option, validate
+from .errors import StoreError
+from .run import STORE_COMMIT_FILE
 
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
 
@@ -168,16 +170,17 @@ def _check_output(out: Path) -> None:
 
 
 def _load_model(model: Any, device: str | torch.device | None, model_dtype: str | None) -> tuple[Any, Any, str]:
+    """(model, tokenizer, the name the store records so later stages can load the model again)."""
+    if isinstance(model, models.LoadedModel):
+        return model.model, model.tokenizer, model.name
     if isinstance(model, (tuple, list)):
         m, tok = model
-        name = getattr(m, "saecore_name", None) or getattr(m.config, "name_or_path", None) or type(m).__name__
-        return m, tok, str(name)
+        return m, tok, models.name_of(m)
     path = Path(str(model)).expanduser()
-    name = str(path.resolve()) if path.is_dir() else str(model)
     m, tok = models.load(model, device=device, dtype=model_dtype)
-    if not path.is_dir():
-        name = f"{model}@{models.model_dir(model).name.rsplit('-', 1)[-1][:16]}"  # name + GGUF checksum
-    return m, tok, name
+    if path.is_dir():
+        return m, tok, str(path.resolve())
+    return m, tok, f"{model}@{models.model_dir(model).name.rsplit('-', 1)[-1][:16]}"  # name + GGUF checksum
 
 
 def _special_ids(tokenizer: Any) -> np.ndarray:
@@ -187,114 +190,158 @@ def _special_ids(tokenizer: Any) -> np.ndarray:
     return np.array(sorted(ids), dtype=np.int64)
 
 
+# -- the config ----------------------------------------------------------------------------------------
+@dataclass
+class HarvestConfig:
+    """What a harvest captures and how (the model, corpus and output store aside)."""
+
+    hooks: list[str] = option(default_factory=lambda: [DEFAULT_HOOK], flag="--hook", append=True)
+    """Hook point to capture, e.g. blocks.6.hook_resid_post."""
+
+    context_length: int = option(128, ge=2, le=1 << 17)
+    """Tokens per context, the BOS token included."""
+
+    batch_size: int = option(8, ge=1, le=1 << 16)
+    """Contexts per forward pass (fixes the batch grid a resumed run relies on)."""
+
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    """Storage dtype of the activations."""
+
+    max_tokens: int | None = option(None, ge=1, le=1 << 48)
+    """Stop after this many tokens (whole contexts, at least one); unset: the whole corpus."""
+
+    exclude_bos: bool = option(True, flag="--keep-bos")
+    """Drop the BOS row of each context (--keep-bos stores it)."""
+
+    exclude_special: bool = option(True, flag="--keep-special")
+    """Drop rows of special tokens (--keep-special stores them)."""
+
+    norm_outlier_factor: float | None = option(None, gt=1.0)
+    """Drop tokens whose norm exceeds this many times the median norm of batch 0."""
+
+    device: str | None = None
+    """Torch device; unset: CUDA when present, else the CPU."""
+
+    model_dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    """Dtype the model runs in; unset: the loader's choice for the device."""
+
+    text_field: str = "text"
+    """JSONL field / table column holding the text."""
+
+    chunk_rows: int = option(4096, ge=1, le=1 << 24)
+    """Rows per stored chunk; rows are committed a chunk at a time."""
+
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        self.hooks = list(dict.fromkeys(self.hooks))
+        if not self.hooks:
+            raise ValueError("give at least one hook name, e.g. blocks.6.hook_resid_post")
+        validate(self)
+
+    @property
+    def max_contexts(self) -> int | None:
+        """Contexts to harvest (None: all); ``max_tokens`` rounded down to whole contexts, at least one."""
+        return None if self.max_tokens is None else max(1, self.max_tokens // self.context_length)
+
+
 # -- the public entry point --------------------------------------------------------------------------
 def harvest(
     model: Any = models.BUILTIN_MODEL,
     corpus: Any = "default",
-    hooks: Sequence[str] = (DEFAULT_HOOK,),
     out: str | os.PathLike[str] = "runs/harvest/activations.zarr",
-    context_length: int = 128,
-    batch_size: int = 8,
-    dtype: str = "float16",
-    max_tokens: int | None = None,
-    exclude_bos: bool = True,
-    exclude_special: bool = True,
-    norm_outlier_factor: float | None = None,
-    device: str | torch.device | None = None,
-    model_dtype: str | None = None,
-    text_field: str = "text",
-    chunk_rows: int = 4096,
-    progress: bool = True,
+    cfg: HarvestConfig | None = None,
 ) -> ActivationStore:
-    """Harvest activations at ``hooks`` over ``corpus`` into the Zarr store ``out`` and return it.
+    """Harvest activations of ``model`` over ``corpus`` into the Zarr store ``out`` and return it.
 
-    ``model``: a built-in name, a local HF folder, or a ``(model, tokenizer)`` pair. ``corpus``: a built-in
-    corpus name, path(s), or a :class:`saecore.corpus.Corpus`. ``max_tokens`` caps the tokens fed to the
-    model (rounded down to whole contexts, at least one). ``exclude_bos`` / ``exclude_special`` drop those rows;
-    ``norm_outlier_factor`` drops tokens whose norm exceeds that many times the median norm (measured on
-    the first batch). Rerunning the same call resumes an interrupted harvest; a different call into an
-    existing store raises :class:`saecore.StoreMismatchError` naming the differences.
+    ``model``: a built-in name, a local HF folder, or a ``(model, tokenizer)`` pair (recorded under the
+    ``name`` of a :class:`saecore.models.LoadedModel`, else its config's ``name_or_path``). ``corpus``: a built-in
+    corpus name, path(s), or a :class:`saecore.corpus.Corpus`. ``cfg`` (:class:`HarvestConfig`): hooks,
+    context length, storage dtype, exclusions… Rerunning the same call resumes an interrupted harvest; a
+    different call into an existing store raises :class:`saecore.StoreMismatchError` naming the differences.
     """
+    cfg = cfg or HarvestConfig()
     out = Path(out)
-    hooks = list(dict.fromkeys(hooks))
-    _check_args(hooks, context_length, batch_size, dtype, max_tokens, norm_outlier_factor)
     _check_output(out)
-    corp = corpus if isinstance(corpus, corpus_mod.Corpus) else corpus_mod.load(corpus, text_field=text_field)
+    corp = corpus if isinstance(corpus, corpus_mod.Corpus) else corpus_mod.load(corpus, text_field=cfg.text_field)
     corp.check_nonempty()
-    m, tok, model_name = _load_model(model, device, model_dtype)
-    dev = next(m.parameters()).device
-    points = [hooks_mod.resolve(m, h) for h in hooks]
-    max_contexts = None if max_tokens is None else max(1, max_tokens // context_length)
-
+    m, tok, model_name = _load_model(model, cfg.device, cfg.model_dtype)
+    points = [hooks_mod.resolve(m, h) for h in cfg.hooks]
     # Tokenize the first batch before creating anything, so a too-short corpus leaves no store behind.
-    batches = iter_batches(iter_contexts(iter(corp), tok, context_length), batch_size, max_contexts)
+    batches = iter_batches(iter_contexts(iter(corp), tok, cfg.context_length), cfg.batch_size, cfg.max_contexts)
     first = next(batches, None)
     if first is None:
         raise corpus_mod.CorpusError(
-            f"corpus {corp.name!r} is too short: it does not fill one context of {context_length} tokens"
+            f"corpus {corp.name!r} is too short: it does not fill one context of {cfg.context_length} tokens"
         )
-    # Everything that determines the store's content; a rerun must match it to resume.
-    spec = {
-        "model": model_name,
-        "model_dtype": str(next(m.parameters()).dtype).replace("torch.", ""),
-        "hooks": hooks,
-        "corpus_fingerprint": corp.fingerprint,
-        "context_length": context_length,
-        "batch_size": batch_size,
-        "dtype": dtype,
-        "max_tokens": max_tokens,
-        "prepend_bos": True,
-        "exclude_bos": exclude_bos,
-        "exclude_special": exclude_special,
-        "norm_outlier_factor": norm_outlier_factor,
-    }
-    d_model = int(m.config.hidden_size)
-    created = not (out / "commit.json").exists()
-    writer = ActivationStoreWriter.open(
-        out,
-        spec,
-        dict.fromkeys(hooks, d_model),
-        capacity_rows=(max_contexts or 1024) * context_length,
-        chunk_rows=chunk_rows,
-    )
+    created = not (out / STORE_COMMIT_FILE).exists()
+    writer = _open_writer(out, _store_spec(cfg, m, model_name, corp), int(m.config.hidden_size), cfg)
     if writer.state.complete:
         return ActivationStore(out)
-
     exclusions = Exclusions(
-        exclude_bos, _special_ids(tok) if exclude_special else np.zeros(0, np.int64), norm_outlier_factor
+        cfg.exclude_bos, _special_ids(tok) if cfg.exclude_special else np.zeros(0, np.int64), cfg.norm_outlier_factor
     )
-    medians: dict[str, float] | None = None
-
-    def forward(batch: Batch) -> dict[str, np.ndarray]:
-        nonlocal medians
-        acts = forward_batch(m, batch, hooks, dev)
-        if batch.index == 0:
-            for h, a in acts.items():
-                if a.shape[1] != d_model:
-                    raise ValueError(f"hook {h!r} gives width {a.shape[1]}, the model's hidden size is {d_model}")
-            if norm_outlier_factor is not None:
-                medians = _calibrate_norms(exclusions, batch, acts)
-                exclusions.norm_threshold = {h: norm_outlier_factor * v for h, v in medians.items()}
-        return acts
-
-    if norm_outlier_factor is not None and writer.batches_done > 0:
+    forward = _Forward(m, cfg.hooks, int(m.config.hidden_size), exclusions)
+    if cfg.norm_outlier_factor is not None and writer.batches_done > 0:
         forward(first)  # a resumed run recomputes batch 0's thresholds (the grid makes them identical)
     try:
-        _run_batches(
-            writer,
-            forward,
-            exclusions,
-            _chain_first(first, batches),
-            max_contexts,
-            batch_size,
-            context_length,
-            progress,
-        )
-        return writer.finish(_store_attrs(corp, exclusions, medians, points, tok))
+        _run_batches(writer, forward, exclusions, _chain_first(first, batches), cfg)
+        return writer.finish(_store_attrs(corp, exclusions, forward.medians, points, tok))
     except StoreError:
         if created and writer.state.rows_committed == 0:
             remove_store(out)  # nothing was harvested; leave no empty store behind
         raise
+
+
+def _store_spec(cfg: HarvestConfig, model: Any, model_name: str, corp: corpus_mod.Corpus) -> dict[str, Any]:
+    """Everything that determines the store's content; a rerun must match it to resume."""
+    return {
+        "model": model_name,
+        "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "hooks": cfg.hooks,
+        "corpus_fingerprint": corp.fingerprint,
+        "context_length": cfg.context_length,
+        "batch_size": cfg.batch_size,
+        "dtype": cfg.dtype,
+        "max_tokens": cfg.max_tokens,
+        "prepend_bos": True,
+        "exclude_bos": cfg.exclude_bos,
+        "exclude_special": cfg.exclude_special,
+        "norm_outlier_factor": cfg.norm_outlier_factor,
+    }
+
+
+def _open_writer(out: Path, spec: dict[str, Any], d_model: int, cfg: HarvestConfig) -> ActivationStoreWriter:
+    """Create the store, or reopen it to resume (refused when ``spec`` differs from the stored one)."""
+    return ActivationStoreWriter.open(
+        out,
+        spec,
+        dict.fromkeys(cfg.hooks, d_model),
+        capacity_rows=(cfg.max_contexts or 1024) * cfg.context_length,
+        chunk_rows=cfg.chunk_rows,
+    )
+
+
+class _Forward:
+    """Runs one batch to the hooks; on batch 0 it checks the widths and calibrates the norm threshold."""
+
+    def __init__(self, model: Any, hooks: list[str], d_model: int, exclusions: Exclusions):
+        self.model, self.hooks, self.d_model, self.exclusions = model, hooks, d_model, exclusions
+        self.device = next(model.parameters()).device
+        self.medians: dict[str, float] | None = None
+
+    def __call__(self, batch: Batch) -> dict[str, np.ndarray]:
+        acts = forward_batch(self.model, batch, self.hooks, self.device)
+        if batch.index == 0:
+            for h, a in acts.items():
+                if a.shape[1] != self.d_model:
+                    raise ValueError(f"hook {h!r} gives width {a.shape[1]}, the model's hidden size is {self.d_model}")
+            factor = self.exclusions.norm_outlier_factor
+            if factor is not None:
+                self.medians = _calibrate_norms(self.exclusions, batch, acts)
+                self.exclusions.norm_threshold = {h: factor * v for h, v in self.medians.items()}
+        return acts
 
 
 def _store_attrs(
@@ -318,45 +365,25 @@ def _store_attrs(
     }
 
 
-def _check_args(
-    hooks: Sequence[str], context_length: int, batch_size: int, dtype: str, max_tokens: int | None, factor: float | None
-) -> None:
-    if not hooks:
-        raise ValueError("give at least one hook name, e.g. blocks.6.hook_resid_post")
-    if context_length < 2:
-        raise ValueError(f"context_length must be at least 2 (a BOS token and one more), got {context_length}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if dtype not in ("float16", "bfloat16", "float32"):
-        raise ValueError(f"dtype must be float16, bfloat16 or float32, got {dtype!r}")
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be positive, got {max_tokens}")
-    if factor is not None and not factor > 1.0:
-        raise ValueError(f"norm_outlier_factor must be above 1 (a multiple of the median norm), got {factor}")
-
-
 def _run_batches(
     writer: ActivationStoreWriter,
     forward: Callable[[Batch], dict[str, np.ndarray]],
     exclusions: Exclusions,
     batches: Iterator[Batch],
-    max_contexts: int | None,
-    batch_size: int,
-    context_length: int,
-    progress: bool,
+    cfg: HarvestConfig,
 ) -> None:
     """Forward, filter and append every batch not yet committed."""
     from tqdm.auto import tqdm
 
-    done = writer.batches_done
-    total = None if max_contexts is None else max_contexts * context_length
+    done, context_length = writer.batches_done, cfg.context_length
+    total = None if cfg.max_contexts is None else cfg.max_contexts * context_length
     bar = tqdm(
         total=total,
-        initial=min(done * batch_size * context_length, total or 10**18),
+        initial=min(done * cfg.batch_size * context_length, total or 10**18),
         unit="tok",
         unit_scale=True,
         desc="harvest",
-        disable=not progress,
+        disable=not cfg.progress,
         file=sys.stderr,
         dynamic_ncols=True,
     )
@@ -394,62 +421,16 @@ def cli_configure(parser: argparse.ArgumentParser) -> None:
         default=["default"],
         help="built-in corpus (default, pydoc, shakespeare, fortunes) or .txt/.jsonl/.parquet/.arrow files or folders",
     )
-    parser.add_argument(
-        "--text-field", default="text", help="JSONL field / table column holding the text (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--hook", action="append", dest="hooks", help=f"hook point, repeatable (default: {DEFAULT_HOOK})"
-    )
     parser.add_argument("--out", required=True, help="output activation store, e.g. runs/NAME/activations.zarr")
-    parser.add_argument("--context-length", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16", help="storage dtype")
-    parser.add_argument("--max-tokens", type=int, default=None, help="stop after this many tokens (whole contexts)")
-    parser.add_argument("--keep-bos", action="store_true", help="store the BOS row of each context")
-    parser.add_argument("--keep-special", action="store_true", help="store rows of special tokens")
-    parser.add_argument(
-        "--norm-outlier-factor",
-        type=float,
-        default=None,
-        help="drop tokens whose norm exceeds this many times the median",
-    )
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if present, else cpu)")
-    parser.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    parser.add_argument(
-        "--chunk-rows",
-        type=int,
-        default=4096,
-        help="rows per stored chunk; rows are committed a chunk at a time (default: %(default)s)",
-    )
     parser.add_argument("--overwrite", action="store_true", help="delete an existing store at --out first")
-    parser.add_argument("--no-progress", action="store_true")
+    add_arguments(parser, HarvestConfig)
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    try:
-        if args.overwrite:
-            remove_store(args.out)
-        store = harvest(
-            model=args.model,
-            corpus=args.corpus if len(args.corpus) > 1 else args.corpus[0],
-            hooks=args.hooks or [DEFAULT_HOOK],
-            out=args.out,
-            context_length=args.context_length,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            max_tokens=args.max_tokens,
-            exclude_bos=not args.keep_bos,
-            exclude_special=not args.keep_special,
-            norm_outlier_factor=args.norm_outlier_factor,
-            device=args.device,
-            model_dtype=args.model_dtype,
-            text_field=args.text_field,
-            chunk_rows=args.chunk_rows,
-            progress=not args.no_progress,
-        )
-    except (SaecoreError, ValueError, OSError, ModuleNotFoundError) as e:
-        print(f"saecore harvest: error: {e}", file=sys.stderr)
-        return 2
+    cfg = from_args(HarvestConfig, args)
+    if args.overwrite:
+        remove_store(args.out)
+    store = harvest(args.model, args.corpus if len(args.corpus) > 1 else args.corpus[0], args.out, cfg)
     c = store.attrs.get("counters", {})
     print(
         f"{store.path}: {store.num_rows} rows x {', '.join(f'{h} [{store.d_model(h)}]' for h in store.hooks)}, "

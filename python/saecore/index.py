@@ -21,40 +21,69 @@ mining is two passes over the store; there is nothing worth resuming).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from . import _atomic, _native
+from . import _atomic, _native, tables
 from .activations import ActivationStore
+from .config import add_arguments, from_args, option, validate
 from .features import Activations, FeatureStore, build_csc
+from .run import INDEX_META_FILE as META_FILE
+from .tables import INDEX_FORMAT as FORMAT
 
-FORMAT = "saecore.index/1"
-META_FILE = "meta.json"
-DEFAULTS = {"k": 20, "hist_bins": 32, "sample_bins": 10, "samples_per_bin": 10, "density_bins": 40, "seed": 0}
+if TYPE_CHECKING:
+    from ._native import _MineResult  # the typed shape of mine's dict (stub only)
+
+
+@dataclass
+class IndexConfig:
+    """What ``saecore index`` mines from a feature store (the store and the output folder aside)."""
+
+    k: int = option(20, ge=1, le=10_000)
+    """Top examples kept per feature."""
+
+    hist_bins: int = option(32, ge=1, le=10_000)
+    """Log-spaced bins of each feature's activation histogram."""
+
+    sample_bins: int = option(10, ge=1, le=1_000)
+    """Activation-level bins (fractions of the feature's max) the quantile samples are drawn from."""
+
+    samples_per_bin: int = option(10, ge=1, le=10_000)
+    """Examples drawn per activation-level bin."""
+
+    density_bins: int = option(40, ge=1, le=10_000)
+    """Bins of the histogram of log10 firing densities over features."""
+
+    seed: int = option(0, ge=0, lt=1 << 64)
+    """Seeds the choice of the quantile samples."""
+
+    progress: bool = True
+    """Show a progress bar."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def mining_params(self) -> dict[str, int]:
+        """The options the Rust miner takes (recorded in the index metadata as well)."""
+        return {"k": self.k, "hist_bins": self.hist_bins, "sample_bins": self.sample_bins,
+                "samples_per_bin": self.samples_per_bin, "seed": self.seed}
 
 
 # --- writing ------------------------------------------------------------------------------------
 
 
-def _write_parquet(table: pa.Table, path: Path) -> None:
-    _atomic.write_parquet(table, path)
-
-
-def _write_json(payload: dict[str, Any], path: Path) -> None:
-    _atomic.write_json(path, payload)
-
-
-def _mine_with_progress(path: Path, params: dict[str, Any], passes: int, shards: int, progress: bool) -> dict[str, Any]:
+def _mine_with_progress(path: Path, params: dict[str, Any], passes: int, shards: int, progress: bool) -> _MineResult:
     """Run the Rust mining on a helper thread (it releases the GIL) and drive a tqdm bar meanwhile."""
     from tqdm.auto import tqdm
 
@@ -63,7 +92,7 @@ def _mine_with_progress(path: Path, params: dict[str, Any], passes: int, shards:
 
     def work() -> None:
         try:
-            box["result"] = _native.mine(str(path), progress=counter, **params)
+            box["result"] = _native.mine(str(path), progress=counter, second_pass=passes == 2, **params)
         except BaseException as e:  # re-raised on the calling thread
             box["error"] = e
 
@@ -91,13 +120,14 @@ def _doc_positions(store: ActivationStore | None, rows: np.ndarray) -> tuple[np.
     return docs[inverse], positions[inverse]
 
 
-def _tables(r: dict[str, Any], store: ActivationStore | None, params: dict[str, Any], density_bins: int) -> dict[str, pa.Table]:
+def _tables(r: _MineResult, store: ActivationStore | None, params: dict[str, Any],
+            density_bins: int) -> dict[tables.TableSpec, pa.Table]:
     d, n_rows = int(r["d_sae"]), int(r["n_rows"])
     count = r["count"]
     feature_ids = np.arange(d, dtype=np.uint32)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_nonzero = np.where(count > 0, r["sum"] / np.maximum(count, 1), 0.0)
-    stats = pa.table({
+    stats = tables.STATS.table({
         "feature": feature_ids,
         "count": count.astype(np.uint64),
         "density": count / max(n_rows, 1),
@@ -108,7 +138,7 @@ def _tables(r: dict[str, Any], store: ActivationStore | None, params: dict[str, 
     hb = params["hist_bins"]
     edges = r["hist_edges"].reshape(d, hb + 1)
     fired = np.flatnonzero(count > 0)
-    histograms = pa.table({
+    histograms = tables.HISTOGRAMS.table({
         "feature": np.repeat(fired.astype(np.uint32), hb),
         "bin": np.tile(np.arange(hb, dtype=np.uint16), len(fired)),
         "lo": edges[fired, :-1].reshape(-1).astype(np.float32),
@@ -116,18 +146,19 @@ def _tables(r: dict[str, Any], store: ActivationStore | None, params: dict[str, 
         "count": r["hist_counts"].reshape(d, hb)[fired].reshape(-1).astype(np.uint64),
     })
     top_doc, top_pos = _doc_positions(store, r["top_row"])
-    topk = pa.table({
+    topk = tables.TOPK.table({
         "feature": r["top_feature"], "rank": r["top_rank"], "row": r["top_row"],
         "doc_id": top_doc, "position": top_pos, "value": r["top_value"],
     })
     s_doc, s_pos = _doc_positions(store, r["sample_row"])
-    samples = pa.table({
+    samples = tables.SAMPLES.table({
         "feature": r["sample_feature"], "bin": r["sample_bin"], "row": r["sample_row"],
         "doc_id": s_doc, "position": s_pos, "value": r["sample_value"],
     })
     lo, hi, dcount = _native.density_histogram(count.astype(np.uint64), max(n_rows, 1), density_bins)
-    density = pa.table({"lo_log10": lo, "hi_log10": hi, "count": dcount})
-    return {"stats": stats, "histograms": histograms, "topk": topk, "samples": samples, "density_histogram": density}
+    density = tables.DENSITY_HISTOGRAM.table({"lo_log10": lo, "hi_log10": hi, "count": dcount})
+    return {tables.STATS: stats, tables.HISTOGRAMS: histograms, tables.TOPK: topk, tables.SAMPLES: samples,
+            tables.DENSITY_HISTOGRAM: density}
 
 
 def index(
@@ -135,19 +166,17 @@ def index(
     out: str | os.PathLike[str],
     *,
     activations: str | os.PathLike[str] | None = None,
-    k: int = DEFAULTS["k"],
-    hist_bins: int = DEFAULTS["hist_bins"],
-    sample_bins: int = DEFAULTS["sample_bins"],
-    samples_per_bin: int = DEFAULTS["samples_per_bin"],
-    density_bins: int = DEFAULTS["density_bins"],
-    seed: int = DEFAULTS["seed"],
-    progress: bool = True,
+    cfg: IndexConfig | None = None,
+    **overrides: Any,
 ) -> FeatureIndex:
     """Mine the feature store ``features`` and write the index tables into the folder ``out``.
 
     ``activations`` (the activation store the features were encoded from) defaults to the one recorded
-    by ``saecore encode``; it supplies each example's document id and position.
+    by ``saecore encode``; it supplies each example's document id and position. ``cfg``
+    (:class:`IndexConfig`) or single-field ``overrides`` (``k=5``) set what is mined.
     """
+    cfg = dataclasses.replace(cfg or IndexConfig(), **overrides)
+    density_bins = cfg.density_bins
     fs_path, out = Path(features), Path(out)
     fs = FeatureStore(fs_path)
     if not fs.complete:
@@ -158,14 +187,14 @@ def index(
         raise ValueError(f"{act_path} has {store.num_rows} rows but the feature store {fs_path} has {fs.n_rows}")
     if not fs.has_csc:
         build_csc(fs_path)  # FeatureIndex.activations reads the feature-major copy
-    params = {"k": k, "hist_bins": hist_bins, "sample_bins": sample_bins, "samples_per_bin": samples_per_bin, "seed": seed}
+    params = cfg.mining_params()
     started = time.time()
-    r = _mine_with_progress(fs_path, params, 2, fs.num_shards, progress)
-    tables = _tables(r, store, params, density_bins)
+    r = _mine_with_progress(fs_path, params, 2, fs.num_shards, cfg.progress)
+    mined = _tables(r, store, params, density_bins)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # the tables below are about to change
-    for name, table in tables.items():
-        _write_parquet(table, out / f"{name}.parquet")
+    for spec, table in mined.items():
+        _atomic.write_parquet(table, spec.path(out))
     meta = {
         "format": FORMAT,
         "feature_store": str(fs_path.resolve()),
@@ -185,19 +214,23 @@ def index(
         "mining_seconds": round(time.time() - started, 3),
         "saecore_version": _native.__version__,
     }
-    _write_json(meta, out / META_FILE)
+    _atomic.write_json(out / META_FILE, meta)
     return FeatureIndex(out)
 
 
 # --- reading ------------------------------------------------------------------------------------
 
+CONTEXT = (12, 4)
+"""Tokens of the same document shown before and after an example's activating token."""
+
 
 @dataclass
 class Example:
-    """One activation of a feature with its context, decoded to text.
+    """One activation of a feature (a row of the topk or samples table), with its context once decoded.
 
-    ``tokens`` are the context's tokens as text, ``highlight`` the index of the activating one, and
-    ``text`` the context with that token marked as ``«token»``.
+    ``rank`` is set for a top-k example, ``bin`` for a quantile sample. ``tokens`` are the context's
+    tokens as text, ``highlight`` the index of the activating one, and ``text`` the context with that
+    token marked as ``«token»``.
     """
 
     feature: int
@@ -212,36 +245,155 @@ class Example:
     text: str | None = None
 
 
+def examples_of(rows: pa.Table, feature: int) -> list[Example]:
+    """The Examples of one feature's rows of the topk table (``rank``) or samples table (``bin``)."""
+    cols = rows.to_pydict()
+    ranks, bins = cols.get("rank"), cols.get("bin")
+    return [
+        Example(feature=int(feature), row=int(cols["row"][i]), doc_id=int(cols["doc_id"][i]),
+                position=int(cols["position"][i]), value=float(cols["value"][i]),
+                rank=int(ranks[i]) if ranks is not None else None, bin=int(bins[i]) if bins is not None else None)
+        for i in range(rows.num_rows)
+    ]
+
+
+def load_tokenizer(model: str) -> Any:
+    """The tokenizer of the model an activation store records (its ``model`` attribute).
+
+    Raises ValueError naming the model when it cannot be loaded.
+    """
+    from . import models
+
+    try:
+        return models.load_tokenizer(model)
+    except (ValueError, OSError, KeyError) as e:
+        raise ValueError(f"cannot load the tokenizer of model {model!r} ({e})") from e
+
+
+class ContextReader:
+    """Reads the tokens around examples from the activation store, for many examples in one pass.
+
+    ``prefetch`` takes every example row of a group of features, then streams the store's token ids,
+    doc ids and positions block by block (skipping blocks with no example) and keeps only each
+    example's window. Memory is about 100 bytes per example plus one block, never the whole store:
+    reading scattered rows one by one (or by zarr coordinate selection per small batch) would decode
+    every chunk of the store again for each batch.
+    """
+
+    def __init__(self, store: ActivationStore | None, before: int = CONTEXT[0], after: int = CONTEXT[1],
+                 block_rows: int = 1 << 20):
+        self.store = store
+        self.before = before
+        self.after = after
+        self.num_rows = int(store.num_rows) if store is not None else 0
+        if store is not None:  # whole zarr chunks per read: a block boundary never splits a chunk
+            block_rows = max(store.chunk_rows, block_rows // store.chunk_rows * store.chunk_rows)
+        self.block_rows = block_rows
+        width = before + after + 1
+        self._centres = np.zeros(0, dtype=np.int64)
+        self._tok = np.zeros((0, width), dtype=np.int32)  # [U, W] token ids of each window
+        self._lo = self._hi = np.zeros(0, dtype=np.int64)  # same-document span inside each window
+        self._doc = self._pos = np.zeros(0, dtype=np.int64)  # the centre row's doc id and position
+
+    def prefetch(self, rows: Iterable[int]) -> None:
+        """Read the same-document window around every row in ``rows``."""
+        if self.store is None:
+            return
+        centres = np.unique(np.fromiter(rows, dtype=np.int64))
+        if centres.size and centres[-1] >= self.num_rows:
+            raise ValueError(
+                f"index row {int(centres[-1])} is outside the activation store {self.store.path} "
+                f"({self.num_rows} rows); the index was built from another store"
+            )
+        parts = [self._read_block(centres[centres // self.block_rows == block], int(block))
+                 for block in np.unique(centres // self.block_rows)]
+        if parts:
+            self._centres, self._tok, self._lo, self._hi, self._doc, self._pos = (
+                np.concatenate(col) for col in zip(*parts)
+            )
+
+    def _read_block(self, here: np.ndarray, block: int) -> tuple[np.ndarray, ...]:
+        """Windows of the rows ``here`` [n], all in block ``block`` (read with the context on either side)."""
+        assert self.store is not None
+        offsets = np.arange(-self.before, self.after + 1, dtype=np.int64)  # [W]
+        first = max(block * self.block_rows - self.before, 0)
+        last = min((block + 1) * self.block_rows + self.after, self.num_rows)
+        tok = np.asarray(self.store.token_ids[first:last]).astype(np.int32)
+        doc = np.asarray(self.store.doc_ids[first:last]).astype(np.int64)
+        pos = np.asarray(self.store.positions[first:last]).astype(np.int64)
+        idx = here[:, None] + offsets[None, :]  # [n, W] store rows of each window
+        inside = (idx >= 0) & (idx < self.num_rows)
+        local = np.clip(idx, first, last - 1) - first
+        centre_doc = doc[here - first]  # [n]
+        same = inside & (doc[local] == centre_doc[:, None])
+        lo, hi = _contiguous_span(same, self.before)
+        return here, tok[local], lo, hi, centre_doc, pos[here - first]
+
+    def window(self, ex: Example, table: str) -> tuple[np.ndarray, np.ndarray, int] | None:
+        """(rows, token ids, index of the example's own token) of the same-document window, or None."""
+        if self.store is None:
+            return None
+        i = int(np.searchsorted(self._centres, ex.row))
+        if i >= len(self._centres) or self._centres[i] != ex.row:
+            raise RuntimeError(f"row {ex.row} was not prefetched")  # a bug here, not bad input
+        if self._doc[i] != ex.doc_id or self._pos[i] != ex.position:
+            raise ValueError(
+                f"{table}: row {ex.row} says doc {ex.doc_id} position {ex.position}, but the activation store "
+                f"{self.store.path} has doc {int(self._doc[i])} position {int(self._pos[i])} there; the index "
+                "was built from another activation store"
+            )
+        lo, hi = int(self._lo[i]), int(self._hi[i])
+        rows = np.arange(ex.row - self.before + lo, ex.row - self.before + hi, dtype=np.int64)
+        return rows, self._tok[i, lo:hi], self.before - lo
+
+
+def _contiguous_span(same: np.ndarray, centre: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``same`` [n, W], the span [lo, hi) of True around column ``centre`` (which is True).
+
+    Stores hold documents back to back, so a window keeps the run of same-document rows around its
+    centre and stops at the first row of another document on either side.
+    """
+    width = same.shape[1]
+    cols = np.arange(width)
+    breaks_left = np.where(~same[:, :centre], cols[None, :centre], -1)  # [n, centre]
+    lo = breaks_left.max(axis=1, initial=-1) + 1
+    breaks_right = np.where(~same[:, centre:], cols[None, centre:], width)  # [n, W - centre]
+    hi = breaks_right.min(axis=1, initial=width)
+    return lo.astype(np.int64), hi.astype(np.int64)
+
+
 class FeatureIndex:
     """The tables written by :func:`index`, with examples decoded to text.
+
+    Refuses a folder without ``meta.json`` (no index, or an interrupted one). Every table is read
+    through its :mod:`saecore.tables` spec, the same reader the pages use.
 
     >>> idx = FeatureIndex("runs/demo/index/sae")        # doctest: +SKIP
     >>> idx.top(12, k=5)[0].text                          # doctest: +SKIP
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, tokenizer: Any = None, context: tuple[int, int] = (12, 4)):
+    def __init__(self, path: str | os.PathLike[str], *, tokenizer: Any = None, context: tuple[int, int] = CONTEXT):
         self.path = Path(path)
-        meta_path = self.path / META_FILE
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{self.path}: no feature index here (no {META_FILE}); run `saecore index`")
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: format {self.meta.get('format')!r}, expected {FORMAT!r}")
+        self.meta: dict[str, Any] = tables.read_meta(self.path)
         self.d_sae = int(self.meta["d_sae"])
         self.n_tokens = int(self.meta["n_tokens"])
         self.context = context
         self._tokenizer = tokenizer
         self._tables: dict[str, pa.Table] = {}
         self._features: FeatureStore | None = None
-        self._store: ActivationStore | None = None
+        self._contexts: ContextReader | None = None
 
     def __repr__(self) -> str:
         return f"FeatureIndex({str(self.path)!r}, d_sae={self.d_sae}, n_tokens={self.n_tokens})"
 
-    def _table(self, name: str) -> pa.Table:
-        if name not in self._tables:
-            self._tables[name] = pq.read_table(self.path / f"{name}.parquet")
-        return self._tables[name]
+    def _table(self, spec: tables.TableSpec | str) -> pa.Table:
+        spec = tables.BY_NAME[spec] if isinstance(spec, str) else spec
+        if spec.name not in self._tables:
+            table = spec.read(self.path)
+            if table is None:
+                raise FileNotFoundError(f"{spec.path(self.path)}: missing from the index; rerun `saecore index`")
+            self._tables[spec.name] = table
+        return self._tables[spec.name]
 
     def _check_feature(self, feature: int) -> int:
         f = int(feature)
@@ -249,36 +401,29 @@ class FeatureIndex:
             raise ValueError(f"feature id {feature} outside the valid range 0..{self.d_sae - 1} (d_sae={self.d_sae})")
         return f
 
-    def _rows_of(self, name: str, feature: int) -> pa.Table:
-        """Rows of a table sorted by feature, for one feature (binary search, no scan)."""
-        table = self._table(name)
-        ids = table.column("feature").to_numpy()
-        lo, hi = np.searchsorted(ids, feature, "left"), np.searchsorted(ids, feature, "right")
-        return table.slice(lo, hi - lo)
-
     def stats(self) -> pa.Table:
         """Per-feature count, density, sum, max and mean of nonzero activations."""
-        return self._table("stats")
+        return self._table(tables.STATS)
 
     def density_histogram(self) -> pa.Table:
         """Features per log10-density bin; the first row counts features that never fire."""
-        return self._table("density_histogram")
+        return self._table(tables.DENSITY_HISTOGRAM)
 
     def histogram(self, feature: int) -> pa.Table:
         """The log-spaced activation histogram of ``feature`` (no rows when it never fires)."""
-        return self._rows_of("histograms", self._check_feature(feature))
+        return tables.feature_rows(self._table(tables.HISTOGRAMS), self._check_feature(feature))
 
     def top(self, feature: int, k: int | None = None, *, context: bool = True) -> list[Example]:
         """The ``k`` strongest activations of ``feature`` (all stored when ``k`` is None), strongest first."""
-        rows = self._rows_of("topk", self._check_feature(feature))
+        rows = tables.feature_rows(self._table(tables.TOPK), self._check_feature(feature))
         if k is not None:
             rows = rows.slice(0, k)
-        return self._examples(rows, feature, context, rank=True)
+        return self._with_context(examples_of(rows, feature), tables.TOPK, context)
 
     def samples(self, feature: int, *, context: bool = True) -> list[Example]:
         """Quantile samples of ``feature``: examples drawn evenly across activation levels."""
-        rows = self._rows_of("samples", self._check_feature(feature))
-        return self._examples(rows, feature, context, rank=False)
+        rows = tables.feature_rows(self._table(tables.SAMPLES), self._check_feature(feature))
+        return self._with_context(examples_of(rows, feature), tables.SAMPLES, context)
 
     def activations(self, feature: int) -> Activations:
         """Every activation of ``feature`` (token rows, values) from the feature-major copy."""
@@ -288,53 +433,38 @@ class FeatureIndex:
         return self._features.activations(f)
 
     # -- context decoding -------------------------------------------------------------------------
-    def _activation_store(self) -> ActivationStore:
-        if self._store is None:
+    def _context_reader(self) -> ContextReader:
+        if self._contexts is None:
             if not self.meta.get("activation_store"):
                 raise ValueError(f"{self.path}: the index records no activation store; contexts are unavailable")
-            self._store = ActivationStore(self.meta["activation_store"])
-        return self._store
+            self._contexts = ContextReader(ActivationStore(self.meta["activation_store"]), *self.context)
+        return self._contexts
 
     def tokenizer(self) -> Any:
         """The tokenizer of the model the activations came from (loaded on first use)."""
         if self._tokenizer is None:
-            from . import models
-
-            name = str(self._activation_store().attrs.get("model", ""))
+            store = self._context_reader().store
+            model = str(store.attrs.get("model", "")) if store is not None else ""
             try:
-                self._tokenizer = models.load_tokenizer(name)
-            except (ValueError, OSError) as e:
-                if not name.startswith("tiny-llama"):
-                    raise ValueError(f"cannot load the tokenizer of model {name!r} ({e}); pass FeatureIndex(..., tokenizer=...)") from e
-                self._tokenizer = models.load_tokenizer(models.BUILTIN_MODEL)  # tiny_llama uses SmolLM2's tokenizer
+                self._tokenizer = load_tokenizer(model)
+            except ValueError as e:
+                raise ValueError(f"{e}; pass FeatureIndex(..., tokenizer=...)") from e
         return self._tokenizer
 
-    def _examples(self, rows: pa.Table, feature: int, context: bool, *, rank: bool) -> list[Example]:
-        cols = rows.to_pydict()
-        out = []
-        for i in range(rows.num_rows):
-            ex = Example(
-                feature=int(feature), row=int(cols["row"][i]), doc_id=int(cols["doc_id"][i]),
-                position=int(cols["position"][i]), value=float(cols["value"][i]),
-                rank=int(cols["rank"][i]) if rank else None, bin=None if rank else int(cols["bin"][i]),
-            )
-            if context:
-                self._add_context(ex)
-            out.append(ex)
-        return out
-
-    def _add_context(self, ex: Example) -> None:
-        store = self._activation_store()
-        before, after = self.context
-        lo, hi = max(0, ex.row - before), min(store.num_rows, ex.row + after + 1)
-        docs = np.asarray(store.doc_ids[lo:hi])
-        ids = np.asarray(store.token_ids[lo:hi])
-        keep = docs == ex.doc_id  # rows of other documents are not context
+    def _with_context(self, examples: list[Example], spec: tables.TableSpec, context: bool) -> list[Example]:
+        if not context or not examples:
+            return examples
+        reader = self._context_reader()
+        reader.prefetch(ex.row for ex in examples)
         tok = self.tokenizer()
-        pieces = [tok.decode([int(t)]) for t in ids[keep]]
-        ex.highlight = int(np.count_nonzero(keep[: ex.row - lo]))
-        ex.tokens = pieces
-        ex.text = "".join(pieces[: ex.highlight]) + "«" + pieces[ex.highlight] + "»" + "".join(pieces[ex.highlight + 1 :])
+        for ex in examples:
+            window = reader.window(ex, str(spec.path(self.path)))
+            assert window is not None  # the reader has a store
+            _, ids, centre = window
+            pieces = [tok.decode([int(t)]) for t in ids]
+            ex.tokens, ex.highlight = pieces, centre
+            ex.text = "".join(pieces[:centre]) + "«" + pieces[centre] + "»" + "".join(pieces[centre + 1:])
+        return examples
 
 
 # --- CLI ----------------------------------------------------------------------------------------
@@ -344,21 +474,11 @@ def cli_configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", required=True, help="feature store written by `saecore encode` (…/features/SAE.zarr)")
     parser.add_argument("--out", required=True, help="index folder to write (…/index/SAE)")
     parser.add_argument("--activations", default=None, help="activation store (default: the one the encode recorded)")
-    parser.add_argument("--k", type=int, default=DEFAULTS["k"], help="top examples per feature")
-    parser.add_argument("--hist-bins", type=int, default=DEFAULTS["hist_bins"], help="log-spaced histogram bins")
-    parser.add_argument("--sample-bins", type=int, default=DEFAULTS["sample_bins"], help="activation-level bins (fractions of max)")
-    parser.add_argument("--samples-per-bin", type=int, default=DEFAULTS["samples_per_bin"])
-    parser.add_argument("--density-bins", type=int, default=DEFAULTS["density_bins"])
-    parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
-    parser.add_argument("--no-progress", action="store_true")
+    add_arguments(parser, IndexConfig)
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    idx = index(
-        args.features, args.out, activations=args.activations, k=args.k, hist_bins=args.hist_bins,
-        sample_bins=args.sample_bins, samples_per_bin=args.samples_per_bin, density_bins=args.density_bins,
-        seed=args.seed, progress=not args.no_progress,
-    )
+    idx = index(args.features, args.out, activations=args.activations, cfg=from_args(IndexConfig, args))
     stats = idx.stats()
     dead = int(np.count_nonzero(stats.column("count").to_numpy() == 0))
     print(f"{idx.path}: {idx.d_sae} features over {idx.n_tokens} tokens; {dead} never fire; "

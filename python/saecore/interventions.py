@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 import textwrap
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +26,16 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from . import tables
+from .config import SAEModelOptions, add_arguments, from_args, option, validate
+from .logit_lens import read_logit_lens, write_logit_lens
+from .models import name_of
+from .run import sae_index_dir
+from .sae import SAE
+from .sae_model import check_compatible, load_model_for
+from .sae_model import load_sae_and_model as _load
+from .sae_model import model_device as _device
 
 # --------------------------------------------------------------------------------------------------
 # Checks: every error names the thing at fault.
@@ -57,34 +66,6 @@ def check_features(sae: Any, features: Sequence[int] | int) -> list[int]:
     return [int(f) for f in ids]
 
 
-def _model_label(model: torch.nn.Module) -> str:
-    if getattr(model, "saecore_name", None):  # set by saecore.models.load / tiny_llama
-        return str(model.saecore_name)
-    cfg = getattr(model, "config", None)
-    return str(getattr(cfg, "_name_or_path", "") or getattr(cfg, "model_type", "") or type(model).__name__)
-
-
-def check_compatible(model: torch.nn.Module, sae: Any) -> None:
-    """Raise ValueError if the SAE's hook point does not exist in ``model`` or its width differs."""
-    from . import hooks
-
-    hook = _cfg(sae).hook_name
-    valid = hooks.valid_hook_names(model)
-    if hook not in valid:
-        shown = ", ".join([*valid[:4], "...", *valid[-2:]]) if len(valid) > 8 else ", ".join(valid)
-        raise ValueError(
-            f"SAE hook {hook!r} (SAE trained on model {getattr(_cfg(sae), 'model_name', '?')!r}) is not a hook "
-            f"point of model {_model_label(model)!r}; valid hooks: {shown}"
-        )
-    d_model = int(model.config.hidden_size)
-    d_in = int(_cfg(sae).d_in)
-    if d_in != d_model:
-        raise ValueError(
-            f"SAE hook {hook!r} expects d_in={d_in} but model {_model_label(model)!r} has d_model={d_model} "
-            f"(SAE trained on model {getattr(_cfg(sae), 'model_name', '?')!r})"
-        )
-
-
 def context_length(model: torch.nn.Module) -> int:
     """The model's maximum number of positions."""
     return int(getattr(model.config, "max_position_embeddings", 0) or 1 << 62)
@@ -97,7 +78,7 @@ def check_context(model: torch.nn.Module, n_prompt: int, n_new: int = 0) -> None
         extra = f" + {n_new} new tokens" if n_new else ""
         raise ValueError(
             f"prompt is {n_prompt} tokens{extra} = {n_prompt + n_new}, longer than the context of model "
-            f"{_model_label(model)!r} ({ctx} positions); shorten the prompt"
+            f"{name_of(model)!r} ({ctx} positions); shorten the prompt"
             + (" or lower max_new_tokens" if n_new else "")
         )
     if n_prompt == 0:
@@ -120,10 +101,6 @@ def single_token_id(tokenizer: Any, text: str | int) -> int:
         pieces = [tokenizer.decode([i]) for i in ids]
         raise ValueError(f"{text!r} is {len(ids)} tokens {pieces}, not one; choose a single-token string")
     return int(ids[0])
-
-
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _sae_dtype(sae: Any) -> torch.dtype:
@@ -275,26 +252,13 @@ def greedy_generate(
 
 
 def index_dir_for(sae_dir: str | Path) -> Path:
-    """``runs/NAME/index/SAE`` for an SAE saved at ``runs/NAME/saes/SAE`` (the run layout)."""
-    sae_dir = Path(sae_dir)
-    return sae_dir.parent.parent / "index" / sae_dir.name
+    """The index folder of an SAE folder (:func:`saecore.run.sae_index_dir`: ``runs/NAME/index/SAE``)."""
+    return sae_index_dir(sae_dir)
 
 
 def max_activations_from_index(index_dir: str | Path, features: Sequence[int]) -> dict[int, float] | None:
-    """Max activation of each feature from ``index_dir/stats.parquet``; None when there is no index."""
-    path = Path(index_dir) / "stats.parquet"
-    if not path.exists():
-        return None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path, columns=["feature", "max"])
-    ids = table.column("feature").to_numpy()
-    maxes = table.column("max").to_numpy()
-    lookup = dict(zip(ids.tolist(), maxes.tolist()))
-    missing = [f for f in features if f not in lookup]
-    if missing:
-        raise ValueError(f"features {missing} are not in {path} ({len(ids)} features listed)")
-    return {f: float(lookup[f]) for f in features}
+    """Max activation of each feature from the index's stats table; None when the index has none."""
+    return tables.max_activations(index_dir, list(features))
 
 
 @torch.no_grad()
@@ -657,8 +621,6 @@ def probe(
     """The paper's completeness probe: the top ``top`` features on the final token of each prompt."""
     check_compatible(model, sae)
     rows: list[ProbeRow] = []
-    maxes_path = Path(index_dir) / "stats.parquet" if index_dir is not None else None
-    lens_path = Path(index_dir) / "logit_lens.parquet" if index_dir is not None else None
     for prompt in prompts:
         ids = tokenize(model, tokenizer, prompt)
         f = feature_activations(model, sae, ids)[0, -1]  # [d_sae]
@@ -667,20 +629,22 @@ def probe(
             if v <= 0:
                 break
             rows.append(ProbeRow(prompt, r, int(i), float(v), None, None))
-    _annotate(rows, maxes_path, lens_path)
+    if index_dir is not None:
+        _annotate(rows, Path(index_dir))
     return rows
 
 
-def _annotate(rows: list[ProbeRow], stats: Path | None, lens: Path | None) -> None:
+def _annotate(rows: list[ProbeRow], index_dir: Path) -> None:
     feats = sorted({r.feature for r in rows})
-    if stats is not None and stats.exists() and feats:
-        maxes = max_activations_from_index(stats.parent, feats) or {}
+    if not feats:
+        return
+    maxes = tables.max_activations(index_dir, feats)
+    if maxes is not None:
         for r in rows:
             m = maxes.get(r.feature, 0.0)
             r.fraction_of_max = r.activation / m if m > 0 else None
-    if lens is not None and lens.exists() and feats:
-        from .logit_lens import read_logit_lens
-
+    lens = tables.LOGIT_LENS.path(index_dir)
+    if lens.exists():
         tokens = read_logit_lens(lens, feats, kind="promote", top=5)
         for r in rows:
             r.promotes = " ".join(repr(t) for t in tokens.get(r.feature, []))
@@ -689,45 +653,6 @@ def _annotate(rows: list[ProbeRow], stats: Path | None, lens: Path | None) -> No
 # --------------------------------------------------------------------------------------------------
 # CLI.
 # --------------------------------------------------------------------------------------------------
-
-
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sae", required=True, help="SAE directory (cfg.json + sae_weights.safetensors)")
-    parser.add_argument("--model", help="model name or local HF folder (default: the SAE's model_name)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-
-
-def load_model_for(sae: Any, model: str | None = None, device: str | None = None) -> tuple[torch.nn.Module, Any]:
-    """Load the model an SAE was trained on (or ``model``), in eval mode, and check it matches the SAE."""
-    from . import models
-
-    name = model or getattr(_cfg(sae), "model_name", None)
-    if not name:
-        raise ValueError("the SAE records no model_name; pass the model explicitly (--model)")
-    try:
-        lm, tokenizer = models.load(name, device=device)
-    except ValueError:
-        # harvest records built-in models as "NAME@CHECKSUM"; load the built-in NAME then.
-        base = str(name).split("@", 1)[0]
-        if base == name or base not in models.KNOWN_MODELS:
-            raise
-        lm, tokenizer = models.load(base, device=device)
-    lm.eval()
-    check_compatible(lm, sae)
-    return lm, tokenizer
-
-
-def _load(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, Any]:
-    from .sae import SAE
-
-    sae = SAE.load(args.sae).eval()
-    model, tokenizer = load_model_for(sae, args.model, args.device)
-    return model, tokenizer, sae.to(_device(model))
-
-
-def _fail(verb: str, err: Exception) -> int:
-    print(f"saecore {verb}: error: {err}", file=sys.stderr)
-    return 2
 
 
 def _side_by_side(left_title: str, left: str, right_title: str, right: str, width: int = 100) -> str:
@@ -742,42 +667,64 @@ def _side_by_side(left_title: str, left: str, right_title: str, right: str, widt
     return "\n".join(lines)
 
 
+@dataclass(kw_only=True)
+class SteerConfig(SAEModelOptions):
+    """Options of ``saecore steer``."""
+
+    feature: list[int] = option(append=True, ge=0, lt=1 << 32)
+    """Feature id to clamp."""
+
+    prompt: str
+    """Prompt to continue."""
+
+    scale: float | None = option(None, gt=0, le=1e6)
+    """Clamp to SCALE x the feature's max activation (10 when neither --scale nor --value is given)."""
+
+    value: float | None = option(None, ge=-1e6, le=1e6)
+    """Clamp to this absolute activation value (instead of --scale)."""
+
+    max_act: float | None = option(None, gt=0, le=1e6)
+    """Max activation to scale; unset: the index's, else the prompt's."""
+
+    max_new_tokens: int = option(30, ge=1, le=100_000)
+    """Tokens generated for each completion."""
+
+    positions: list[int] | None = None
+    """Clamp only at these prompt positions (negative: from the end)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.scale is not None and self.value is not None:
+            raise ValueError("give --scale or --value, not both")
+
+
 def cli_configure_steer(parser: argparse.ArgumentParser) -> None:
     """Options of ``saecore steer``."""
-    _add_common(parser)
-    parser.add_argument("--feature", type=int, action="append", required=True, help="feature id (repeatable)")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--scale", type=float, help="clamp to SCALE x the feature's max activation (default 10)")
-    group.add_argument("--value", type=float, help="clamp to this absolute activation value")
-    parser.add_argument("--max-act", type=float, help="max activation to scale (default: index, else the prompt)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument(
-        "--positions", type=int, nargs="+", help="clamp only at these prompt positions (negative: from the end)"
-    )
+    add_arguments(parser, SteerConfig)
 
 
 def cli_run_steer(args: argparse.Namespace) -> int:
     """Run ``saecore steer``: print the baseline and steered completions side by side."""
-    try:
-        model, tokenizer, sae = _load(args)
-        scale = None if args.value is not None else (args.scale if args.scale is not None else 10.0)
-        maxes = {f: args.max_act for f in args.feature} if args.max_act is not None else None
-        res = steer(
-            model,
-            tokenizer,
-            sae,
-            args.prompt,
-            args.feature,
-            scale=scale,
-            value=args.value,
-            positions=args.positions,
-            max_new_tokens=args.max_new_tokens,
-            max_activations=maxes,
-            index_dir=index_dir_for(args.sae),
-        )
-    except ValueError as e:
-        return _fail("steer", e)
+    args = from_args(SteerConfig, args)  # checked; the same attribute names
+    sae = SAE.load(args.sae).eval()
+    check_features(sae, args.feature)  # before the model load: a bad id costs no model load
+    model, tokenizer = load_model_for(sae, args.model, args.device)
+    sae = sae.to(_device(model))
+    scale = None if args.value is not None else (args.scale if args.scale is not None else 10.0)
+    maxes = {f: args.max_act for f in args.feature} if args.max_act is not None else None
+    res = steer(
+        model,
+        tokenizer,
+        sae,
+        args.prompt,
+        args.feature,
+        scale=scale,
+        value=args.value,
+        positions=args.positions,
+        max_new_tokens=args.max_new_tokens,
+        max_activations=maxes,
+        index_dir=index_dir_for(args.sae),
+    )
     clamp = ", ".join(f"#{f}={v:.4g}" for f, v in res.clamps.items())
     how = f"{scale:g}x max ({res.max_source})" if scale is not None else "absolute value"
     where = "all positions" if res.positions is None else f"positions {res.positions}"
@@ -787,21 +734,41 @@ def cli_run_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(kw_only=True)
+class AttributeConfig(SAEModelOptions):
+    """Options of ``saecore attribute``."""
+
+    prompt: str
+    """Prompt whose last position is explained."""
+
+    target: str
+    """A single token, e.g. ' sad' (mind the leading space)."""
+
+    baseline: str
+    """A single token, e.g. ' happy'."""
+
+    top: int = option(10, ge=1, le=10_000)
+    """Rows per ranking and size of the overlap sets."""
+
+    candidates: int = option(30, ge=1, le=100_000)
+    """Ablate the top N by |attribution| and by activation."""
+
+    exhaustive: bool = False
+    """Ablate every active (position, feature) unit."""
+
+    batch_size: int = option(16, ge=1, le=4096)
+    """Ablated prompts per forward pass."""
+
+    positions: list[int] | None = None
+    """Positions whose features count; unset: all but the first."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def cli_configure_attribute(parser: argparse.ArgumentParser) -> None:
     """Options of ``saecore attribute``."""
-    _add_common(parser)
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--target", required=True, help="a single token, e.g. ' sad' (mind the leading space)")
-    parser.add_argument("--baseline", required=True, help="a single token, e.g. ' happy'")
-    parser.add_argument("--top", type=int, default=10, help="rows per ranking and size of the overlap sets")
-    parser.add_argument(
-        "--candidates", type=int, default=30, help="ablate the top N by |attribution| and by activation"
-    )
-    parser.add_argument("--exhaustive", action="store_true", help="ablate every active (position, feature) unit")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument(
-        "--positions", type=int, nargs="+", help="positions whose features count (default: all but the first)"
-    )
+    add_arguments(parser, AttributeConfig)
 
 
 def _print_ranking(title: str, rows: list[Ranked]) -> None:
@@ -814,23 +781,21 @@ def _print_ranking(title: str, rows: list[Ranked]) -> None:
 
 def cli_run_attribute(args: argparse.Namespace) -> int:
     """Run ``saecore attribute``: the three rankings and their overlaps."""
-    try:
-        model, tokenizer, sae = _load(args)
-        rep = attribute(
-            model,
-            tokenizer,
-            sae,
-            args.prompt,
-            args.target,
-            args.baseline,
-            top=args.top,
-            candidates=args.candidates,
-            exhaustive=args.exhaustive,
-            batch_size=args.batch_size,
-            positions=args.positions,
-        )
-    except ValueError as e:
-        return _fail("attribute", e)
+    args = from_args(AttributeConfig, args)  # checked; the same attribute names
+    model, tokenizer, sae = _load(args)
+    rep = attribute(
+        model,
+        tokenizer,
+        sae,
+        args.prompt,
+        args.target,
+        args.baseline,
+        top=args.top,
+        candidates=args.candidates,
+        exhaustive=args.exhaustive,
+        batch_size=args.batch_size,
+        positions=args.positions,
+    )
     print(f"prompt: {rep.prompt!r}")
     print(f"logit[{rep.target!r}] - logit[{rep.baseline!r}] at the last position: {rep.logit_diff:.4f}")
     print(f"active (position, feature) units: {rep.n_active}; ablated exactly: {rep.n_ablated}")
@@ -844,18 +809,32 @@ def cli_run_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass(kw_only=True)
+class ProbeConfig(SAEModelOptions):
+    """Options of ``saecore probe``."""
+
+    prompt: list[str] = option(default_factory=list, append=True)
+    """A prompt."""
+
+    prompts: Path | None = None
+    """File with one prompt per line."""
+
+    top: int = option(5, ge=1, le=10_000)
+    """Features per prompt (the paper uses 5)."""
+
+    logit_lens: bool = False
+    """Also (re)write index/SAE/logit_lens.parquet: the tokens each feature promotes/suppresses."""
+
+    logit_lens_top: int = option(10, ge=1, le=100_000)
+    """Tokens per feature and direction in the logit-lens table."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def cli_configure_probe(parser: argparse.ArgumentParser) -> None:
     """Options of ``saecore probe``."""
-    _add_common(parser)
-    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    parser.add_argument("--prompts", type=Path, help="file with one prompt per line")
-    parser.add_argument("--top", type=int, default=5, help="features per prompt (the paper uses 5)")
-    parser.add_argument(
-        "--logit-lens",
-        action="store_true",
-        help="also (re)write index/SAE/logit_lens.parquet: the tokens each feature promotes/suppresses",
-    )
-    parser.add_argument("--logit-lens-top", type=int, default=10, help="tokens per feature and direction")
+    add_arguments(parser, ProbeConfig)
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -869,20 +848,16 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 def cli_run_probe(args: argparse.Namespace) -> int:
     """Run ``saecore probe``: top features on the final token of each prompt, as a table."""
-    try:
-        prompts = _read_prompts(args)
-        if not prompts and not args.logit_lens:
-            raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
-        model, tokenizer, sae = _load(args)
-        index_dir = index_dir_for(args.sae)
-        if args.logit_lens:
-            from .logit_lens import write_logit_lens
-
-            path = write_logit_lens(sae, model, tokenizer, index_dir / "logit_lens.parquet", top=args.logit_lens_top)
-            print(f"wrote {path}")
-        rows = probe(model, tokenizer, sae, prompts, top=args.top, index_dir=index_dir)
-    except ValueError as e:
-        return _fail("probe", e)
+    args = from_args(ProbeConfig, args)  # checked; the same attribute names
+    prompts = _read_prompts(args)
+    if not prompts and not args.logit_lens:
+        raise ValueError("give --prompt TEXT (repeatable) or --prompts FILE")
+    model, tokenizer, sae = _load(args)
+    index_dir = index_dir_for(args.sae)
+    if args.logit_lens:
+        path = write_logit_lens(sae, model, tokenizer, tables.LOGIT_LENS.path(index_dir), top=args.logit_lens_top)
+        print(f"wrote {path}")
+    rows = probe(model, tokenizer, sae, prompts, top=args.top, index_dir=index_dir)
     if prompts:
         print(f"{'prompt':<40} {'rank':>4} {'feature':>8} {'activation':>11} {'of max':>7}  promotes")
         for r in rows:

@@ -23,30 +23,22 @@ from __future__ import annotations
 
 import os
 import sys
-import uuid
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import tables
+from ._atomic import atomic_target
+from .config import SAEModelOptions, add_arguments, from_args, option, validate
+from .run import sae_index_dir
+from .sae import SAE
+from .sae_model import load_model_for, model_device
+
 KINDS = ("promote", "suppress")
-
-
-def _schema() -> Any:
-    import pyarrow as pa
-
-    return pa.schema(
-        [
-            ("feature", pa.uint32()),
-            ("kind", pa.string()),
-            ("rank", pa.uint16()),
-            ("token_id", pa.uint32()),
-            ("token", pa.string()),
-            ("value", pa.float32()),
-        ]
-    )
 
 
 def final_norm_gain(model: torch.nn.Module) -> torch.Tensor | None:
@@ -137,7 +129,7 @@ def _batch_table(
             "token": pa.array([token_text(int(t)) for t in token_ids], type=pa.string()),
             "value": pa.array(np.concatenate(cols["value"]).astype(np.float32)),
         },
-        schema=_schema(),
+        schema=tables.LOGIT_LENS.schema,
     )
 
 
@@ -164,21 +156,15 @@ def write_logit_lens(
             cache[t] = tokenizer.decode([t])
         return cache[t]
 
-    schema = _schema().with_metadata(
+    schema = tables.LOGIT_LENS.schema.with_metadata(
         {"saecore.logit_lens": f'{{"apply_norm_weight": {str(apply_norm_weight).lower()}, "top": {top}}}'}
     )
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
     n_feat = int(sae.W_dec.shape[0])
-    try:
-        with pq.ParquetWriter(tmp, schema) as writer:
-            batches = iter_logit_lens(sae, model, top, batch_features, apply_norm_weight)
-            total = -(-n_feat // batch_features)
-            for chunk, pi, pv, si, sv in tqdm(batches, total=total, desc="logit lens", disable=not progress):
-                writer.write_table(_batch_table(chunk, (pi, si), (pv, sv), token_text).cast(schema))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        batches = iter_logit_lens(sae, model, top, batch_features, apply_norm_weight)
+        total = -(-n_feat // batch_features)
+        for chunk, pi, pv, si, sv in tqdm(batches, total=total, desc="logit lens", disable=not progress):
+            writer.write_table(_batch_table(chunk, (pi, si), (pv, sv), token_text).cast(schema))
     return path
 
 
@@ -187,11 +173,10 @@ def read_logit_lens(
 ) -> dict[int, list[str]]:
     """Token strings per feature from a logit-lens table, best first (``kind``: promote|suppress)."""
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    table = pq.read_table(path)
+    table = tables.LOGIT_LENS.read_file(path)
     mask = pc.equal(table["kind"], kind)
     if features is not None:
         mask = pc.and_(mask, pc.is_in(table["feature"], value_set=_u32(features)))
@@ -210,35 +195,43 @@ def _u32(values: Sequence[int]) -> Any:
     return pa.array(list(values), type=pa.uint32())
 
 
+@dataclass(kw_only=True)
+class LogitLensConfig(SAEModelOptions):
+    """Options of ``saecore logit-lens``."""
+
+    top: int = option(10, ge=1, le=100_000)
+    """Tokens per feature and direction."""
+
+    out: Path | None = None
+    """Output Parquet file; unset: the run's index/SAE/logit_lens.parquet."""
+
+    norm_weight: bool = option(True, flag="--no-norm-weight")
+    """Fold in the final norm's gain (--no-norm-weight: plain W_dec @ W_U)."""
+
+    show: list[int] = option(default_factory=list, append=True, ge=0, lt=1 << 32, metavar="FEATURE")
+    """Print this feature's tokens."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def cli_configure(parser: Any) -> None:
     """Options of ``saecore logit-lens``."""
-    from .interventions import _add_common
-
-    _add_common(parser)
-    parser.add_argument("--top", type=int, default=10, help="tokens per feature and direction")
-    parser.add_argument("--out", type=Path, help="default: the run's index/SAE/logit_lens.parquet")
-    parser.add_argument("--no-norm-weight", action="store_true", help="plain W_dec @ W_U (skip the final norm's gain)")
-    parser.add_argument(
-        "--show", type=int, action="append", default=[], metavar="FEATURE", help="print this feature's tokens (repeatable)"
-    )
+    add_arguments(parser, LogitLensConfig)
 
 
 def cli_run(args: Any) -> int:
     """Run ``saecore logit-lens``: write the table for every feature, then print the ``--show`` features."""
-    from .interventions import _fail, _load, index_dir_for
-
-    try:
-        if args.top < 1:
-            raise ValueError(f"--top must be at least 1, got {args.top}")
-        model, tokenizer, sae = _load(args)
-        d_sae = int(sae.W_dec.shape[0])
-        for f in args.show:
-            if not 0 <= f < d_sae:
-                raise ValueError(f"feature id {f} is outside the valid range 0..{d_sae - 1} of {args.sae}")
-        out = args.out or index_dir_for(args.sae) / "logit_lens.parquet"
-        path = write_logit_lens(sae, model, tokenizer, out, args.top, apply_norm_weight=not args.no_norm_weight)
-    except ValueError as e:
-        return _fail("logit-lens", e)
+    args = from_args(LogitLensConfig, args)  # checked; the same attribute names
+    sae = SAE.load(args.sae).eval()
+    d_sae = int(sae.W_dec.shape[0])
+    for f in args.show:  # before the model load: a bad id costs no model load
+        if not 0 <= f < d_sae:
+            raise ValueError(f"feature id {f} is outside the valid range 0..{d_sae - 1} of {args.sae}")
+    model, tokenizer = load_model_for(sae, args.model, args.device)
+    sae = sae.to(model_device(model))
+    out = args.out or tables.LOGIT_LENS.path(sae_index_dir(args.sae))
+    path = write_logit_lens(sae, model, tokenizer, out, args.top, apply_norm_weight=args.norm_weight)
     print(f"wrote {path} ({d_sae} features x {args.top} tokens, promote and suppress)")
     for f in args.show:
         promote = read_logit_lens(path, [f], "promote").get(f, [])

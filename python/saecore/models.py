@@ -14,13 +14,14 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ._atomic import publish_dir, write_text
+from .devices import default_device
 
 BUILTIN_MODEL = "smollm2-135m"
 
@@ -48,11 +49,6 @@ KNOWN_MODELS: dict[str, _GgufModel] = {
 def cache_dir() -> Path:
     """saecore's user cache folder (``$SAECORE_CACHE``, default ``~/.cache/saecore``)."""
     return Path(os.environ.get("SAECORE_CACHE") or Path.home() / ".cache" / "saecore")
-
-
-def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -100,41 +96,22 @@ def _sha256(path: Path) -> str:
             h.update(block)
     digest = h.hexdigest()
     memo[key] = digest
-    _atomic_write_text(memo_file, json.dumps(memo, indent=1))
+    write_text(memo_file, json.dumps(memo, indent=1))
     return digest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    from ._atomic import write_text
-
-    write_text(path, text)
-
-
-def _publish_dir(staging: Path, final: Path) -> None:
-    """Rename a fully written folder into place; if another process won the race, keep theirs."""
-    try:
-        os.replace(staging, final)
-    except OSError:
-        if (final / "config.json").exists() or (final / "tokenizer.json").exists():
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            raise
 
 
 def _convert_tokenizer(gguf: Path, out: Path) -> None:
     from transformers import AutoTokenizer
 
-    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex}.converting")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
-    tok.save_pretrained(str(staging))
-    _publish_dir(staging, out)
+    with publish_dir(out, if_exists="keep") as staging:  # another process converting too: keep theirs
+        tok.save_pretrained(str(staging))
 
 
 def _convert_model(gguf: Path, out: Path) -> None:
     """GGUF → 16-bit safetensors folder. ~100 s, almost all of it transformers parsing GGUF metadata."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    staging = out.with_name(f".{out.name}.{uuid.uuid4().hex}.converting")
     print(f"saecore: converting {gguf.name} to a cached safetensors folder (once, ~2 min) ...", flush=True)
     quantized = AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, local_files_only=True, dtype=torch.float32
@@ -152,12 +129,11 @@ def _convert_model(gguf: Path, out: Path) -> None:
         if not torch.isfinite(p).all():
             raise ValueError(f"{gguf}: parameter {pname} overflows float16")
     fresh.config.dtype = torch.float16
-    fresh.save_pretrained(str(staging), safe_serialization=True)
-    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True).save_pretrained(
-        str(staging)
-    )
-    _atomic_write_text(staging / "saecore-source.json", json.dumps({"gguf": str(gguf), "sha256": out.name[-64:]}))
-    _publish_dir(staging, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, local_files_only=True)
+    with publish_dir(out, if_exists="keep") as staging:  # another process converting too: keep theirs
+        fresh.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        write_text(staging / "saecore-source.json", json.dumps({"gguf": str(gguf), "sha256": out.name[-64:]}))
     print(f"saecore: cached at {out}", flush=True)
 
 
@@ -186,6 +162,38 @@ def builtin_tokenizer_dir(name: str = BUILTIN_MODEL) -> Path:
 
 
 # -- public API -------------------------------------------------------------------------------------
+class LoadedModel(tuple):  # type: ignore[type-arg]
+    """A causal LM and its tokenizer as a pair (``model, tokenizer = models.load(...)`` unpacks it), plus
+    ``name``: what the caller asked for, which a harvest records so later stages can load it again.
+
+    The name travels beside the Hugging Face objects rather than on them, so nothing of saecore's is
+    attached to a model object.
+    """
+
+    name: str
+
+    def __new__(cls, model: Any, tokenizer: Any, name: str) -> LoadedModel:
+        self = super().__new__(cls, (model, tokenizer))
+        self.name = str(name)
+        return self
+
+    @property
+    def model(self) -> Any:
+        """The ``transformers`` causal LM (eval mode)."""
+        return self[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        """Its tokenizer."""
+        return self[1]
+
+
+def name_of(model: Any) -> str:
+    """A readable name of a model object: its config's ``name_or_path`` (the folder it was loaded from;
+    :func:`tiny_llama` names its own), else its class name."""
+    return str(getattr(getattr(model, "config", None), "name_or_path", "") or type(model).__name__)
+
+
 def _builtin_name(name_or_path: str | os.PathLike[str]) -> str | os.PathLike[str]:
     """Map the name a store records (``smollm2-135m@<gguf sha16>``) back to the built-in name."""
     base, sep, _checksum = str(name_or_path).partition("@")
@@ -214,22 +222,22 @@ def load(
     name_or_path: str | os.PathLike[str],
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-) -> tuple[Any, Any]:
+) -> LoadedModel:
     """Load a causal LM and its tokenizer, in eval mode, without contacting any hub.
 
-    ``name_or_path`` is a built-in name (``"smollm2-135m"``) or a local Hugging Face model folder.
-    ``device`` defaults to CUDA when present, else CPU; ``dtype`` to float32 on CPU, bfloat16 on GPU.
+    ``name_or_path`` is a built-in name (``"smollm2-135m"``) or a local Hugging Face model folder; it is
+    returned as the result's ``name``. ``device`` defaults to CUDA when present, else CPU; ``dtype`` to
+    float32 on CPU, bfloat16 on GPU.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = model_dir(name_or_path)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = default_device(device)
     torch_dtype = _resolve_dtype(dtype, dev)
     model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch_dtype)
     model.to(dev).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    model.saecore_name = str(name_or_path)
-    return model, tokenizer
+    return LoadedModel(model, tokenizer, str(name_or_path))
 
 
 def load_tokenizer(name_or_path: str | os.PathLike[str]) -> Any:
@@ -260,13 +268,16 @@ def tiny_llama(
     n_kv_heads: int = 2,
     d_mlp: int = 128,
     max_positions: int = 512,
-) -> tuple[Any, Any]:
+) -> LoadedModel:
     """A tiny randomly initialised ``LlamaForCausalLM`` with the real SmolLM2 tokenizer, for fast tests.
 
-    The weights depend only on ``seed`` and the shape arguments, so two calls give the same model.
+    The weights depend only on ``seed`` and the shape arguments, so two calls give the same model. Its
+    name (``tiny-llama(seed=…,n_layers=…,d_model=…)``) is also its config's ``name_or_path``. It has no
+    tokenizer of its own, so later stages that load a tokenizer by a store's model name need it passed.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    name = f"tiny-llama(seed={seed},n_layers={n_layers},d_model={d_model})"
     tokenizer = _shared_builtin_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -280,10 +291,10 @@ def tiny_llama(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        name_or_path=name,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     model.eval()
-    model.saecore_name = f"tiny-llama(seed={seed},n_layers={n_layers},d_model={d_model})"
-    return model, tokenizer
+    return LoadedModel(model, tokenizer, name)

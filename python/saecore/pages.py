@@ -31,19 +31,25 @@ import http.server
 import json
 import math
 import os
-import shutil
 import sys
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from .errors import CorruptDataError
+from . import index, tables
+from ._atomic import publish_dir, write_text
+from .activations import ActivationStore
+from .config import add_arguments, from_args, option, validate
+from .errors import CorruptDataError, SaecoreError
+from .features import FeatureStore
+from .index import ContextReader, Example
+from .run import PAGES_INDEX_FILE, Run
 
 PAGES_FORMAT = "saecore.pages/1"
 SUMMARY_CHUNK = 4096
@@ -61,67 +67,27 @@ DENSE_ACTIVATION_LIMIT = 20_000_000
 """Features firing more often than this get partial per-token highlighting (their full activation list
 would be too large to hold just to colour a few windows)."""
 ASSET_FILES = ("style.css", "common.js", "index.js", "feature.js")
-
-# Column name -> NumPy dtype of each index table (interfaces #4-#6 of the project brief).
-SCHEMAS: dict[str, dict[str, str]] = {
-    "stats": {"feature": "u4", "count": "u8", "density": "f8", "sum": "f8", "max": "f4", "mean_nonzero": "f8"},
-    "histograms": {"feature": "u4", "bin": "u2", "lo": "f4", "hi": "f4", "count": "u8"},
-    "topk": {"feature": "u4", "rank": "u2", "row": "u8", "doc_id": "i8", "position": "i4", "value": "f4"},
-    "samples": {"feature": "u4", "bin": "u2", "row": "u8", "doc_id": "i8", "position": "i4", "value": "f4"},
-    "density_histogram": {"lo_log10": "f8", "hi_log10": "f8", "count": "u8"},
-    "neighbours": {"feature": "u4", "rank": "u2", "other_sae": "str", "neighbour": "u4", "cosine": "f4"},
-    "map": {"feature": "u4", "sae": "str", "x": "f4", "y": "f4"},
-    "enc_dec_cosine": {"feature": "u4", "cosine": "f4"},
-    "logit_lens": {"feature": "u4", "kind": "str", "rank": "u2", "token_id": "u4", "token": "str", "value": "f4"},
-}
-
+STATS_DIGITS: dict[str, int | None] = {"density": None, "sum": 6}
+"""Significant digits of a stats column in the page data (None: exact; default 4)."""
 
 # --------------------------------------------------------------------------------------------------
-# Reading the index tables
+# Reading the index tables (through saecore.tables: one schema and one reader per table)
 # --------------------------------------------------------------------------------------------------
-def read_table(path: Path, name: str) -> dict[str, np.ndarray] | None:
-    """Columns of ``path`` (schema ``SCHEMAS[name]``) as NumPy arrays, or None when the file is absent.
+def read_columns(index_dir: Path, spec: tables.TableSpec) -> dict[str, np.ndarray] | None:
+    """Columns of one index table as NumPy arrays (strings as object arrays), or None when absent.
 
-    Raises ValueError naming the file and column when a column is missing or has an unusable type, and
-    CorruptDataError when the file is not readable Parquet.
+    The table is read and checked by ``spec.read``: ValueError naming the file and column when a column
+    is missing or unusable, CorruptDataError when the file is not readable Parquet.
     """
-    if not path.exists():
+    table = spec.read(index_dir)
+    if table is None:
         return None
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = SCHEMAS[name]
-    try:
-        table = pq.read_table(path, columns=list(schema))
-    except (pa.ArrowInvalid, OSError) as e:
-        if isinstance(e, pa.ArrowInvalid) and "No match for FieldRef" in str(e):
-            present = pq.read_schema(path).names
-            missing = [c for c in schema if c not in present]
-            raise ValueError(f"{path}: missing column(s) {missing}; a {name} table has {list(schema)}") from e
-        raise CorruptDataError(f"{path}: unreadable Parquet table ({e})") from e
-    if name == "density_histogram":
+    if spec is tables.DENSITY_HISTOGRAM:
         # `saecore index` puts the features that never fire in a first bin with edges -inf (log10 of 0);
         # the dead count is shown from the stats table, so that bin is left out of the chart.
-        lo = table.column("lo_log10").to_numpy()
-        table = table.filter(pa.array(~np.isneginf(lo)))
-    columns: dict[str, np.ndarray] = {}
-    for col, dtype in schema.items():
-        arr = table.column(col)
-        if dtype == "str":
-            if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-                raise ValueError(f"{path}: column {col!r} has type {arr.type}, expected string")
-            columns[col] = np.asarray(arr.to_pylist(), dtype=object)
-            continue
-        if not (pa.types.is_integer(arr.type) or pa.types.is_floating(arr.type)):
-            raise ValueError(f"{path}: column {col!r} has type {arr.type}, expected a number ({dtype})")
-        if arr.null_count:
-            raise ValueError(f"{path}: column {col!r} holds {arr.null_count} null value(s)")
-        values = arr.to_numpy()
-        if values.dtype.kind == "f" and not np.isfinite(values).all():
-            bad = int(np.argwhere(~np.isfinite(values))[0, 0])
-            raise ValueError(f"{path}: column {col!r} holds a non-finite value at row {bad}")
-        columns[col] = values.astype(dtype, copy=False)
-    return columns
+        table = table.filter(pa.array(~np.isneginf(table.column("lo_log10").to_numpy())))
+    return {f.name: (np.asarray(table.column(f.name).to_pylist(), dtype=object) if pa.types.is_string(f.type)
+                     else table.column(f.name).to_numpy()) for f in spec.schema}
 
 
 @dataclass
@@ -165,51 +131,21 @@ class IndexTables:
 
     @classmethod
     def load(cls, index_dir: Path) -> IndexTables:
-        """Read the tables under ``index_dir`` (``RUN/index/SAE``)."""
-        meta_path = index_dir / "meta.json"
-        meta: dict[str, Any] = {}
-        if meta_path.exists():
-            try:
-                meta = json.loads(meta_path.read_text())
-            except ValueError as e:
-                raise CorruptDataError(f"{meta_path}: not valid JSON ({e})") from e
-        tables = cls(sae=index_dir.name, index_dir=index_dir, meta=meta)
-        order = {"histograms": ("bin",), "topk": ("rank",), "samples": ("bin", "value"), "neighbours": ("rank",),
-                 "logit_lens": ("kind", "rank")}
-        for name in ("stats", "histograms", "topk", "samples", "neighbours", "enc_dec_cosine", "logit_lens"):
-            columns = read_table(index_dir / f"{name}.parquet", name)
+        """Read the tables under ``index_dir`` (``RUN/index/SAE``); refuses a folder without ``meta.json``."""
+        out = cls(sae=index_dir.name, index_dir=index_dir, meta=tables.read_meta(index_dir))
+        for spec in tables.ALL:
+            columns = read_columns(index_dir, spec)
             if columns is not None:
-                setattr(tables, name, Grouped(columns, order.get(name, ())))
-        tables.density_histogram = read_table(index_dir / "density_histogram.parquet", "density_histogram")
-        tables.map = read_table(index_dir / "map.parquet", "map")
-        return tables
+                setattr(out, spec.name, Grouped(columns, spec.order) if spec in tables.PER_FEATURE else columns)
+        return out
+
+    def present(self) -> list[str]:
+        """Names of the tables this index has."""
+        return [spec.name for spec in tables.ALL if getattr(self, spec.name) is not None]
 
     def feature_ids(self) -> np.ndarray:
-        """Every feature id to write a page for: all of ``0..d_sae-1`` when the width is known."""
-        width = self.width()
-        if width is not None:
-            return np.arange(width, dtype=np.int64)
-        present = [g.features() for g in (self.stats, self.topk, self.samples, self.histograms) if g is not None]
-        if not present:
-            return np.zeros(0, dtype=np.int64)
-        return np.unique(np.concatenate(present)).astype(np.int64)
-
-    def width(self) -> int | None:
-        """The SAE's number of features, from meta.json, the stats table, or the SAE's cfg.json."""
-        for key in ("d_sae", "n_features", "num_features"):
-            if isinstance(self.meta.get(key), int):
-                return int(self.meta[key])
-        if self.stats is not None and len(self.stats.columns["feature"]):
-            features = self.stats.columns["feature"]
-            if len(features) == int(features[-1]) + 1:  # the index writes one row per feature, dead ones too
-                return len(features)
-        cfg = self.index_dir.parent.parent / "saes" / self.sae / "cfg.json"
-        if cfg.exists():
-            try:
-                return int(json.loads(cfg.read_text())["d_sae"])
-            except (ValueError, KeyError, TypeError):
-                return None
-        return None
+        """Every feature id to write a page for: all of ``0..d_sae-1`` (``meta.json`` records d_sae)."""
+        return np.arange(int(self.meta["d_sae"]), dtype=np.int64)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,146 +180,26 @@ def load_tokenizer(model_name: str | None) -> Any | None:
     if not model_name:
         return None
     try:
-        from . import models
-    except ImportError:
-        models = None  # type: ignore[assignment]
-    if models is not None and hasattr(models, "load_tokenizer"):
-        try:
-            return models.load_tokenizer(model_name)
-        except (OSError, ValueError, KeyError) as e:
-            print(f"saecore pages: no tokenizer for {model_name!r} ({e}); showing token ids", file=sys.stderr)
-            return None
-    if Path(model_name).is_dir():
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(model_name, local_files_only=True)
-        except (OSError, ValueError) as e:
-            print(f"saecore pages: no tokenizer in {model_name} ({e}); showing token ids", file=sys.stderr)
-            return None
-    if models is not None and hasattr(models, "load"):
-        try:
-            return models.load(model_name, device="cpu")[1]
-        except (OSError, ValueError, KeyError) as e:
-            print(f"saecore pages: could not load {model_name!r} ({e}); showing token ids", file=sys.stderr)
-    return None
+        return index.load_tokenizer(model_name)
+    except ValueError as e:
+        print(f"saecore pages: {e}; showing token ids", file=sys.stderr)
+        return None
 
 
-@dataclass
-class Example:
-    """One activation to show: the row it sits at in the activation store and its value."""
-
-    row: int
-    doc_id: int
-    position: int
-    value: float
-    rank_or_bin: int
-
-
-class ContextReader:
-    """Reads the tokens around examples from the activation store, for many features in one pass.
-
-    ``prefetch`` takes every example row of a group of features, then streams the store's token ids,
-    doc ids and positions block by block (skipping blocks with no example) and keeps only each
-    example's window. Memory is about 100 bytes per example plus one block, never the whole store:
-    reading scattered rows one by one (or by zarr coordinate selection per small batch) would decode
-    every chunk of the store again for each batch.
-    """
-
-    def __init__(
-        self, store: Any | None, before: int = CONTEXT_BEFORE, after: int = CONTEXT_AFTER, block_rows: int = 1 << 20
-    ):
-        self.store = store
-        self.before = before
-        self.after = after
-        self.num_rows = int(store.num_rows) if store is not None else 0
-        if store is not None:  # whole zarr chunks per read: a block boundary never splits a chunk
-            block_rows = max(store.chunk_rows, block_rows // store.chunk_rows * store.chunk_rows)
-        self.block_rows = block_rows
-        width = before + after + 1
-        self._centres = np.zeros(0, dtype=np.int64)
-        self._tok = np.zeros((0, width), dtype=np.int32)  # [U, W] token ids of each window
-        self._lo = self._hi = np.zeros(0, dtype=np.int64)  # same-document span inside each window
-        self._doc = self._pos = np.zeros(0, dtype=np.int64)  # the centre row's doc id and position
-
-    def prefetch(self, rows: Iterable[int]) -> None:
-        """Read the same-document window around every row in ``rows``."""
-        if self.store is None:
-            return
-        centres = np.unique(np.fromiter(rows, dtype=np.int64))
-        if centres.size and centres[-1] >= self.num_rows:
-            raise ValueError(
-                f"index row {int(centres[-1])} is outside the activation store {self.store.path} "
-                f"({self.num_rows} rows); the index was built from another store"
-            )
-        offsets = np.arange(-self.before, self.after + 1, dtype=np.int64)  # [W]
-        parts: list[tuple[np.ndarray, ...]] = []
-        block_of = centres // self.block_rows
-        for block in np.unique(block_of):
-            here = centres[block_of == block]  # [n]
-            first = max(int(block) * self.block_rows - self.before, 0)
-            last = min((int(block) + 1) * self.block_rows + self.after, self.num_rows)
-            tok = np.asarray(self.store.token_ids[first:last]).astype(np.int32)
-            doc = np.asarray(self.store.doc_ids[first:last]).astype(np.int64)
-            pos = np.asarray(self.store.positions[first:last]).astype(np.int64)
-            idx = here[:, None] + offsets[None, :]  # [n, W] store rows of each window
-            inside = (idx >= 0) & (idx < self.num_rows)
-            local = np.clip(idx, first, last - 1) - first
-            centre_doc = doc[here - first]  # [n]
-            same = inside & (doc[local] == centre_doc[:, None])
-            lo, hi = _contiguous_span(same, self.before)
-            parts.append((here, tok[local], lo, hi, centre_doc, pos[here - first]))
-        if parts:
-            self._centres, self._tok, self._lo, self._hi, self._doc, self._pos = (
-                np.concatenate(col) for col in zip(*parts)
-            )
-
-    def window(self, ex: Example, table: str) -> tuple[np.ndarray, np.ndarray, int] | None:
-        """(rows, token ids, index of the example's own token) of the same-document window, or None."""
-        if self.store is None:
-            return None
-        i = int(np.searchsorted(self._centres, ex.row))
-        if i >= len(self._centres) or self._centres[i] != ex.row:
-            raise RuntimeError(f"row {ex.row} was not prefetched")  # a bug here, not bad input
-        if self._doc[i] != ex.doc_id or self._pos[i] != ex.position:
-            raise ValueError(
-                f"{table}: row {ex.row} says doc {ex.doc_id} position {ex.position}, but the activation store "
-                f"{self.store.path} has doc {int(self._doc[i])} position {int(self._pos[i])} there; the index "
-                "was built from another activation store"
-            )
-        lo, hi = int(self._lo[i]), int(self._hi[i])
-        rows = np.arange(ex.row - self.before + lo, ex.row - self.before + hi, dtype=np.int64)
-        return rows, self._tok[i, lo:hi], self.before - lo
+def _resolve(run: Path, recorded: Any) -> Path | None:
+    """A path an index's meta.json records: absolute as is, relative to the run (else the working folder)."""
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    p = Path(recorded)
+    if p.is_absolute():
+        return p
+    return run / p if (run / p).exists() else Path.cwd() / p
 
 
-def _contiguous_span(same: np.ndarray, centre: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``same`` [n, W], the span [lo, hi) of True around column ``centre`` (which is True).
-
-    Stores hold documents back to back, so a window keeps the run of same-document rows around its
-    centre and stops at the first row of another document on either side.
-    """
-    width = same.shape[1]
-    cols = np.arange(width)
-    breaks_left = np.where(~same[:, :centre], cols[None, :centre], -1)  # [n, centre]
-    lo = breaks_left.max(axis=1, initial=-1) + 1
-    breaks_right = np.where(~same[:, centre:], cols[None, centre:], width)  # [n, W - centre]
-    hi = breaks_right.min(axis=1, initial=width)
-    return lo.astype(np.int64), hi.astype(np.int64)
-
-
-def open_activation_store(run: Path, meta: dict[str, Any]) -> Any | None:
-    """The activation store the index was built from, or None when it cannot be found."""
-    from .activations import ActivationStore
-
-    candidates: list[Path] = []
-    for key in ("activation_store", "activations", "activation_store_path", "store"):
-        value = meta.get(key)
-        if isinstance(value, str) and value:
-            p = Path(value)
-            candidates += [p] if p.is_absolute() else [run / p, Path.cwd() / p]
-    candidates.append(run / "activations.zarr")
-    for path in candidates:
-        if path.exists():
+def open_activation_store(run: Path, meta: dict[str, Any]) -> ActivationStore | None:
+    """The activation store the index was built from (else the run's), or None when it cannot be found."""
+    for path in (_resolve(run, meta.get("activation_store")), Run(run).activations):
+        if path is not None and path.exists():
             return ActivationStore(path)
     return None
 
@@ -394,65 +210,36 @@ ActivationLookup = Callable[[int], "tuple[np.ndarray, np.ndarray] | None"]
 def feature_activation_lookup(run: Path, index_dir: Path, meta: dict[str, Any]) -> tuple[ActivationLookup | None, str]:
     """A function feature -> (sorted rows, values) of all its activations, and a note when there is none.
 
-    Asks ``saecore.FeatureIndex(index_dir).activations`` when the index module provides it, else the
-    feature store itself (``meta["feature_store"]`` or ``RUN/features/SAE.zarr``, feature-major copy).
-    Without either, pages shade only the activations the index recorded.
+    Reads the feature store the index was built from (``meta["feature_store"]``, else
+    ``RUN/features/SAE.zarr``), feature-major copy. Without it, pages shade only the activations the
+    index recorded.
     """
-    from .errors import SaecoreError
-
-    unavailable = (ImportError, AttributeError, NotImplementedError, OSError, ValueError, SaecoreError,
-                   CorruptDataError)
-    activations: Callable[[int], Any] | None = None
-    note = "no feature store found"
+    path = next((p for p in (_resolve(run, meta.get("feature_store")), Run(run).features(index_dir.name))
+                 if p is not None and p.exists()), None)
+    if path is None:
+        return None, "no feature store found"
     try:
-        from .index import FeatureIndex  # type: ignore[import-not-found]
-
-        activations = FeatureIndex(index_dir).activations
-    except (ImportError, AttributeError):
-        pass  # no index module in this build: read the feature store directly
-    except unavailable as e:
-        note = f"{type(e).__name__}: {e}"
-    if activations is None:
-        activations, store_note = _feature_store_activations(run, index_dir.name, meta)
-        note = store_note or note
-    if activations is None:
-        return None, note
+        store = FeatureStore(path)
+    except (OSError, ValueError, SaecoreError, CorruptDataError) as e:
+        print(f"saecore pages: {path}: per-token activations unavailable ({e})", file=sys.stderr)
+        return None, f"{type(e).__name__}: {e}"
+    if not (store.complete and store.has_csc):
+        return None, f"{path}: incomplete or without its feature-major copy"
     failed: list[str] = []
 
     def lookup(feature: int) -> tuple[np.ndarray, np.ndarray] | None:
-        if failed:  # one failure (no feature-major copy, say) means every later call fails the same way
+        if failed:  # one failure means every later call fails the same way
             return None
         try:
-            rows, values = _rows_values(activations(int(feature)))
-        except unavailable as e:
+            rows, values = _rows_values(store.activations(int(feature)))
+        except (OSError, ValueError, SaecoreError, CorruptDataError) as e:
             failed.append(f"{type(e).__name__}: {e}")
-            print(f"saecore pages: {index_dir}: per-token activations unavailable ({e})", file=sys.stderr)
+            print(f"saecore pages: {path}: per-token activations unavailable ({e})", file=sys.stderr)
             return None
         order = np.argsort(rows, kind="stable")
         return rows[order], values[order]
 
     return lookup, ""
-
-
-def _feature_store_activations(run: Path, sae: str, meta: dict[str, Any]) -> tuple[Callable[[int], Any] | None, str]:
-    candidates = [Path(v) if Path(v).is_absolute() else run / v
-                  for v in (meta.get("feature_store"), meta.get("features")) if isinstance(v, str) and v]
-    candidates.append(run / "features" / f"{sae}.zarr")
-    path = next((c for c in candidates if c.exists()), None)
-    if path is None:
-        return None, ""
-    try:
-        from .features import FeatureStore
-
-        store = FeatureStore(path)
-        if not (store.complete and store.has_csc):
-            return None, f"{path}: incomplete or without its feature-major copy"
-        return store.activations, ""
-    except (ImportError, AttributeError):
-        return None, ""
-    except (OSError, ValueError, CorruptDataError) as e:
-        print(f"saecore pages: {path}: per-token activations unavailable ({e})", file=sys.stderr)
-        return None, f"{type(e).__name__}: {e}"
 
 
 def _bound_lookup(activations: Callable[[str, int], Any], sae: str) -> ActivationLookup:
@@ -468,7 +255,7 @@ def _bound_lookup(activations: Callable[[str, int], Any], sae: str) -> Activatio
 
 
 def _rows_values(result: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Normalise what FeatureIndex.activations returns: a (rows, values) pair, a dict or an Arrow table."""
+    """Normalise what an activations callback returns: a (rows, values) pair, a dict or an Arrow table."""
     if isinstance(result, tuple) and len(result) == 2:
         rows, values = result
     elif hasattr(result, "column"):  # pyarrow Table / RecordBatch
@@ -548,7 +335,8 @@ class SaeBuild:
         s = grouped.slice(feature)
         c = grouped.columns
         out = [
-            Example(int(c["row"][i]), int(c["doc_id"][i]), int(c["position"][i]), float(c["value"][i]), int(c[key][i]))
+            Example(feature=feature, row=int(c["row"][i]), doc_id=int(c["doc_id"][i]), position=int(c["position"][i]),
+                    value=float(c["value"][i]), **{key: int(c[key][i])})
             for i in range(s.start, s.stop)
         ]
         return out[:limit] if limit is not None else out
@@ -556,7 +344,7 @@ class SaeBuild:
     def _samples_by_bin(self, feature: int) -> dict[int, list[Example]]:
         by_bin: dict[int, list[Example]] = {}
         for ex in self._examples(self.tables.samples, feature, "bin", None):
-            by_bin.setdefault(ex.rank_or_bin, []).append(ex)
+            by_bin.setdefault(int(ex.bin or 0), []).append(ex)
         # Within a bin, spread the shown examples over its value range instead of taking the lowest few.
         for b, exs in by_bin.items():
             if len(exs) > MAX_SAMPLES_PER_BIN:
@@ -632,7 +420,7 @@ class SaeBuild:
             "stats": self._stats(feature),
             "enc_dec_cosine": self._enc_dec(feature),
             "histogram": self._histogram(feature),
-            "top": self._render_examples(top, known, "topk.parquet", complete) if t.topk is not None else None,
+            "top": self._render_examples(top, known, tables.TOPK.file, complete) if t.topk is not None else None,
             "samples": self._samples_json(samples, known, complete) if t.samples is not None else None,
             "logit_lens": self._logit_lens(feature),
             "neighbours": self._neighbours(feature),
@@ -658,8 +446,17 @@ class SaeBuild:
             return None
         c = self.tables.stats.columns
         i = s.start
-        return {"count": int(c["count"][i]), "density": float(c["density"][i]), "sum": _round(c["sum"][i], 6),
-                "max": _round(c["max"][i]), "mean_nonzero": _round(c["mean_nonzero"][i])}
+        # Every column the stats schema declares reaches the page data, so a new column needs no edit here.
+        out: dict[str, float] = {}
+        for col in tables.STATS.schema:
+            if col.name == "feature":
+                continue
+            value, digits = c[col.name][i], STATS_DIGITS.get(col.name, 4)
+            if pa.types.is_integer(col.type):
+                out[col.name] = int(value)
+            else:
+                out[col.name] = float(value) if digits is None else _round(value, digits)
+        return out
 
     def _enc_dec(self, feature: int) -> float | None:
         g = self.tables.enc_dec_cosine
@@ -681,7 +478,7 @@ class SaeBuild:
     ) -> list[dict]:
         bins = sorted(samples, reverse=True)  # strongest activations first, as in the paper's figures
         per_bin = [sorted(samples[b], key=lambda e: -e.value) for b in bins]
-        rendered = self._render_examples([e for exs in per_bin for e in exs], known, "samples.parquet", complete)
+        rendered = self._render_examples([e for exs in per_bin for e in exs], known, tables.SAMPLES.file, complete)
         out, start = [], 0
         for b, exs in zip(bins, per_bin):
             out.append({"bin": b, "lo": _round(min(e.value for e in exs)), "hi": _round(max(e.value for e in exs)),
@@ -699,7 +496,7 @@ class SaeBuild:
         for i in range(s.start, s.stop):
             kind = str(c["kind"][i])
             if kind not in out:
-                raise ValueError(f"{self.tables.index_dir / 'logit_lens.parquet'}: kind {kind!r} for feature "
+                raise ValueError(f"{tables.LOGIT_LENS.path(self.tables.index_dir)}: kind {kind!r} for feature "
                                  f"{feature}; expected 'promote' or 'suppress'")
             out[kind].append([str(c["token"][i]), int(c["token_id"][i]), _round(c["value"][i])])
         return out
@@ -809,8 +606,7 @@ class SaeBuild:
     def _about(self, features: np.ndarray, n_features: int, has_map: bool) -> dict[str, Any]:
         stats = self.tables.stats
         alive = int((stats.columns["count"] > 0).sum()) if stats is not None else None
-        present = [n for n in ("stats", "histograms", "topk", "samples", "neighbours", "enc_dec_cosine", "logit_lens",
-                               "density_histogram", "map") if getattr(self.tables, n) is not None]
+        present = self.tables.present()
         return {"format": PAGES_FORMAT, "sae": self.sae, "n_features": n_features, "pages": len(features),
                 "alive": alive, "model": self.model, "tables": present, "map": has_map,
                 "n_tokens": self.tables.meta.get("n_tokens"), "per_folder": FEATURES_PER_FOLDER}
@@ -832,38 +628,11 @@ def _html_escape(text: str) -> str:
 # --------------------------------------------------------------------------------------------------
 # The whole site
 # --------------------------------------------------------------------------------------------------
-def _swap_in(staging: Path, final: Path) -> None:
-    """Replace folder ``final`` by ``staging`` with renames, so readers see the old or the new, never half."""
-    old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:8]}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _clean_leftovers(pages: Path) -> None:
-    """Remove staging folders of an interrupted earlier build."""
-    for p in pages.iterdir():
-        if p.name.startswith((".tmp-", ".old-")) and p.is_dir():
-            shutil.rmtree(p)
-        elif p.name.endswith(".partial"):
-            p.unlink()
-
-
 def _write_assets(pages: Path) -> None:
-    staging = pages / f".tmp-assets-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
     src = resources.files("saecore.page_assets")
-    for name in ASSET_FILES:
-        (staging / name).write_bytes(src.joinpath(name).read_bytes())
-    _swap_in(staging, pages / "assets")
+    with publish_dir(pages / "assets") as staging:
+        for name in ASSET_FILES:
+            (staging / name).write_bytes(src.joinpath(name).read_bytes())
 
 
 def _write_root_index(pages: Path) -> None:
@@ -878,15 +647,12 @@ def _write_root_index(pages: Path) -> None:
         items.append(f'<li><a href="{name}/index.html">{name}</a> <span class="muted">{a["n_features"]:,} features'
                      f'{alive}{" · map" if a.get("map") else ""}</span></li>')
     body = "\n".join(items) or "<li>No SAE has an index yet: run <code>saecore index</code>.</li>"
-    _write_text_atomic(pages / "index.html", _fill(_template("root_index.html"), ITEMS=body))
+    write_text(pages / PAGES_INDEX_FILE, _fill(_template("root_index.html"), ITEMS=body))
 
 
 def available_saes(run: Path) -> list[str]:
     """SAE names with an index folder in the run."""
-    index = run / "index"
-    if not index.is_dir():
-        return []
-    return sorted(p.name for p in index.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return Run(run).indexed_saes()
 
 
 def build_pages(
@@ -902,48 +668,43 @@ def build_pages(
     ``tokenizer`` decodes token ids for display; when None, the tokenizer of the activation store's
     model is loaded (``load_model_tokenizer``), and without one the pages show token ids.
     ``activations(sae, feature) -> (rows, values) | None`` gives every activation of a feature, to shade
-    each token of an example's window (None: not known for this SAE); "auto" asks ``saecore.FeatureIndex``, None shades only the
+    each token of an example's window (None: not known for this SAE); "auto" reads the SAE's feature store, None shades only the
     activations the index tables recorded.
     """
     run = Path(run)
+    layout = Run(run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: no run directory here")
-    names = list(saes) if saes else available_saes(run)
+    names = list(saes) if saes else layout.indexed_saes()
     if not names:
-        raise FileNotFoundError(f"{run / 'index'}: no SAE index found; run 'saecore index' first")
+        raise FileNotFoundError(f"{layout.index_root}: no SAE index found; run 'saecore index' first")
     for name in names:
-        if not (run / "index" / name).is_dir():
-            raise FileNotFoundError(f"{run / 'index' / name}: no index for SAE {name!r} "
-                                    f"(have: {', '.join(available_saes(run)) or 'none'})")
-    pages = run / "pages"
+        if not layout.index(name).is_dir():
+            raise FileNotFoundError(f"{layout.index(name)}: no index for SAE {name!r} "
+                                    f"(have: {', '.join(layout.indexed_saes()) or 'none'})")
+    pages = layout.pages
     pages.mkdir(exist_ok=True)
-    _clean_leftovers(pages)
-    linkable = set(available_saes(run)) | {p.name for p in pages.iterdir() if (p / "about.json").exists()}
+    linkable = set(layout.indexed_saes()) | {p.name for p in pages.iterdir() if (p / "about.json").exists()}
     _write_assets(pages)
     token_text: TokenText | None = TokenText(tokenizer) if tokenizer is not None else None
     for name in names:
-        tables = IndexTables.load(run / "index" / name)
-        store = open_activation_store(run, tables.meta)
+        loaded = IndexTables.load(layout.index(name))
+        store = open_activation_store(run, loaded.meta)
         model = str(store.attrs.get("model", "")) if store is not None else ""
         if token_text is None:
             token_text = TokenText(load_tokenizer(model) if (load_model_tokenizer and store is not None) else None)
         if activations == "auto":
-            lookup, note = feature_activation_lookup(run, run / "index" / name, tables.meta)
+            lookup, note = feature_activation_lookup(run, layout.index(name), loaded.meta)
         elif activations is None:
             lookup, note = None, "no feature store given"
         else:
             lookup, note = _bound_lookup(activations, name), ""  # type: ignore[arg-type]
-        build = SaeBuild(run, tables, token_text, ContextReader(store), lookup, note, linkable, model)
-        staging = pages / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-        staging.mkdir()
-        try:
+        build = SaeBuild(run, loaded, token_text, ContextReader(store, CONTEXT_BEFORE, CONTEXT_AFTER), lookup, note,
+                         linkable, model)
+        with publish_dir(pages / name) as staging:  # on error the old pages of this SAE stay as they were
             build.write_into(staging, progress=progress)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)  # the old pages of this SAE stay as they were
-            raise
-        _swap_in(staging, pages / name)
     _write_root_index(pages)
-    return pages / "index.html"
+    return pages / PAGES_INDEX_FILE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -963,28 +724,50 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
+@dataclass
+class PagesConfig:
+    """Options of ``saecore pages`` (the run directory aside)."""
+
+    sae: list[str] | None = option(None, append=True)
+    """Only this SAE; unset: every indexed SAE."""
+
+    tokenizer: bool = option(True, flag="--no-tokenizer")
+    """Load the model's tokenizer to show text (--no-tokenizer shows token ids)."""
+
+
+@dataclass
+class ServeConfig:
+    """Options of ``saecore serve`` (the run directory aside)."""
+
+    port: int = option(8000, ge=0, le=65535)
+    """Port on 127.0.0.1 (0 picks a free one)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def cli_configure_pages(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="run directory (holds index/SAE/ tables)")
-    parser.add_argument("--sae", action="append", help="only this SAE (repeatable); default: every indexed SAE")
-    parser.add_argument("--no-tokenizer", action="store_true", help="show token ids instead of loading the model's tokenizer")
+    add_arguments(parser, PagesConfig)
 
 
 def cli_run_pages(args: argparse.Namespace) -> int:
-    index = build_pages(args.run, saes=args.sae, load_model_tokenizer=not args.no_tokenizer)
-    print(f"feature pages written; open file://{index.resolve()}")
+    cfg = from_args(PagesConfig, args)
+    root = build_pages(args.run, saes=cfg.sae, load_model_tokenizer=cfg.tokenizer)
+    print(f"feature pages written; open file://{root.resolve()}")
     return 0
 
 
 def cli_configure_serve(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run", type=Path, help="run directory (its pages/ are served; built first if absent)")
-    parser.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1 (default 8000)")
+    add_arguments(parser, ServeConfig)
 
 
 def cli_run_serve(args: argparse.Namespace) -> int:
-    pages = Path(args.run) / "pages"
-    if not (pages / "index.html").exists():
+    pages = Run(args.run).pages
+    if not (pages / PAGES_INDEX_FILE).exists():
         build_pages(args.run)
-    server = make_server(pages, args.port)
+    server = make_server(pages, from_args(ServeConfig, args).port)
     print(f"serving {pages} at http://127.0.0.1:{server.server_address[1]}/  (Ctrl-C stops)")
     try:
         server.serve_forever()

@@ -20,7 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import tables
+from ._atomic import write_parquet
+from .config import add_arguments, from_args, option, validate
 from .errors import SaecoreError
+from .run import CFG_FILE, METRICS_FILE, PAGES_INDEX_FILE, Run
 
 
 @dataclass
@@ -35,52 +39,58 @@ class QuickstartConfig:
     """Built-in corpus name or path."""
     hook: str = "blocks.6.hook_resid_post"
     """Hook point harvested (an early-middle layer keeps the forward pass short)."""
-    tokens: int = 65_536
+    tokens: int = option(65_536, ge=1, le=1 << 40)
     """Tokens fed to the model (512 contexts of 128)."""
-    context_length: int = 128
+    context_length: int = option(128, ge=2, le=1 << 17)
     """Tokens per context, BOS included."""
-    batch_size: int = 8
+    batch_size: int = option(8, ge=1, le=1 << 16)
     """Contexts per forward pass."""
     dtype: str = "float16"
     """Storage dtype of the activations."""
     norm_outlier_factor: float | None = 10.0
     """Drop tokens whose norm exceeds this multiple of the median (attention-sink tokens)."""
 
-    d_sae: int = 4096
+    d_sae: int = option(4096, ge=1, le=1 << 24)
     """Latents of the quickstart's TopK SAE."""
-    k: int = 32
+    k: int = option(32, ge=1, le=1 << 24)
     """Active latents per token."""
-    train_epochs: int = 8
+    train_epochs: int = option(8, ge=1, le=10_000)
     """Passes over the harvested tokens (the quickstart's store is small; more passes, better features)."""
-    train_batch_size: int = 2048
+    train_batch_size: int = option(2048, ge=1, le=1 << 24)
     """Tokens per training step."""
     sae_name: str = "topk-4k"
     """Folder name of the SAE under ``saes/``, ``features/`` and ``index/``."""
 
     def __post_init__(self) -> None:
         self.run = Path(self.run)
+        validate(self)
         if self.tokens < self.context_length:
             raise ValueError(f"tokens ({self.tokens}) must be at least one context ({self.context_length})")
 
     @property
+    def layout(self) -> Run:
+        """Where the run keeps things (:class:`saecore.run.Run`)."""
+        return Run(self.run)
+
+    @property
     def activations(self) -> Path:
-        return self.run / "activations.zarr"
+        return self.layout.activations
 
     @property
     def sae_dir(self) -> Path:
-        return self.run / "saes" / self.sae_name
+        return self.layout.sae(self.sae_name)
 
     @property
     def features(self) -> Path:
-        return self.run / "features" / f"{self.sae_name}.zarr"
+        return self.layout.features(self.sae_name)
 
     @property
     def index_dir(self) -> Path:
-        return self.run / "index" / self.sae_name
+        return self.layout.index(self.sae_name)
 
     @property
     def pages(self) -> Path:
-        return self.run / "pages"
+        return self.layout.pages
 
 
 @dataclass
@@ -111,19 +121,17 @@ def _harvest_done(cfg: QuickstartConfig) -> bool:
 
 
 def _harvest_run(cfg: QuickstartConfig) -> None:
-    from .harvesting import harvest
+    from .harvesting import HarvestConfig, harvest
 
-    harvest(
-        model=cfg.model,
-        corpus=cfg.corpus,
+    harvest_cfg = HarvestConfig(
         hooks=[cfg.hook],
-        out=cfg.activations,
         context_length=cfg.context_length,
         batch_size=cfg.batch_size,
-        dtype=cfg.dtype,
+        dtype=cfg.dtype,  # type: ignore[arg-type]
         max_tokens=cfg.tokens,
         norm_outlier_factor=cfg.norm_outlier_factor,
     )
+    harvest(cfg.model, cfg.corpus, cfg.activations, harvest_cfg)
 
 
 def _harvest_summary(cfg: QuickstartConfig) -> str:
@@ -143,7 +151,7 @@ def _training_facts(cfg: QuickstartConfig) -> dict:
     import json
 
     try:
-        meta = json.loads((cfg.sae_dir / "cfg.json").read_text()).get("metadata") or {}
+        meta = json.loads((cfg.sae_dir / CFG_FILE).read_text()).get("metadata") or {}
     except (OSError, ValueError):
         return {}
     return meta.get("saecore") or {}
@@ -184,7 +192,7 @@ def _eval_run(cfg: QuickstartConfig) -> None:
 def _eval_summary(cfg: QuickstartConfig) -> str:
     import json
 
-    m = json.loads((cfg.sae_dir / "metrics.json").read_text())
+    m = json.loads((cfg.sae_dir / METRICS_FILE).read_text())
     parts = [f"{k} {m[k]:.3f}" for k in ("l0", "explained_variance", "ce_loss_recovered", "kl_div") if k in m]
     return "held out: " + ", ".join(parts)
 
@@ -223,19 +231,19 @@ def _index_run(cfg: QuickstartConfig) -> None:
 
     index(cfg.features, cfg.index_dir, activations=cfg.activations)
     model, tokenizer = load(cfg.model)
-    write_logit_lens(SAE.load(cfg.sae_dir, device="cpu"), model, tokenizer, cfg.index_dir / "logit_lens.parquet")
+    write_logit_lens(SAE.load(cfg.sae_dir, device="cpu"), model, tokenizer, tables.LOGIT_LENS.path(cfg.index_dir))
     directions = geometry.load_directions(cfg.sae_dir)
-    geometry.write_parquet_atomic(geometry.neighbours_table(directions, [], k=10), cfg.index_dir / "neighbours.parquet")
-    geometry.write_parquet_atomic(geometry.enc_dec_cosine(directions), cfg.index_dir / "enc_dec_cosine.parquet")
+    write_parquet(geometry.neighbours_table(directions, [], k=10), tables.NEIGHBOURS.path(cfg.index_dir))
+    write_parquet(geometry.enc_dec_cosine(directions), tables.ENC_DEC_COSINE.path(cfg.index_dir))
     table, _method = geometry.feature_map([directions], "umap")
     # Written last: its presence marks the whole step complete.
-    geometry.write_parquet_atomic(table, cfg.index_dir / "map.parquet")
+    write_parquet(table, tables.MAP.path(cfg.index_dir))
 
 
 def _index_summary(cfg: QuickstartConfig) -> str:
-    import pyarrow.parquet as pq
-
-    stats = pq.read_table(cfg.index_dir / "stats.parquet")
+    stats = tables.STATS.read(cfg.index_dir)
+    if stats is None:
+        raise FileNotFoundError(f"{tables.STATS.path(cfg.index_dir)}: missing; rerun `saecore index`")
     alive = sum(1 for c in stats.column("count").to_pylist() if c > 0)
     return f"{alive:,} of {stats.num_rows:,} features fire; tables: " + ", ".join(
         sorted(p.stem for p in cfg.index_dir.glob("*.parquet"))
@@ -250,17 +258,17 @@ def _pages_run(cfg: QuickstartConfig) -> None:
 
 
 def _pages_summary(cfg: QuickstartConfig) -> str:
-    return f"open file://{(cfg.pages / 'index.html').resolve()}"
+    return f"open file://{(cfg.pages / PAGES_INDEX_FILE).resolve()}"
 
 
 STEPS: list[Step] = [
     Step("harvest", lambda c: c.activations, _harvest_done, _harvest_run, _harvest_summary),
     Step("train", lambda c: c.sae_dir, lambda c: bool(_training_facts(c).get("complete")), _train_run, _train_summary),
-    Step("eval", lambda c: c.sae_dir / "metrics.json", lambda c: (c.sae_dir / "metrics.json").exists(), _eval_run,
+    Step("eval", lambda c: c.sae_dir / METRICS_FILE, lambda c: (c.sae_dir / METRICS_FILE).exists(), _eval_run,
          _eval_summary),
     Step("encode", lambda c: c.features, _encode_done, _encode_run, _encode_summary),
-    Step("index", lambda c: c.index_dir, lambda c: (c.index_dir / "map.parquet").exists(), _index_run, _index_summary),
-    Step("pages", lambda c: c.pages, lambda c: (c.pages / "index.html").exists(), _pages_run, _pages_summary),
+    Step("index", lambda c: c.index_dir, lambda c: tables.MAP.path(c.index_dir).exists(), _index_run, _index_summary),
+    Step("pages", lambda c: c.pages, lambda c: (c.pages / PAGES_INDEX_FILE).exists(), _pages_run, _pages_summary),
 ]
 
 
@@ -284,22 +292,14 @@ def run_steps(cfg: QuickstartConfig, steps: list[Step] | None = None, out=sys.st
 
 
 # -- CLI ---------------------------------------------------------------------------------------------
+# The quick start's command line stays small; the other fields are its fixed recipe.
+CLI_FIELDS = ("run", "tokens", "model", "corpus", "hook")
+
+
 def cli_configure(parser: argparse.ArgumentParser) -> None:
-    d = QuickstartConfig()
-    parser.add_argument("--run", type=Path, default=d.run, help="run directory (default: %(default)s)")
-    parser.add_argument("--tokens", type=int, default=d.tokens, help="tokens to harvest (default: %(default)s)")
-    parser.add_argument(
-        "--model", default=d.model, help="built-in model name or local HF folder (default: %(default)s)"
-    )
-    parser.add_argument("--corpus", default=d.corpus, help="built-in corpus name or path (default: %(default)s)")
-    parser.add_argument("--hook", default=d.hook, help="hook point (default: %(default)s)")
+    add_arguments(parser, QuickstartConfig, only=CLI_FIELDS)
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    cfg = QuickstartConfig(run=args.run, tokens=args.tokens, model=args.model, corpus=args.corpus, hook=args.hook)
-    try:
-        run_steps(cfg)
-    except (SaecoreError, ValueError, OSError, ModuleNotFoundError) as e:
-        print(f"saecore quickstart: error: {e}", file=sys.stderr)
-        return 2
+    run_steps(from_args(QuickstartConfig, args))
     return 0

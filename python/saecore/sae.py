@@ -31,10 +31,8 @@ matrix times W_dec, autograd throughout); tests hold the two to each other.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -43,11 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._atomic import atomic_target, write_json
+from .run import CFG_FILE, WEIGHTS_FILE
+from .saelens import read_checkpoint, saelens_config
+
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
-CFG_FILENAME = "cfg.json"
-WEIGHTS_FILENAME = "sae_weights.safetensors"
-# SAELens treats configs without a version as pre-6.0 and rewrites them; we write its 6.x layout.
-SAELENS_FORMAT_VERSION = "6.0.0"
 
 
 @dataclass
@@ -550,30 +548,24 @@ class SAE(nn.Module):
     def save(self, directory: str | os.PathLike[str], extra_metadata: dict[str, Any] | None = None) -> Path:
         """Write ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout, input scale folded), each
         by write-aside-then-rename."""
-        from .saelens import saelens_config
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         sae = self.folded() if self.cfg.input_scale != 1.0 else self
         tensors, cfg = saelens_config(sae, extra_metadata or {})
         from safetensors.torch import save_file
 
-        tmp = directory / f".{WEIGHTS_FILENAME}.{uuid.uuid4().hex}.partial"
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
-        os.replace(tmp, directory / WEIGHTS_FILENAME)
-        tmp = directory / f".{CFG_FILENAME}.{uuid.uuid4().hex}.partial"
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-        os.replace(tmp, directory / CFG_FILENAME)
+        with atomic_target(directory / WEIGHTS_FILE) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+        write_json(directory / CFG_FILE, cfg)
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], device: str | torch.device | None = None) -> SAE:
         """Load a checkpoint written by :meth:`save` or by SAELens (standard, topk, jumprelu)."""
-        from .saelens import load_checkpoint
-
-        return load_checkpoint(Path(directory), device=device)
-
-
-def default_device() -> torch.device:
-    """CUDA when present, else CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        fields, tensors = read_checkpoint(Path(directory))
+        sae = cls(SAEConfig.from_dict(fields), seed=None)
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                getattr(sae, name).copy_(tensor)
+        sae.eval()
+        return sae.to(device) if device is not None else sae

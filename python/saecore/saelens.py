@@ -22,23 +22,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-if TYPE_CHECKING:
-    from .sae import SAE
+from .errors import CorruptDataError
+from .run import CFG_FILE, WEIGHTS_FILE
 
+# SAELens treats configs without a version as pre-6.0 and rewrites them; we write its 6.x layout.
+SAELENS_FORMAT_VERSION = "6.0.0"
 _TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 # normalize_activations values that are the identity on a saved (inference) SAE.
 _IDENTITY_NORMALISATION = (None, False, "none", "expected_average_only_in")
 
 
-def saelens_config(sae: SAE, extra_metadata: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, cfg.json dict) of an SAE whose input scale is already folded (input_scale = 1)."""
-    from .sae import SAELENS_FORMAT_VERSION
-
+def saelens_config(sae: Any, extra_metadata: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, cfg.json dict) of a :class:`saecore.sae.SAE` whose input scale is already folded."""
     cfg = sae.cfg
     if cfg.input_scale != 1.0:
         raise ValueError("saelens_config needs a folded SAE (input_scale = 1); call SAE.folded() first")
@@ -70,9 +70,7 @@ def saelens_config(sae: SAE, extra_metadata: dict[str, Any]) -> tuple[dict[str, 
 
 
 def _read_cfg(directory: Path) -> dict[str, Any]:
-    from .sae import CFG_FILENAME
-
-    path = directory / CFG_FILENAME
+    path = directory / CFG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no SAE config here (expected cfg.json + sae_weights.safetensors)")
     try:
@@ -88,10 +86,7 @@ def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .errors import CorruptDataError
-    from .sae import WEIGHTS_FILENAME
-
-    path = directory / WEIGHTS_FILENAME
+    path = directory / WEIGHTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no SAE weights here")
     try:
@@ -129,47 +124,46 @@ def _foreign_config(data: dict[str, Any], directory: Path) -> tuple[dict[str, An
     return fields, fold
 
 
-def load_checkpoint(directory: Path, device: str | torch.device | None = None) -> SAE:
-    """Load a checkpoint written by saecore or SAELens (see the module docstring)."""
-    from .sae import SAE, SAEConfig
+def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(saecore SAEConfig fields, tensors in saecore's form) of a checkpoint written by saecore or SAELens.
 
+    The SAELens options are folded into the tensors here (see the module docstring), so
+    :meth:`saecore.sae.SAE.load` only builds the module and copies them in.
+    """
     data = _read_cfg(directory)
     weights = _read_weights(directory)
     own = ((data.get("metadata") or {}).get("saecore") or {}).get("config")
     if own is not None:
-        cfg, fold = SAEConfig.from_dict(own), {"apply_b_dec_to_input": bool(data.get("apply_b_dec_to_input", False))}
+        fields, fold = dict(own), {"apply_b_dec_to_input": bool(data.get("apply_b_dec_to_input", False))}
         fold["rescale_acts_by_decoder_norm"] = bool(data.get("rescale_acts_by_decoder_norm", False))
     else:
         fields, fold = _foreign_config(data, directory)
-        cfg = SAEConfig(**fields)
-    _check_shapes(weights, cfg, directory)
-    sae = SAE(cfg, seed=None)
+    _check_shapes(weights, fields, directory)
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if fields["architecture"] in ("jumprelu", "batchtopk")
+                                                    else [])
+    tensors = {name: weights[name] for name in names}
     with torch.no_grad():
-        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
-            getattr(sae, name).copy_(weights[name])
-        if cfg.architecture in ("jumprelu", "batchtopk"):
-            sae.threshold.copy_(weights["threshold"])
         if fold["rescale_acts_by_decoder_norm"]:
-            norms = sae.W_dec.norm(dim=1).clamp_min(1e-8)
-            sae.W_dec.div_(norms[:, None])
-            sae.W_enc.mul_(norms[None, :])
-            sae.b_enc.mul_(norms)
+            norms = tensors["W_dec"].norm(dim=1).clamp_min(1e-8)
+            tensors["W_dec"] = tensors["W_dec"] / norms[:, None]
+            tensors["W_enc"] = tensors["W_enc"] * norms[None, :]
+            tensors["b_enc"] = tensors["b_enc"] * norms
         if fold["apply_b_dec_to_input"]:
             # (x − b_dec)·W_enc + b_enc = x·W_enc + (b_enc − b_dec·W_enc): same latents, no subtraction.
-            sae.b_enc.sub_(sae.b_dec @ sae.W_enc)
-    sae.eval()
-    return sae.to(device) if device is not None else sae
+            tensors["b_enc"] = tensors["b_enc"] - tensors["b_dec"] @ tensors["W_enc"]
+    return fields, tensors
 
 
-def _check_shapes(weights: dict[str, torch.Tensor], cfg: Any, directory: Path) -> None:
+def _check_shapes(weights: dict[str, torch.Tensor], fields: dict[str, Any], directory: Path) -> None:
+    d_in, d_sae = int(fields["d_in"]), int(fields["d_sae"])
     expected = {
-        "W_enc": (cfg.d_in, cfg.d_sae),
-        "b_enc": (cfg.d_sae,),
-        "W_dec": (cfg.d_sae, cfg.d_in),
-        "b_dec": (cfg.d_in,),
+        "W_enc": (d_in, d_sae),
+        "b_enc": (d_sae,),
+        "W_dec": (d_sae, d_in),
+        "b_dec": (d_in,),
     }
-    if cfg.architecture in ("jumprelu", "batchtopk"):
-        expected["threshold"] = (cfg.d_sae,)
+    if fields["architecture"] in ("jumprelu", "batchtopk"):
+        expected["threshold"] = (d_sae,)
     for name, shape in expected.items():
         if name not in weights:
             raise ValueError(f"{directory}: sae_weights.safetensors has no tensor {name!r} (has {sorted(weights)})")

@@ -21,21 +21,21 @@ import csv
 import json
 import math
 import os
-import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ._atomic import write_text
+from ._atomic import atomic_target, write_text
 from .activations import ActivationStore
 from .sae import SAE
+from .config import add_arguments, from_args, option, validate
+from .run import CFG_FILE
 from .training import (
+    open_store,
     TrainConfig,
-    _resolve_store,
-    add_train_arguments,
-    config_from_args,
     train,
     training_rows,
 )
@@ -92,10 +92,6 @@ def fit(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    write_text(path, text)
-
-
 def svg_plot(runs: list[dict[str, Any]], fitted: dict[str, Any], title: str) -> str:
     """Loss vs compute on log-log axes: every run (labelled by d_sae), the frontier, the power-law fit."""
     W, H, m = 640, 420, 60
@@ -150,7 +146,7 @@ def sweep(
     cfg: TrainConfig | None = None,
 ) -> dict[str, Any]:
     """Train every (d_sae, tokens) pair into ``out_dir``, fit the scaling laws, write the table and plot."""
-    store = _resolve_store(store)
+    store = open_store(store)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = cfg or TrainConfig()
@@ -164,21 +160,19 @@ def sweep(
             run_cfg = TrainConfig(**{**base.to_dict(), "d_sae": d_sae, "num_tokens": tokens})
             folder = out / f"{base.architecture}-{d_sae}-{tokens}"
             sae = train(store, folder, run_cfg)
-            scale = json.loads((folder / "cfg.json").read_text())["metadata"]["saecore"]["input_scale"]
+            scale = json.loads((folder / CFG_FILE).read_text())["metadata"]["saecore"]["input_scale"]
             loss = heldout_loss(sae, store, hook, n_train, store.num_rows, scale, base.l1_coefficient)
             runs.append({"d_sae": d_sae, "tokens": tokens, "compute": d_sae * tokens, "loss": loss, "sae": str(folder)})
     fitted = fit(runs)
     result = {"architecture": base.architecture, "store": str(store.path), "runs": runs, "fit": fitted,
               "compute": "d_sae x tokens", "loss": "held-out training objective, scaled units"}
-    _atomic_write(out / "sweep.json", json.dumps(result, indent=2))
+    write_text(out / "sweep.json", json.dumps(result, indent=2))
     rows = [["d_sae", "tokens", "compute", "heldout_loss", "on_frontier"]]
     on_front = {(r["d_sae"], r["tokens"]) for r in fitted["frontier"]}
     rows += [[r["d_sae"], r["tokens"], r["compute"], f"{r['loss']:.6g}", (r["d_sae"], r["tokens"]) in on_front] for r in runs]
-    tmp = out / f".sweep.csv.{uuid.uuid4().hex}.partial"
-    with tmp.open("w", newline="") as fh:
+    with atomic_target(out / "sweep.csv") as tmp, tmp.open("w", newline="") as fh:
         csv.writer(fh).writerows(rows)
-    os.replace(tmp, out / "sweep.csv")
-    _atomic_write(out / "sweep.svg", svg_plot(runs, fitted, f"{base.architecture} SAE: loss vs compute"))
+    write_text(out / "sweep.svg", svg_plot(runs, fitted, f"{base.architecture} SAE: loss vs compute"))
     return result
 
 
@@ -194,18 +188,38 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@dataclass
+class SweepConfig:
+    """The grid of a ``saecore sweep`` (every other training option comes from :class:`TrainConfig`)."""
+
+    d_sae: list[int] = option(default_factory=lambda: [1024, 2048, 4096], ge=1, le=1 << 24)
+    """Dictionary sizes of the grid."""
+
+    tokens: list[int] = option(default_factory=lambda: [2**18, 2**19, 2**20], ge=1, le=1 << 50)
+    """Training token counts of the grid."""
+
+    holdout_fraction: float = option(0.05, gt=0, lt=1)
+    """Trailing fraction of the store held out to measure each run's loss on."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+# SweepConfig sets these per grid point; the rest of TrainConfig is shared by every run.
+_GRID_FIELDS = ("d_sae", "num_tokens", "holdout_fraction")
+
+
 def cli_configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="activation store or run directory")
     parser.add_argument("out", help="output folder (one SAE per grid point, sweep.json/.csv/.svg)")
-    parser.add_argument("--d-sae", type=int, nargs="+", default=[1024, 2048, 4096])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[2**18, 2**19, 2**20])
-    parser.add_argument("--holdout-fraction", type=float, default=0.05)
-    add_train_arguments(parser)
+    add_arguments(parser, SweepConfig)
+    add_arguments(parser, TrainConfig, skip=_GRID_FIELDS)
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, holdout_fraction=args.holdout_fraction)
-    result = sweep(args.store, args.out, args.d_sae, args.tokens, cfg)
+    grid = from_args(SweepConfig, args)
+    cfg = from_args(TrainConfig, args, d_sae=TrainConfig.d_sae, num_tokens=0, holdout_fraction=grid.holdout_fraction)
+    result = sweep(args.store, args.out, grid.d_sae, grid.tokens, cfg)
     print(format_report(result))
     print(f"wrote {Path(args.out) / 'sweep.csv'} and {Path(args.out) / 'sweep.svg'}")
     return 0

@@ -29,17 +29,20 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
 from ._atomic import atomic_target
 from .activations import ActivationStore
+from .config import add_arguments, from_args, option, validate
 from .errors import SaecoreError, StoreError
-from .sae import ARCHITECTURES, SAE, SAEConfig, default_device
+from .devices import default_device
+from .run import TRAINER_STATE_FILE, store_path
+from .sae import SAE, SAEConfig
 
-STATE_FILENAME = "trainer_state.pt"
+STATE_FILENAME = TRAINER_STATE_FILE
 STATE_FORMAT = "saecore.trainer/1"
 ANTHROPIC_DEAD_WINDOW = 10_000_000
 # Config fields that do not change what is computed, so a resume may change them freely.
@@ -54,71 +57,71 @@ class ConfigMismatchError(SaecoreError):
 class TrainConfig:
     """Everything that determines a training run (the store and output folder aside)."""
 
-    architecture: str = "relu"
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu"] = option("relu", aliases=("--arch",))
     """SAE architecture: ``relu`` | ``topk`` | ``batchtopk`` | ``jumprelu`` (see :mod:`saecore.sae`)."""
 
-    d_sae: int = 4096
+    d_sae: int = option(4096, ge=1, le=1 << 24)
     """Number of latents."""
 
-    k: int = 32
+    k: int = option(32, ge=1, le=1 << 24)
     """Active latents per token (topk) or per token on average (batchtopk)."""
 
-    l1_coefficient: float = 5.0
+    l1_coefficient: float = option(5.0, ge=0)
     """λ of the relu loss MSE + λ·Σ fᵢ‖W_dec,i‖ (Anthropic: 5 at their input scaling)."""
 
-    l0_coefficient: float = 1e-3
+    l0_coefficient: float = option(1e-3, ge=0)
     """λ of the jumprelu loss MSE + λ·L0."""
 
-    aux_coefficient: float = 1 / 32
+    aux_coefficient: float = option(1 / 32, ge=0)
     """Weight of the AuxK loss (Gao et al. 2024 use 1/32)."""
 
-    aux_k: int = 0
+    aux_k: int = option(0, ge=0, le=1 << 24)
     """Dead latents per token in the AuxK loss; 0 → d_in // 2."""
 
-    jumprelu_bandwidth: float = 0.05
+    jumprelu_bandwidth: float = option(0.05, gt=0)
     """Rectangle-kernel width of the jumprelu straight-through estimators (scaled units)."""
 
-    jumprelu_init_threshold: float = 0.1
+    jumprelu_init_threshold: float = option(0.1, ge=0)
     """Initial jumprelu threshold (scaled units)."""
 
-    lr: float = 0.0
+    lr: float = option(0.0, ge=0, le=1)
     """Adam learning rate; 0 → 2e-4 / sqrt(d_sae / 16384) (the scaling Gao et al. fit)."""
 
-    batch_size: int = 4096
+    batch_size: int = option(4096, ge=1, le=1 << 24)
     """Tokens per step."""
 
-    num_tokens: int = 0
+    num_tokens: int = option(0, ge=0, le=1 << 50, flag="--tokens")
     """Training tokens; 0 → one epoch over the training rows (Anthropic trained one epoch)."""
 
     hook: str | None = None
     """Hook to train on; None → the store's only hook."""
 
-    seed: int = 0
+    seed: int = option(0, ge=0, lt=1 << 63)
     """Seeds the initialisation and the data order."""
 
-    shuffle_buffer_rows: int = 131072
+    shuffle_buffer_rows: int = option(131072, ge=1, le=1 << 30)
     """Rows shuffled together (memory ≈ this × d_in × 4 bytes)."""
 
-    holdout_fraction: float = 0.02
+    holdout_fraction: float = option(0.02, ge=0, lt=1)
     """Trailing fraction of the store (whole chunks) kept out of training for ``saecore eval``."""
 
-    lambda_warmup_frac: float = 0.05
+    lambda_warmup_frac: float = option(0.05, ge=0, lt=1)
     """Fraction of steps over which the sparsity coefficient rises linearly from 0."""
 
-    lr_decay_frac: float = 0.2
+    lr_decay_frac: float = option(0.2, ge=0, lt=1)
     """Final fraction of steps over which the learning rate falls linearly to 0."""
 
-    grad_clip: float = 1.0
+    grad_clip: float = option(1.0, gt=0)
     """Maximum global gradient norm."""
 
-    dead_window_tokens: int = ANTHROPIC_DEAD_WINDOW
+    dead_window_tokens: int = option(ANTHROPIC_DEAD_WINDOW, ge=1)
     """A latent that has not fired for this many tokens is dead (capped at the run's length)."""
 
     resample_dead: bool = True
     """relu only: re-initialise dead latents towards badly reconstructed inputs, once per dead window
     (never during the final learning-rate decay)."""
 
-    checkpoint_every_steps: int = 1000
+    checkpoint_every_steps: int = option(1000, ge=1)
     """Steps between checkpoints (a checkpoint is also written at the end and on SIGINT)."""
 
     device: str | None = None
@@ -128,20 +131,7 @@ class TrainConfig:
     """Show a tqdm progress bar."""
 
     def __post_init__(self) -> None:
-        positive = ("d_sae", "k", "batch_size", "shuffle_buffer_rows", "dead_window_tokens", "checkpoint_every_steps")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("l1_coefficient", "l0_coefficient", "aux_coefficient", "lr", "num_tokens", "aux_k"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)!r}")
-        for name in ("holdout_fraction", "lambda_warmup_frac", "lr_decay_frac"):
-            if not (0.0 <= getattr(self, name) < 1.0):
-                raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.grad_clip <= 0:
-            raise ValueError(f"TrainConfig.grad_clip must be positive, got {self.grad_clip}")
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"TrainConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        validate(self)  # the declared ranges and choices above
         if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
             raise ValueError(f"TrainConfig.k={self.k} exceeds d_sae={self.d_sae}")
 
@@ -247,13 +237,11 @@ def sae_step(
 
 
 
-def _resolve_store(store: ActivationStore | str | os.PathLike[str]) -> ActivationStore:
+def open_store(store: ActivationStore | str | os.PathLike[str]) -> ActivationStore:
+    """The activation store ``store`` names: an open store, a store path, or a run directory holding one."""
     if isinstance(store, ActivationStore):
         return store
-    path = Path(store)
-    if (path / "activations.zarr").exists():  # a run directory
-        path = path / "activations.zarr"
-    return ActivationStore(path)
+    return ActivationStore(store_path(store))
 
 
 def training_rows(store: ActivationStore, holdout_fraction: float) -> int:
@@ -263,11 +251,6 @@ def training_rows(store: ActivationStore, holdout_fraction: float) -> int:
         return n
     held = math.ceil(n * holdout_fraction / store.chunk_rows) * store.chunk_rows
     return n - held if n - held > 0 else n
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    with atomic_target(path) as tmp:
-        torch.save(obj, tmp)
 
 
 def _describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -318,7 +301,7 @@ class Trainer:
                 f"{store.path}: {total} training tokens (of {store.num_rows} rows) is less than one batch of "
                 f"{cfg.batch_size}; lower batch_size or harvest more"
             )
-        self.device = torch.device(cfg.device) if cfg.device else default_device()
+        self.device = default_device(cfg.device)
         self.dead_window = min(cfg.dead_window_tokens, self.total_steps * cfg.batch_size)
         self.identity = self._identity()
         self._build()
@@ -413,7 +396,8 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
         }
-        _atomic_torch_save(state, self.out_dir / STATE_FILENAME)
+        with atomic_target(self.out_dir / STATE_FILENAME) as tmp:
+            torch.save(state, tmp)
 
     def _training_facts(self) -> dict[str, Any]:
         return {
@@ -588,50 +572,20 @@ def train(
     cfg = cfg or TrainConfig()
     if overrides:
         cfg = TrainConfig(**{**cfg.to_dict(), **overrides})
-    return Trainer(_resolve_store(store), Path(out_dir), cfg, on_step=on_step).run()
+    return Trainer(open_store(store), Path(out_dir), cfg, on_step=on_step).run()
 
 
 # --- CLI ----------------------------------------------------------------------------------------
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The TrainConfig options as flags (shared with ``saecore sweep``)."""
-    d = TrainConfig()
-    parser.add_argument("--architecture", "--arch", default=d.architecture, choices=["relu", "topk", "batchtopk", "jumprelu"])
-    parser.add_argument("--k", type=int, default=d.k, help="active latents per token (topk, batchtopk)")
-    parser.add_argument("--l1-coefficient", type=float, default=d.l1_coefficient, help="relu sparsity λ")
-    parser.add_argument("--l0-coefficient", type=float, default=d.l0_coefficient, help="jumprelu sparsity λ")
-    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate (0: 2e-4/sqrt(d_sae/16384))")
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--hook", default=None, help="hook to train on (default: the store's only hook)")
-    parser.add_argument("--seed", type=int, default=d.seed)
-    parser.add_argument("--shuffle-buffer-rows", type=int, default=d.shuffle_buffer_rows)
-    parser.add_argument("--dead-window-tokens", type=int, default=d.dead_window_tokens)
-    parser.add_argument("--checkpoint-every-steps", type=int, default=d.checkpoint_every_steps)
-    parser.add_argument("--device", default=None, help="cuda / cpu (default: CUDA when present)")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
-    return TrainConfig(
-        architecture=args.architecture, k=args.k, l1_coefficient=args.l1_coefficient,
-        l0_coefficient=args.l0_coefficient, lr=args.lr, batch_size=args.batch_size, hook=args.hook, seed=args.seed,
-        shuffle_buffer_rows=args.shuffle_buffer_rows, dead_window_tokens=args.dead_window_tokens,
-        checkpoint_every_steps=args.checkpoint_every_steps, device=args.device, progress=not args.no_progress,
-        **fixed,
-    )
-
-
 def cli_configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="activation store (activations.zarr) or a run directory holding one")
     parser.add_argument("out", help="output folder for the SAE (cfg.json, sae_weights.safetensors, trainer state)")
-    parser.add_argument("--d-sae", type=int, default=TrainConfig.d_sae, help="number of latents")
-    parser.add_argument("--tokens", type=int, default=0, help="training tokens (0: one epoch)")
-    add_train_arguments(parser)
+    add_arguments(parser, TrainConfig)
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    cfg = config_from_args(args, d_sae=args.d_sae, num_tokens=args.tokens)
+    cfg = from_args(TrainConfig, args)
     t0 = time.time()
     sae = train(args.store, args.out, cfg)
     print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "

@@ -1,10 +1,25 @@
 //! Map the core's error enum to Python exceptions: I/O → OSError family, bad arguments → ValueError,
-//! corrupt data → `saecore.CorruptDataError` (a ValueError subclass, so generic handlers still work).
+//! corrupt data → `saecore.errors.CorruptDataError`.
+//!
+//! `CorruptDataError` is declared in Python (`class CorruptDataError(SaecoreError, ValueError)`) so every
+//! saecore error shares the root `SaecoreError` while generic `ValueError` handlers still catch it. The
+//! class is imported when the first corrupt-data error is raised (not at module init), so
+//! `saecore.errors` never has to import `_native`: no import cycle.
 
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
 
-pyo3::create_exception!(saecore, CorruptDataError, PyValueError, "Data on disk failed a checksum, is truncated, or does not parse.");
+static CORRUPT_DATA_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// A `saecore.errors.CorruptDataError` carrying `message` (the import error, should that import fail).
+fn corrupt_data_error(message: String) -> PyErr {
+    Python::attach(|py| match CORRUPT_DATA_ERROR.import(py, "saecore.errors", "CorruptDataError") {
+        Ok(cls) => PyErr::from_type(cls.clone(), message),
+        Err(e) => e,
+    })
+}
 
 /// Newtype so `?` can turn a core error into a `PyErr` (the orphan rule forbids a direct `From`).
 pub struct CoreError(pub saecore::Error);
@@ -24,7 +39,7 @@ impl From<CoreError> for PyErr {
             }
             saecore::Error::Io { .. } => PyOSError::new_err(message),
             saecore::Error::Invalid(_) => PyValueError::new_err(message),
-            saecore::Error::Corrupt(_) => CorruptDataError::new_err(message),
+            saecore::Error::Corrupt(_) => corrupt_data_error(message),
         }
     }
 }
@@ -35,9 +50,4 @@ pub fn detach<T: Send>(
     work: impl FnOnce() -> saecore::Result<T> + Send,
 ) -> PyResult<T> {
     py.detach(work).map_err(|e| CoreError(e).into())
-}
-
-pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add("CorruptDataError", m.py().get_type::<CorruptDataError>())?;
-    Ok(())
 }

@@ -20,7 +20,6 @@ fn num_threads(py: Python<'_>) -> usize {
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_function(wrap_pyfunction!(num_threads, m)?)?;
-    errors::register(m)?;
     store::register(m)?;
     mining::register(m)?;
     neighbours::register(m)?;

@@ -43,7 +43,8 @@ fn now_ns() -> u64 {
 /// `saecore.index` for the fields) plus `t_start_ns`/`t_end_ns`, the wall-clock span of the Rust
 /// work (taken with the GIL released).
 #[pyfunction]
-#[pyo3(signature = (path, *, k=20, hist_bins=32, sample_bins=10, samples_per_bin=10, seed=0, second_pass=true, progress=None))]
+// Every option is explicit: the defaults live once, in `saecore.index.IndexConfig`.
+#[pyo3(signature = (path, *, k, hist_bins, sample_bins, samples_per_bin, seed, second_pass, progress))]
 #[allow(clippy::too_many_arguments)]
 fn mine<'py>(
     py: Python<'py>,

@@ -53,7 +53,7 @@ fn blocking(tile: Option<usize>, rows: usize) -> Blocking {
 /// Top-k cosine neighbours of every row of `a` among the rows of `b` (or of `a`, itself excluded).
 /// Returns `(indices uint32 [n, k], cosines float32 [n, k])`, best first, ties to the smaller index.
 #[pyfunction]
-#[pyo3(signature = (a, b, k, *, tile=None, name_a="a", name_b="b"))]
+#[pyo3(signature = (a, b, k, *, tile, name_a, name_b))]
 #[allow(clippy::type_complexity)]
 fn neighbours_top_k<'py>(
     py: Python<'py>,
@@ -78,7 +78,7 @@ fn neighbours_top_k<'py>(
 /// Every pair with cosine >= `threshold`, sorted by row, cosine descending, column. Returns
 /// `(rows uint32 [m], cols uint32 [m], cosines float32 [m])`.
 #[pyfunction]
-#[pyo3(signature = (a, b, threshold, *, max_pairs=100_000_000, tile=None, name_a="a", name_b="b"))]
+#[pyo3(signature = (a, b, threshold, *, max_pairs, tile, name_a, name_b))]
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 fn neighbours_threshold<'py>(
     py: Python<'py>,

@@ -115,7 +115,8 @@ pub struct PyFeatureStoreWriter {
 #[pymethods]
 impl PyFeatureStoreWriter {
     #[new]
-    #[pyo3(signature = (path, d_sae, *, value_dtype="float16", shard_rows=16384, spec_json="{}", threads=2))]
+    // Every option is explicit: the defaults live once, in `saecore.encode.EncodeConfig`.
+    #[pyo3(signature = (path, d_sae, *, value_dtype, shard_rows, spec_json, threads))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
@@ -288,7 +289,7 @@ impl PyFeatureStoreReader {
 /// Build the feature-major copy of the complete store at `path` (no-op if present); returns the
 /// manifest as JSON text.
 #[pyfunction]
-#[pyo3(signature = (path, *, mem_budget_bytes=1u64 << 30, chunk_elems=1u64 << 20))]
+#[pyo3(signature = (path, *, mem_budget_bytes, chunk_elems))]
 fn build_csc(py: Python<'_>, path: PathBuf, mem_budget_bytes: u64, chunk_elems: u64) -> PyResult<String> {
     let options = CscOptions { mem_budget_bytes, chunk_elems };
     let manifest = detach(py, || core::build_csc(&path, &options))?;

@@ -495,6 +495,8 @@ fn collect_tile_pairs(t: &Tile, scores: &[f32], threshold: f32) -> Vec<(u32, u32
     for r in 0..t.nr {
         for (c, &s) in scores[r * t.nc..(r + 1) * t.nc].iter().enumerate() {
             if s >= threshold && !(t.diagonal() && r == c) {
+                // -0.0 + 0.0 == +0.0: a zero cosine has one sign, so ties sort by column as documented.
+                let s = s + 0.0;
                 let (i, j) = ((t.r0 + r) as u32, (t.c0 + c) as u32);
                 out.push((i, j, s));
                 if t.symmetric && !t.diagonal() {

@@ -1,0 +1,139 @@
+"""The run folder: where every stage reads and writes, and every file name saecore gives a file.
+
+One run directory holds a whole study::
+
+    runs/NAME/
+      activations.zarr/     the activation store (``saecore harvest``)
+      saes/SAE/             cfg.json, sae_weights.safetensors, metrics.json, trainer_state.pt
+      features/SAE.zarr/    the sparse feature store (``saecore encode``)
+      index/SAE/            the index tables (see :mod:`saecore.tables`) and meta.json
+      pages/                the feature pages (``saecore pages``)
+
+:class:`Run` is the only place that joins these paths; every verb, the quick start and the pages ask
+it. The constants below are the only place a file name is spelled (``tests/test_architecture.py``
+holds the rest of the package to that).
+
+An SAE folder outside a run (``some/where/SAE`` whose parent is not called ``saes``) is still usable:
+its index then lives inside it, in ``SAE/index/``, and it has no run activation store or feature store
+to default to (the verbs ask for them explicitly). Decided once, here, in :func:`sae_index_dir`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# -- folders of a run --------------------------------------------------------------------------------
+ACTIVATIONS_DIR = "activations.zarr"
+SAES_DIR = "saes"
+FEATURES_DIR = "features"
+INDEX_DIR = "index"
+PAGES_DIR = "pages"
+FEATURE_STORE_SUFFIX = ".zarr"
+
+# -- files of an SAE folder (SAELens' checkpoint layout, plus saecore's own) ------------------------
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+METRICS_FILE = "metrics.json"
+TRAINER_STATE_FILE = "trainer_state.pt"
+
+# -- completion markers ------------------------------------------------------------------------------
+STORE_COMMIT_FILE = "commit.json"
+"""The activation store's commit record; a folder without it is not (yet) a store."""
+INDEX_META_FILE = "meta.json"
+"""Written last by ``saecore index``: the mined tables of a folder without it are incomplete."""
+PAGES_INDEX_FILE = "index.html"
+"""The root page of ``pages/``, written after every SAE's folder is in place."""
+
+# -- index tables (schemas and readers: saecore.tables) ---------------------------------------------
+STATS_FILE = "stats.parquet"
+HISTOGRAMS_FILE = "histograms.parquet"
+TOPK_FILE = "topk.parquet"
+SAMPLES_FILE = "samples.parquet"
+DENSITY_HISTOGRAM_FILE = "density_histogram.parquet"
+NEIGHBOURS_FILE = "neighbours.parquet"
+MAP_FILE = "map.parquet"
+ENC_DEC_COSINE_FILE = "enc_dec_cosine.parquet"
+LOGIT_LENS_FILE = "logit_lens.parquet"
+# Tables and plots of the geometry verbs that nothing else reads.
+GEOMETRY_FILE = "geometry.parquet"
+GEOMETRY_PLOT = "geometry.png"
+MAP_PLOT = "map.png"
+SPLITTING_FILE = "splitting.parquet"
+SPLITTING_FAMILIES_FILE = "splitting_families.parquet"
+SPLITTING_PLOT = "splitting.png"
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory ``runs/NAME/`` and the path of everything in it (nothing is created or checked).
+
+    >>> run = Run("runs/demo")
+    >>> run.index("topk-4k").as_posix()
+    'runs/demo/index/topk-4k'
+    """
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike[str]):
+        object.__setattr__(self, "root", Path(root))
+
+    @classmethod
+    def of_sae(cls, sae_dir: str | os.PathLike[str]) -> Run | None:
+        """The run an SAE folder ``runs/NAME/saes/SAE`` belongs to; None for an SAE folder outside a run."""
+        sae_dir = Path(sae_dir)
+        return cls(sae_dir.parent.parent) if sae_dir.parent.name == SAES_DIR else None
+
+    @property
+    def activations(self) -> Path:
+        """The activation store, ``runs/NAME/activations.zarr``."""
+        return self.root / ACTIVATIONS_DIR
+
+    def sae(self, name: str) -> Path:
+        """An SAE folder, ``runs/NAME/saes/SAE``."""
+        return self.root / SAES_DIR / name
+
+    def features(self, name: str) -> Path:
+        """An SAE's feature store, ``runs/NAME/features/SAE.zarr``."""
+        return self.root / FEATURES_DIR / f"{name}{FEATURE_STORE_SUFFIX}"
+
+    @property
+    def index_root(self) -> Path:
+        """``runs/NAME/index``, one folder per indexed SAE."""
+        return self.root / INDEX_DIR
+
+    def index(self, name: str) -> Path:
+        """An SAE's index folder, ``runs/NAME/index/SAE``."""
+        return self.index_root / name
+
+    @property
+    def pages(self) -> Path:
+        """The feature pages, ``runs/NAME/pages``."""
+        return self.root / PAGES_DIR
+
+    def indexed_saes(self) -> list[str]:
+        """Names of the SAEs with an index folder, sorted."""
+        if not self.index_root.is_dir():
+            return []
+        return sorted(p.name for p in self.index_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def sae_index_dir(sae_dir: str | os.PathLike[str]) -> Path:
+    """Where an SAE's index tables go: ``runs/NAME/index/SAE`` in a run, else ``SAE_DIR/index``."""
+    sae_dir = Path(sae_dir)
+    run = Run.of_sae(sae_dir)
+    return run.index(sae_dir.name) if run is not None else sae_dir / INDEX_DIR
+
+
+def sae_activation_store(sae_dir: str | os.PathLike[str]) -> Path | None:
+    """The run's activation store for an SAE folder in a run, when it exists; else None."""
+    run = Run.of_sae(sae_dir)
+    return run.activations if run is not None and run.activations.exists() else None
+
+
+def store_path(path: str | os.PathLike[str]) -> Path:
+    """An activation store path from what a user typed: a run directory means its ``activations.zarr``."""
+    path = Path(path)
+    inside = Run(path).activations
+    return inside if inside.exists() else path

@@ -1,0 +1,197 @@
+"""The index tables: one schema and one reader per table.
+
+Every table under ``runs/NAME/index/SAE/`` is declared once here, as a :class:`TableSpec`: its file, its
+columns and their Arrow types, and the order of one feature's rows. Writers build their table through
+:meth:`TableSpec.table` (so what is written is exactly the declared schema) and every reader — the
+pages, the interventions, the logit lens, the quick start, :class:`saecore.index.FeatureIndex` — goes
+through :meth:`TableSpec.read`, which checks the columns and refuses a half-written index.
+
+Completeness. The tables ``saecore index`` mines (stats, histograms, topk, samples,
+density_histogram) are complete only once ``meta.json`` is there (``index`` removes it first and
+writes it last); reading one of them from a folder without ``meta.json`` is an error. The other tables
+are written by their own verbs, each atomically (aside, then renamed), so a present file is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import run as layout
+from .errors import CorruptDataError
+
+INDEX_FORMAT = "saecore.index/1"
+"""``meta.json``'s ``format``: the layout of the mined tables below."""
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One index table: file name, schema, and how one feature's rows are ordered."""
+
+    name: str
+    """Short name (also the attribute name in :class:`saecore.pages.IndexTables`)."""
+    file: str
+    """File name inside ``index/SAE/``."""
+    schema: pa.Schema
+    """Columns and types, in the order written."""
+    order: tuple[str, ...] = ()
+    """Within one feature, the columns its rows are sorted by when read."""
+    mined: bool = False
+    """Written by ``saecore index``, so complete only with ``meta.json`` beside it."""
+    neg_inf_ok: tuple[str, ...] = ()
+    """Float columns where -inf is a value (log10 of a zero density), not corruption."""
+
+    def path(self, index_dir: str | os.PathLike[str]) -> Path:
+        return Path(index_dir) / self.file
+
+    def table(self, columns: Mapping[str, Any]) -> pa.Table:
+        """The table a writer writes: exactly the declared columns, in order, with the declared types."""
+        missing = [c for c in self.schema.names if c not in columns]
+        if missing:
+            raise ValueError(f"{self.name} table: missing column(s) {missing}")
+        return pa.table({c: columns[c] for c in self.schema.names}).cast(self.schema)
+
+    def read(self, index_dir: str | os.PathLike[str]) -> pa.Table | None:
+        """The table in ``index_dir`` (declared columns, declared types), or None when it is absent.
+
+        Raises FileNotFoundError for a mined table whose index has no ``meta.json`` (incomplete),
+        ValueError naming the file and column for a missing column, a wrong type, a null or a
+        non-finite number, and CorruptDataError for a file that is not readable Parquet.
+        """
+        path = self.path(index_dir)
+        if not path.exists():
+            return None
+        if self.mined:
+            require_complete(index_dir)
+        return self.read_file(path)
+
+    def read_file(self, path: str | os.PathLike[str]) -> pa.Table:
+        """Read and check a file holding this table (any name, any folder)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no {self.name} table here")
+        try:
+            table = pq.read_table(path, columns=self.schema.names)
+        except (pa.ArrowInvalid, OSError) as e:
+            if isinstance(e, pa.ArrowInvalid) and "No match for FieldRef" in str(e):
+                present = pq.read_schema(path).names
+                missing = [c for c in self.schema.names if c not in present]
+                raise ValueError(f"{path}: missing column(s) {missing}; a {self.name} table has "
+                                 f"{self.schema.names}") from e
+            raise CorruptDataError(f"{path}: unreadable Parquet table ({e})") from e
+        for want in self.schema:
+            self._check_column(path, want, table.column(want.name))
+        try:
+            return table.cast(self.schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ValueError(f"{path}: values do not fit the {self.name} schema {self.schema} ({e})") from e
+
+    def _check_column(self, path: Path, want: pa.Field, col: pa.ChunkedArray) -> None:
+        name = want.name
+        if pa.types.is_string(want.type):
+            if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+                raise ValueError(f"{path}: column {name!r} has type {col.type}, expected string")
+            return
+        if not (pa.types.is_integer(col.type) or pa.types.is_floating(col.type)):
+            raise ValueError(f"{path}: column {name!r} has type {col.type}, expected a number ({want.type})")
+        if col.null_count:
+            raise ValueError(f"{path}: column {name!r} holds {col.null_count} null value(s)")
+        if pa.types.is_floating(col.type):
+            values = col.to_numpy()
+            bad = ~np.isfinite(values)
+            if name in self.neg_inf_ok:
+                bad &= ~np.isneginf(values)
+            if bad.any():
+                raise ValueError(f"{path}: column {name!r} holds a non-finite value at row {int(np.argmax(bad))}")
+
+
+def _schema(*fields: tuple[str, pa.DataType]) -> pa.Schema:
+    return pa.schema(list(fields))
+
+
+u2, u4, u8, i4, i8, f4, f8, s = pa.uint16(), pa.uint32(), pa.uint64(), pa.int32(), pa.int64(), pa.float32(), \
+    pa.float64(), pa.string()
+
+STATS = TableSpec("stats", layout.STATS_FILE, _schema(
+    ("feature", u4), ("count", u8), ("density", f8), ("sum", f8), ("max", f4), ("mean_nonzero", f8)), mined=True)
+"""One row per feature, dead ones too: count of nonzero activations, density = count / tokens."""
+HISTOGRAMS = TableSpec("histograms", layout.HISTOGRAMS_FILE, _schema(
+    ("feature", u4), ("bin", u2), ("lo", f4), ("hi", f4), ("count", u8)), order=("bin",), mined=True)
+"""Log-spaced activation histogram of each feature that fires."""
+TOPK = TableSpec("topk", layout.TOPK_FILE, _schema(
+    ("feature", u4), ("rank", u2), ("row", u8), ("doc_id", i8), ("position", i4), ("value", f4)),
+    order=("rank",), mined=True)
+"""The k strongest activations of each feature, rank 0 strongest."""
+SAMPLES = TableSpec("samples", layout.SAMPLES_FILE, _schema(
+    ("feature", u4), ("bin", u2), ("row", u8), ("doc_id", i8), ("position", i4), ("value", f4)),
+    order=("bin", "value"), mined=True)
+"""Quantile samples: examples drawn per activation-level bin (fractions of the feature's max)."""
+DENSITY_HISTOGRAM = TableSpec("density_histogram", layout.DENSITY_HISTOGRAM_FILE, _schema(
+    ("lo_log10", f8), ("hi_log10", f8), ("count", u8)), mined=True, neg_inf_ok=("lo_log10", "hi_log10"))
+"""Features per log10-density bin; the first row (edges -inf) counts the features that never fire."""
+NEIGHBOURS = TableSpec("neighbours", layout.NEIGHBOURS_FILE, _schema(
+    ("feature", u4), ("rank", u2), ("other_sae", s), ("neighbour", u4), ("cosine", f4)), order=("rank",))
+"""Top-k decoder-cosine neighbours of each feature, within its SAE and in others (``saecore neighbours``)."""
+MAP = TableSpec("map", layout.MAP_FILE, _schema(("feature", u4), ("sae", s), ("x", f4), ("y", f4)))
+"""2-D coordinates of the decoder directions of one or more SAEs (``saecore geometry``)."""
+ENC_DEC_COSINE = TableSpec("enc_dec_cosine", layout.ENC_DEC_COSINE_FILE, _schema(("feature", u4), ("cosine", f4)))
+"""Cosine of each feature's encoder column and decoder row (``saecore geometry``)."""
+LOGIT_LENS = TableSpec("logit_lens", layout.LOGIT_LENS_FILE, _schema(
+    ("feature", u4), ("kind", s), ("rank", u2), ("token_id", u4), ("token", s), ("value", f4)),
+    order=("kind", "rank"))
+"""Tokens each feature's decoder direction promotes / suppresses most (``saecore logit-lens``)."""
+
+ALL: tuple[TableSpec, ...] = (STATS, HISTOGRAMS, TOPK, SAMPLES, DENSITY_HISTOGRAM, NEIGHBOURS, MAP, ENC_DEC_COSINE,
+                              LOGIT_LENS)
+BY_NAME: dict[str, TableSpec] = {spec.name: spec for spec in ALL}
+PER_FEATURE: tuple[TableSpec, ...] = (STATS, HISTOGRAMS, TOPK, SAMPLES, NEIGHBOURS, ENC_DEC_COSINE, LOGIT_LENS)
+"""Tables keyed by feature (the others describe the SAE as a whole)."""
+
+
+def require_complete(index_dir: str | os.PathLike[str]) -> Path:
+    """The path of ``meta.json``; FileNotFoundError when it is missing (no index, or an interrupted one)."""
+    meta = Path(index_dir) / layout.INDEX_META_FILE
+    if not meta.exists():
+        raise FileNotFoundError(f"{index_dir}: no complete feature index here (no {layout.INDEX_META_FILE}); "
+                                "run `saecore index`")
+    return meta
+
+
+def read_meta(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """``meta.json`` of a complete index (FileNotFoundError without one; ValueError for another format)."""
+    path = require_complete(index_dir)
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as e:
+        raise CorruptDataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise ValueError(f"{path}: format {got!r}, expected {INDEX_FORMAT!r}")
+    return meta
+
+
+def feature_rows(table: pa.Table, feature: int) -> pa.Table:
+    """The rows of one feature in a table sorted by feature (binary search, no scan)."""
+    ids = table.column("feature").to_numpy()
+    lo, hi = np.searchsorted(ids, feature, "left"), np.searchsorted(ids, feature, "right")
+    return table.slice(lo, hi - lo)
+
+
+def max_activations(index_dir: str | os.PathLike[str], features: list[int]) -> dict[int, float] | None:
+    """Each feature's largest activation from the stats table; None when the folder has no stats."""
+    table = STATS.read(index_dir)
+    if table is None:
+        return None
+    lookup = dict(zip(table.column("feature").to_pylist(), table.column("max").to_pylist()))
+    missing = [f for f in features if f not in lookup]
+    if missing:
+        raise ValueError(f"features {missing} are not in {STATS.path(index_dir)} ({len(lookup)} features listed)")
+    return {f: float(lookup[f]) for f in features}

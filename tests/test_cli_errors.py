@@ -1,0 +1,157 @@
+"""Every verb, given a bad path, a bad feature id or a bad number, fails the same way: exit code 2, one
+line ``saecore VERB: error: …`` on stderr, no traceback, and no file written.
+
+Each case is a real ``python -m saecore.cli`` process. The data is tiny (the tiny model saved as a
+folder, a 64-feature SAE on its hook, the tiny activation store, a feature store and an index made
+from them), and most bad inputs are caught while parsing or before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_HOOK
+from saecore.cli import VERBS
+
+D_SAE = 64
+
+
+@pytest.fixture(scope="module")
+def data(tiny_model_dir, tiny_store, tmp_path_factory) -> dict[str, str]:
+    """Paths the cases refer to by name: ``{sae}``, ``{run}``, ``{store}``, ``{features}``, ``{index}``…"""
+    from saecore.encode import encode
+    from saecore.index import index
+    from saecore.sae import SAE, SAEConfig
+
+    run = tmp_path_factory.mktemp("cli-errors") / "runs" / "demo"
+    torch.manual_seed(0)
+    cfg = SAEConfig(architecture="relu", d_in=64, d_sae=D_SAE, hook_name=TINY_HOOK, model_name=str(tiny_model_dir))
+    sae_dir = SAE(cfg).save(run / "saes" / "tiny")
+    SAE(SAEConfig(architecture="relu", d_in=64, d_sae=2 * D_SAE, hook_name=TINY_HOOK)).save(run / "saes" / "wide")
+    features = run / "features" / "tiny.zarr"
+    encode(tiny_store, sae_dir, features, batch_rows=256, shard_rows=512, progress=False, device="cpu")
+    index(features, run / "index" / "tiny", progress=False)
+    prompts = run / "prompts.txt"
+    prompts.write_text("The bridge\n")
+    return {
+        "run": str(run), "sae": str(sae_dir), "wide": str(run / "saes" / "wide"), "store": str(tiny_store.path),
+        "features": str(features), "prompts": str(prompts), "model": str(tiny_model_dir), "missing": str(run / "nope"),
+    }
+
+
+# (verb, what is wrong, argv). {name} is a path from `data`; {out} is inside the case's own empty folder.
+CASES: list[tuple[str, str, list[str]]] = [
+    ("quickstart", "bad path", ["--run", "{out}/run", "--corpus", "{missing}/corpus.txt", "--model", "{model}"]),
+    ("quickstart", "zero", ["--run", "{out}/run", "--tokens", "0"]),
+    ("quickstart", "negative", ["--run", "{out}/run", "--tokens", "-5"]),
+    ("harvest", "bad path", ["--model", "{model}", "--corpus", "{missing}/corpus.txt", "--out", "{out}/a.zarr"]),
+    ("harvest", "bad model path", ["--model", "{missing}", "--corpus", "pydoc", "--out", "{out}/a.zarr"]),
+    ("harvest", "zero", ["--model", "{model}", "--batch-size", "0", "--out", "{out}/a.zarr"]),
+    ("harvest", "too small", ["--model", "{model}", "--context-length", "1", "--out", "{out}/a.zarr"]),
+    ("harvest", "huge", ["--model", "{model}", "--chunk-rows", "1000000000000", "--out", "{out}/a.zarr"]),
+    ("harvest", "NaN", ["--model", "{model}", "--norm-outlier-factor", "nan", "--out", "{out}/a.zarr"]),
+    ("harvest", "negative", ["--model", "{model}", "--max-tokens", "-5", "--out", "{out}/a.zarr"]),
+    ("train", "bad path", ["{missing}", "{out}/sae"]),
+    ("train", "zero", ["{store}", "{out}/sae", "--k", "0"]),
+    ("train", "negative", ["{store}", "{out}/sae", "--seed", "-1"]),
+    ("train", "NaN", ["{store}", "{out}/sae", "--lr", "nan"]),
+    ("train", "huge", ["{store}", "{out}/sae", "--d-sae", "1000000000000"]),
+    ("eval", "bad path", ["{missing}", "--no-splice"]),
+    ("eval", "bad store path", ["{sae}", "--store", "{missing}", "--no-splice"]),
+    ("eval", "zero", ["{sae}", "--contexts", "0"]),
+    ("sweep", "bad path", ["{missing}", "{out}/sweep"]),
+    ("sweep", "zero", ["{store}", "{out}/sweep", "--tokens", "0"]),
+    ("sweep", "negative", ["{store}", "{out}/sweep", "--d-sae", "-4"]),
+    ("sweep", "NaN", ["{store}", "{out}/sweep", "--holdout-fraction", "nan"]),
+    ("encode", "bad path", ["--store", "{missing}", "--sae", "{sae}", "--out", "{out}/f.zarr"]),
+    ("encode", "bad SAE path", ["--store", "{store}", "--sae", "{missing}", "--out", "{out}/f.zarr"]),
+    ("encode", "zero", ["--store", "{store}", "--sae", "{sae}", "--out", "{out}/f.zarr", "--batch-rows", "0"]),
+    ("encode", "huge", ["--store", "{store}", "--sae", "{sae}", "--out", "{out}/f.zarr", "--shard-rows", "10" + "0" * 12]),
+    ("encode", "huge threads", ["--store", "{store}", "--sae", "{sae}", "--out", "{out}/f.zarr", "--writer-threads",
+                                "1000000000"]),
+    ("index", "bad path", ["--features", "{missing}", "--out", "{out}/ix"]),
+    ("index", "bad activations path", ["--features", "{features}", "--activations", "{missing}", "--out", "{out}/ix"]),
+    ("index", "zero", ["--features", "{features}", "--out", "{out}/ix", "--hist-bins", "0"]),
+    ("index", "zero bins", ["--features", "{features}", "--out", "{out}/ix", "--sample-bins", "0"]),
+    ("index", "negative", ["--features", "{features}", "--out", "{out}/ix", "--k", "-1"]),
+    ("neighbours", "bad path", ["--sae", "{missing}", "--out", "{out}/n.parquet"]),
+    ("neighbours", "zero", ["--sae", "{sae}", "--k", "0", "--out", "{out}/n.parquet"]),
+    ("neighbours", "negative", ["--sae", "{sae}", "--k", "-3", "--out", "{out}/n.parquet"]),
+    ("splitting", "bad path", ["--sae", "{sae}", "--sae", "{missing}", "--no-coact", "--out", "{out}/s"]),
+    ("splitting", "one SAE", ["--sae", "{sae}", "--no-coact", "--out", "{out}/s"]),
+    ("splitting", "NaN", ["--sae", "{sae}", "--sae", "{wide}", "--min-cosine", "nan", "--out", "{out}/s"]),
+    ("splitting", "zero", ["--sae", "{sae}", "--sae", "{wide}", "--coact-tokens", "0", "--out", "{out}/s"]),
+    ("geometry", "bad path", ["--sae", "{missing}"]),
+    ("geometry", "zero", ["--sae", "{sae}", "--max-tokens", "0"]),
+    ("geometry", "negative", ["--sae", "{sae}", "--seed", "-1"]),
+    ("steer", "bad path", ["--sae", "{missing}", "--feature", "1", "--prompt", "Hi"]),
+    ("steer", "bad feature id", ["--sae", "{sae}", "--feature", str(D_SAE), "--prompt", "Hi", "--device", "cpu"]),
+    ("steer", "negative feature id", ["--sae", "{sae}", "--feature", "-1", "--prompt", "Hi"]),
+    ("steer", "NaN", ["--sae", "{sae}", "--feature", "1", "--value", "nan", "--prompt", "Hi"]),
+    ("steer", "infinite", ["--sae", "{sae}", "--feature", "1", "--value", "inf", "--prompt", "Hi"]),
+    ("steer", "negative", ["--sae", "{sae}", "--feature", "1", "--max-new-tokens", "-1", "--prompt", "Hi"]),
+    ("attribute", "bad path", ["--sae", "{missing}", "--prompt", "Hi", "--target", " a", "--baseline", " b"]),
+    ("attribute", "zero", ["--sae", "{sae}", "--prompt", "Hi", "--target", " a", "--baseline", " b", "--top", "0"]),
+    ("attribute", "negative", ["--sae", "{sae}", "--prompt", "Hi", "--target", " a", "--baseline", " b",
+                               "--batch-size", "-2"]),
+    ("probe", "bad path", ["--sae", "{missing}", "--prompt", "Hi"]),
+    ("probe", "bad prompts path", ["--sae", "{sae}", "--prompts", "{missing}/prompts.txt"]),
+    ("probe", "zero", ["--sae", "{sae}", "--prompts", "{prompts}", "--top", "0"]),
+    ("logit-lens", "bad path", ["--sae", "{missing}", "--out", "{out}/l.parquet"]),
+    ("logit-lens", "bad feature id", ["--sae", "{sae}", "--show", str(D_SAE), "--out", "{out}/l.parquet", "--device", "cpu"]),
+    ("logit-lens", "zero", ["--sae", "{sae}", "--top", "0", "--out", "{out}/l.parquet"]),
+    ("logit-lens", "huge", ["--sae", "{sae}", "--top", "1000000000", "--out", "{out}/l.parquet"]),
+    ("pages", "bad path", ["{missing}"]),
+    ("pages", "bad SAE name", ["{run}", "--sae", "nope", "--no-tokenizer"]),
+    ("serve", "bad path", ["{missing}"]),
+    ("serve", "huge", ["{run}", "--port", "70000"]),
+    ("serve", "negative", ["{run}", "--port", "-1"]),
+]
+
+
+def test_every_verb_has_cases():
+    assert {verb for verb, _, _ in CASES} == set(VERBS)
+
+
+def _files(root: Path) -> dict[str, int]:
+    """Every file under ``root`` with its modification time (to see anything written or rewritten)."""
+    return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(("verb", "what", "argv"), CASES, ids=[f"{v}-{w.replace(' ', '_')}" for v, w, _ in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(data, tmp_path, verb, what, argv):
+    out = tmp_path / "out"
+    args = [a.format(out=out, **data) for a in argv]
+    watched = Path(data["run"]).parent
+    before = _files(watched)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "saecore.cli", verb, *args], capture_output=True, text=True, env=env, cwd=tmp_path,
+        timeout=300, check=False,
+    )
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"saecore {verb}: error: "), proc.stderr
+    assert _files(tmp_path) == {}, f"{verb} wrote files for bad input: {sorted(_files(tmp_path))}"
+    assert _files(watched) == before
+
+
+def test_debug_adds_the_traceback(data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for argv in (["--debug", "neighbours", "--sae", data["missing"]], ["neighbours", "--sae", data["missing"], "--debug"]):
+        proc = subprocess.run([sys.executable, "-m", "saecore.cli", *argv], capture_output=True, text=True, env=env,
+                              cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and "Traceback" in proc.stderr
+        assert proc.stderr.rstrip().splitlines()[-1].startswith("saecore neighbours: error: ")
+
+
+def test_help_shows_the_declared_ranges():
+    proc = subprocess.run([sys.executable, "-m", "saecore.cli", "index", "--help"], capture_output=True, text=True,
+                          check=True)
+    assert "Top examples kept per feature. (in [1, 10000]; default: 20)" in " ".join(proc.stdout.split())
