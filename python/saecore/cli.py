@@ -35,6 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "attribute": ("saecore.interventions", "features behind a logit difference: activation, attribution, ablation"),
     "probe": ("saecore.interventions", "top features on the final token of each prompt (concept probe)"),
     "logit-lens": ("saecore.logit_lens", "the tokens each feature's decoder direction promotes and suppresses"),
+    "xor": ("saecore.xor", "experiment: is A XOR B linearly readable because of superposition? (toy + every layer)"),
     "pages": ("saecore.pages", "write static HTML feature pages for a run"),
     "serve": ("saecore.pages", "serve a run's feature pages on localhost"),
 }
@@ -98,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         print(__version__)
         return 0
     if argv[0] not in VERBS:
-        top.error(f"unknown verb {argv[0]!r}; choose from {', '.join(VERBS)}")
+        top.print_usage(sys.stderr)
+        print(f"saecore: error: unknown verb {argv[0]!r}; choose from {', '.join(VERBS)}", file=sys.stderr)
+        return 2
     verb, rest = argv[0], argv[1:]
     try:
         parser = build_parser(verb)
@@ -107,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"saecore {verb}: not available in this build", file=sys.stderr)
             return 2
         raise
-    args = parser.parse_args(rest)
+    try:
+        args = parser.parse_args(rest)
+    except SystemExit as e:  # a usage error or --help, already printed: return its code, as for any error
+        return int(e.code or 0)
     return _run_verb(verb, args, debug or args.debug)
 
 

@@ -4,10 +4,11 @@ One run directory holds a whole study::
 
     runs/NAME/
       activations.zarr/     the activation store (``saecore harvest``)
-      saes/SAE/             cfg.json, sae_weights.safetensors, metrics.json, trainer_state.pt
+      saes/SAE/             cfg.json, sae_weights.safetensors, metrics.json, trainer_state.safetensors
       features/SAE.zarr/    the sparse feature store (``saecore encode``)
       index/SAE/            the index tables (see :mod:`saecore.tables`) and meta.json
       pages/                the feature pages (``saecore pages``)
+      experiments/NAME/     tables and plots of the experiment verbs (``saecore xor``, …)
 
 :class:`Run` is the only place that joins these paths; every verb, the quick start and the pages ask
 it. The constants below are the only place a file name is spelled (``tests/test_architecture.py``
@@ -30,13 +31,16 @@ SAES_DIR = "saes"
 FEATURES_DIR = "features"
 INDEX_DIR = "index"
 PAGES_DIR = "pages"
+EXPERIMENTS_DIR = "experiments"
 FEATURE_STORE_SUFFIX = ".zarr"
 
 # -- files of an SAE folder (SAELens' checkpoint layout, plus saecore's own) ------------------------
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
 METRICS_FILE = "metrics.json"
-TRAINER_STATE_FILE = "trainer_state.pt"
+TRAINER_STATE_FILE = "trainer_state.safetensors"
+LEGACY_TRAINER_STATE_FILE = "trainer_state.pt"
+"""A pickle written by saecore before 0.2: refused, never loaded (unpickling can run code)."""
 
 # -- completion markers ------------------------------------------------------------------------------
 STORE_COMMIT_FILE = "commit.json"
@@ -63,6 +67,11 @@ MAP_PLOT = "map.png"
 SPLITTING_FILE = "splitting.parquet"
 SPLITTING_FAMILIES_FILE = "splitting_families.parquet"
 SPLITTING_PLOT = "splitting.png"
+# Experiment verbs (under experiments/NAME/).
+XOR_TOY_FILE = "xor_toy.parquet"
+XOR_TOY_PLOT = "xor_toy.png"
+XOR_MODEL_FILE = "xor_model.parquet"
+XOR_MODEL_PLOT = "xor_model.png"
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,10 @@ class Run:
     def pages(self) -> Path:
         """The feature pages, ``runs/NAME/pages``."""
         return self.root / PAGES_DIR
+
+    def experiment(self, name: str) -> Path:
+        """An experiment verb's output folder, ``runs/NAME/experiments/EXPERIMENT``."""
+        return self.root / EXPERIMENTS_DIR / name
 
     def indexed_saes(self) -> list[str]:
         """Names of the SAEs with an index folder, sorted."""
