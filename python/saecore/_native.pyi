@@ -19,6 +19,7 @@ __all__ = [
     "neighbours_threshold",
     "neighbours_top_k",
     "num_threads",
+    "token_scores",
 ]
 
 __version__: str
@@ -161,3 +162,17 @@ def mine(
 
 def density_histogram(count: numpy.ndarray, n_rows: int, n_bins: int) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
     """(lo_log10, hi_log10, count); row 0 counts features that never fire."""
+
+# --- token scores (model-free autointerp) ---
+
+def token_scores(
+    path: str,
+    token_ids: numpy.ndarray,
+    doc_ids: numpy.ndarray,
+    positions: numpy.ndarray,
+    *,
+    held_out_fraction: float = 0.5,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict[str, object]:
+    """Token- and (previous, token)-simulator correlations of every feature (counts and numpy arrays in a dict)."""

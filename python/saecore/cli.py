@@ -35,6 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "attribute": ("saecore.interventions", "features behind a logit difference: activation, attribution, ablation"),
     "probe": ("saecore.interventions", "top features on the final token of each prompt (concept probe)"),
     "logit-lens": ("saecore.logit_lens", "the tokens each feature's decoder direction promotes and suppresses"),
+    "token-scores": ("saecore.token_scores", "model-free scores of every feature (token simulators, logit shape)"),
     "xor": ("saecore.xor", "experiment: is A XOR B linearly readable because of superposition? (toy + every layer)"),
     "pages": ("saecore.pages", "write static HTML feature pages for a run"),
     "serve": ("saecore.pages", "serve a run's feature pages on localhost"),

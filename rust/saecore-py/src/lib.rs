@@ -9,6 +9,7 @@ mod errors;
 mod mining;
 mod neighbours;
 mod store;
+mod token_scores;
 
 /// Number of threads the core's pool uses (`SAECORE_NUM_THREADS` caps it).
 #[pyfunction]
@@ -23,5 +24,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     store::register(m)?;
     mining::register(m)?;
     neighbours::register(m)?;
+    token_scores::register(m)?;
     Ok(())
 }

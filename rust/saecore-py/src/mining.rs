@@ -18,7 +18,7 @@ use crate::errors::detach;
 #[pyclass(module = "saecore._native", name = "Progress")]
 #[derive(Default)]
 pub struct PyProgress {
-    count: Arc<AtomicU64>,
+    pub(crate) count: Arc<AtomicU64>,
 }
 
 #[pymethods]

@@ -9,5 +9,6 @@ pub mod mining;
 pub mod neighbours;
 pub mod parallel;
 pub mod store;
+pub mod token_scores;
 
 pub use error::{Error, Result};

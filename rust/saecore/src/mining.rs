@@ -568,7 +568,7 @@ impl ByFeature {
 
 /// Fold every shard of `store` into per-thread accumulators and merge them. `progress` counts
 /// finished shards (a caller may poll it from another thread).
-fn fold_shards<A: Send>(
+pub(crate) fn fold_shards<A: Send>(
     store: &FeatureStore,
     with_values: bool,
     progress: &AtomicU64,
