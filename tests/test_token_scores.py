@@ -15,10 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from saecore.activations import ActivationStoreWriter
+from saecore.run import TOKEN_SCORES_FILE as FILE
 from saecore.taxonomy import input_class, logit_shape, output_class, shape_stats
-from saecore.token_scores import FILE, read_meta, score_arrays, token_scores
+from saecore.token_scores import read_meta, score_arrays, token_scores
 from sparse_testdata import mix64, random_dense, stored, write_store
-
 
 # --- NumPy reference: predictions materialised row by row ------------------------------------------
 
@@ -125,7 +125,7 @@ def planted(n_docs: int = 1200, doc_len: int = 50, vocab: int = 16, seed: int = 
     pos = np.tile(np.arange(doc_len, dtype=np.int32), n_docs)
     n = len(toks)
     dense = np.zeros((n, 9), np.float32)
-    noise = lambda k: (0.1 * rng.standard_normal(k)).astype(np.float32)  # noqa: E731
+    noise = lambda k: (0.1 * rng.standard_normal(k)).astype(np.float32)
     for f, t in TOKEN_FEATURES.items():
         rows = np.flatnonzero(toks == t)
         dense[rows, f] = 2.0 + noise(len(rows))
@@ -258,4 +258,4 @@ def test_cli_writes_the_table_and_refuses_a_bad_fraction(planted_run, tmp_path, 
     assert "token/unknown 3" in capsys.readouterr().out
     assert_same_scores(pq.read_table(tmp_path / FILE), table)
     assert main(["token-scores", "--features", str(root / "features" / "sae.zarr"), "--held-out-fraction", "0"]) == 2
-    assert "strictly between 0 and 1" in capsys.readouterr().err
+    assert "--held-out-fraction: must be in (0, 1), got 0.0" in capsys.readouterr().err

@@ -60,6 +60,7 @@ NEIGHBOURS_FILE = "neighbours.parquet"
 MAP_FILE = "map.parquet"
 ENC_DEC_COSINE_FILE = "enc_dec_cosine.parquet"
 LOGIT_LENS_FILE = "logit_lens.parquet"
+TOKEN_SCORES_FILE = "token_scores.parquet"
 # Tables and plots of the geometry verbs that nothing else reads.
 GEOMETRY_FILE = "geometry.parquet"
 GEOMETRY_PLOT = "geometry.png"
@@ -137,6 +138,14 @@ def sae_index_dir(sae_dir: str | os.PathLike[str]) -> Path:
     sae_dir = Path(sae_dir)
     run = Run.of_sae(sae_dir)
     return run.index(sae_dir.name) if run is not None else sae_dir / INDEX_DIR
+
+
+def features_index_dir(features: str | os.PathLike[str]) -> Path:
+    """The index folder of the SAE whose feature store is ``runs/NAME/features/SAE.zarr``."""
+    p = Path(features).resolve()
+    if p.parent.name != FEATURES_DIR or not p.name.endswith(FEATURE_STORE_SUFFIX):
+        raise ValueError(f"{features}: not a feature store in a run's {FEATURES_DIR}/ folder; give the index folder explicitly")
+    return Run(p.parent.parent).index(p.name.removesuffix(FEATURE_STORE_SUFFIX))
 
 
 def sae_activation_store(sae_dir: str | os.PathLike[str]) -> Path | None:

@@ -27,7 +27,6 @@ metadata under ``saecore.token_scores``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from dataclasses import dataclass
@@ -39,10 +38,11 @@ import pyarrow as pa
 
 from . import _atomic, _native
 from .activations import ActivationStore
+from .config import add_arguments, from_args, option, validate
 from .features import FeatureStore
+from .run import TOKEN_SCORES_FILE, features_index_dir
 from .taxonomy import THRESHOLDS, LogitShape, input_class, output_class, taxonomy
 
-FILE = "token_scores.parquet"
 META_KEY = b"saecore.token_scores"
 SPLIT_RULE = (
     "held out iff (mix64(seed ^ doc_id) >> 11) * 2^-53 < held_out_fraction (whole documents); "
@@ -100,14 +100,6 @@ def _integer(a: Any, name: str) -> np.ndarray:
     return arr
 
 
-def default_out(features: str | os.PathLike[str]) -> Path:
-    """``runs/NAME/index/SAE`` for the feature store ``runs/NAME/features/SAE.zarr`` (the run layout)."""
-    p = Path(features).resolve()
-    if p.parent.name != "features":
-        raise ValueError(f"{features}: not in a run's features/ folder; pass out= (the SAE's index folder)")
-    return p.parent.parent / "index" / p.name.removesuffix(".zarr")
-
-
 def token_scores(
     features: str | os.PathLike[str],
     *,
@@ -134,8 +126,8 @@ def token_scores(
         raise ValueError(f"{act_path} has {store.num_rows} rows but the feature store {features} has {fs.n_rows}")
     keys = (np.asarray(store.token_ids[:]), np.asarray(store.doc_ids[:]), np.asarray(store.positions[:]))
     table = score_arrays(features, *keys, held_out_fraction=held_out_fraction, seed=seed, logit=logit)
-    target = Path(out) if out is not None else default_out(features)
-    _atomic.write_parquet(table, target / FILE)
+    target = Path(out) if out is not None else features_index_dir(features)
+    _atomic.write_parquet(table, target / TOKEN_SCORES_FILE)
     return table
 
 
@@ -147,64 +139,54 @@ def read_meta(table: pa.Table) -> dict[str, Any]:
 # --- CLI ----------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TokenScoresConfig:
     """Options of ``saecore token-scores``."""
 
-    features: str
-    """Feature store written by ``saecore encode`` (``runs/NAME/features/SAE.zarr``)."""
-    activations: str | None = None
+    features: Path
+    """Feature store written by saecore encode (runs/NAME/features/SAE.zarr)."""
+    activations: Path | None = None
     """Activation store with the rows' token ids, doc ids and positions (default: the one the encode recorded)."""
-    out: str | None = None
-    """Folder for token_scores.parquet (default: the run's ``index/SAE``)."""
-    held_out_fraction: float = 0.5
+    out: Path | None = None
+    """Folder for token_scores.parquet (default: the run's index/SAE)."""
+    held_out_fraction: float = option(0.5, gt=0, lt=1)
     """Fraction of documents held out for scoring (split by a hash of the document id)."""
-    seed: int = 0
+    seed: int = option(0, ge=0, lt=1 << 63)
     """Seed of the document hash."""
-    sae: str | None = None
+    sae: Path | None = None
     """SAE folder: when given, add the logit-lens skew/kurtosis columns (loads the SAE's model)."""
     model: str | None = None
     """Model for the logit lens (default: the SAE's model_name)."""
     device: str | None = None
-    """Torch device for the logit lens (default: cuda if available, else cpu)."""
+    """Torch device for the logit lens (default: CUDA when present)."""
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.held_out_fraction < 1.0:
-            raise ValueError(f"--held-out-fraction must be strictly between 0 and 1, got {self.held_out_fraction}")
+        validate(self)
 
 
-def cli_configure(parser: argparse.ArgumentParser) -> None:
+def cli_configure(parser: Any) -> None:
     """Flags of ``saecore token-scores``, one per :class:`TokenScoresConfig` field."""
-    parser.add_argument("--features", required=True, help="feature store written by `saecore encode` (…/features/SAE.zarr)")
-    parser.add_argument("--activations", help="activation store (default: the one the encode recorded)")
-    parser.add_argument("--out", help="folder for token_scores.parquet (default: the run's index/SAE)")
-    parser.add_argument("--held-out-fraction", type=float, default=0.5, help="fraction of documents held out")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the document hash")
-    parser.add_argument("--sae", help="SAE folder: add logit-lens skew/kurtosis (loads its model)")
-    parser.add_argument("--model", help="model for the logit lens (default: the SAE's model_name)")
-    parser.add_argument("--device", help="torch device for the logit lens")
+    add_arguments(parser, TokenScoresConfig)
 
 
-def cli_run(args: argparse.Namespace) -> int:
+def _logit_shape(cfg: TokenScoresConfig) -> LogitShape | None:
+    """The logit-lens shape statistics of ``cfg.sae`` (None without an SAE)."""
+    if cfg.sae is None:
+        return None
+    from .sae import SAE
+    from .sae_model import load_model_for, model_device
+    from .taxonomy import logit_shape
+
+    sae = SAE.load(cfg.sae).eval()
+    model, _ = load_model_for(sae, cfg.model, cfg.device)
+    return logit_shape(sae.to(model_device(model)), model)
+
+
+def cli_run(args: Any) -> int:
     """Run ``saecore token-scores`` and print the taxonomy counts."""
-    import sys
-
-    try:
-        cfg = TokenScoresConfig(**{k: v for k, v in vars(args).items() if not k.startswith("_")})
-        logit = None
-        if cfg.sae is not None:
-            from .interventions import load_model_for
-            from .sae import SAE
-            from .taxonomy import logit_shape
-
-            sae = SAE.load(cfg.sae).eval()
-            model, _ = load_model_for(sae, cfg.model, cfg.device)
-            logit = logit_shape(sae.to(next(model.parameters()).device), model)
-        table = token_scores(cfg.features, activations=cfg.activations, out=cfg.out,
-                             held_out_fraction=cfg.held_out_fraction, seed=cfg.seed, logit=logit)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"saecore token-scores: error: {e}", file=sys.stderr)
-        return 2
+    cfg = from_args(TokenScoresConfig, args)
+    table = token_scores(cfg.features, activations=cfg.activations, out=cfg.out,
+                         held_out_fraction=cfg.held_out_fraction, seed=cfg.seed, logit=_logit_shape(cfg))
     meta = read_meta(table)
     kinds, counts = np.unique(np.asarray(table["taxonomy"].to_pylist(), dtype=object), return_counts=True)
     print(f"{table.num_rows} features scored on {meta['n_held_rows']} held-out rows "
