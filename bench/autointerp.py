@@ -31,10 +31,9 @@ import numpy as np
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).parent))
-from index import synth  # noqa: E402  (the shared sparse-activation generator)
-
-from saecore import _native  # noqa: E402
-from saecore.features import open_writer  # noqa: E402
+from index import synth
+from saecore import _native
+from saecore.features import open_writer
 
 
 def keys(n_tokens: int, vocab: int, doc_len: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -132,8 +131,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "f.zarr"
         write(path, csr, a.features)
-        rust = lambda: _native.token_scores(str(path), toks, docs, pos, held_out_fraction=fraction, seed=seed)  # noqa: E731
-        base = lambda: pandas_scores(csr, toks, docs, pos, a.features, fraction, seed)  # noqa: E731
+        rust = lambda: _native.token_scores(str(path), toks, docs, pos, held_out_fraction=fraction, seed=seed)
+        base = lambda: pandas_scores(csr, toks, docs, pos, a.features, fraction, seed)
         got, want = rust(), base()
         for name in ("token_corr", "pair_corr"):
             np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(want[name]), err_msg=name)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from saecore import tables
 from saecore.activations import ActivationStoreWriter
 
 WORDS = [" the", " a", " river", " bridge", " gate", " golden", " city", " of", " and", " water",
@@ -109,9 +110,10 @@ def write_index(index: Path, acts: np.ndarray, docs: np.ndarray, pos: np.ndarray
             for k, v in zip(top, (f, rank, r, docs[r], pos[r], acts[r, f])):
                 top[k].append(v)
     _table(index / "topk.parquet", {k: (v, t) for (k, v), t in zip(top.items(), (u4, u2, u8, i8, i4, f4))})
-    (index / "meta.json").write_text(json.dumps({"format": "saecore.index/1", "activation_store": "activations.zarr",
-                                                 "n_tokens": n, "k": TOP_K, "d_sae": f_count, "n_bins": 4}))
+    meta = {"format": tables.INDEX_FORMAT, "activation_store": "activations.zarr", "n_tokens": n, "k": TOP_K,
+            "d_sae": f_count, "n_bins": 4}
     if not full:
+        _seal(index, meta)
         return
     hist = {k: [] for k in ("feature", "bin", "lo", "hi", "count")}
     samp = {k: [] for k in ("feature", "bin", "row", "doc_id", "position", "value")}
@@ -137,6 +139,20 @@ def write_index(index: Path, acts: np.ndarray, docs: np.ndarray, pos: np.ndarray
     dead_and_live = np.concatenate([[int((count == 0).sum())], np.histogram(dens, edges)[0]])
     _table(index / "density_histogram.parquet", {"lo_log10": (lo, f8), "hi_log10": (hi, f8),
                                                   "count": (dead_and_live, u8)})
+    _seal(index, meta)
+
+
+def reseal(index: Path) -> None:
+    """Record the tables' current sha256 in meta.json, as if `saecore index` had written them as they are now
+    (for tests of the checks behind the checksum: schema, values, provenance)."""
+    meta = json.loads((index / "meta.json").read_text())
+    _seal(index, {k: v for k, v in meta.items() if k not in (tables.META_TABLES_KEY, tables.META_DIGEST_KEY)})
+
+
+def _seal(index: Path, meta: dict) -> None:
+    """meta.json as `saecore index` writes it: with the sha256 of each mined table present, and its own."""
+    written = {spec.file: spec.path(index) for spec in tables.ALL if spec.mined and spec.path(index).exists()}
+    (index / "meta.json").write_text(json.dumps(tables.seal_meta(meta, written)))
 
 
 def write_geometry(index: Path) -> None:

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "python" / "saecore"
 # File names of the run layout; a module other than run.py writing one of these as a literal is
 # joining a path by hand.
 LAYOUT_FILES = {
-    "cfg.json", "sae_weights.safetensors", "metrics.json", "trainer_state.pt", "meta.json", "commit.json",
+    "cfg.json", "sae_weights.safetensors", "metrics.json", "trainer_state.safetensors", "trainer_state.pt", "meta.json", "commit.json",
     "activations.zarr", "stats.parquet", "histograms.parquet", "topk.parquet", "samples.parquet",
     "density_histogram.parquet", "neighbours.parquet", "map.parquet", "enc_dec_cosine.parquet",
     "logit_lens.parquet", "splitting.parquet", "splitting_families.parquet", "geometry.parquet",
@@ -163,9 +163,9 @@ def layout_literals(path: Path) -> list[str]:
     docstrings = _docstring_nodes(tree)
     hits = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
-            if node.value in LAYOUT_FILES:
-                hits.append(f"{node.lineno}: {node.value!r}")
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings
+                and node.value in LAYOUT_FILES):
+            hits.append(f"{node.lineno}: {node.value!r}")
         if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
             right = node.right
             if isinstance(right, ast.Constant) and right.value in LAYOUT_DIRS:

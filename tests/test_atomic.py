@@ -11,7 +11,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from saecore import _atomic
 
 
@@ -49,10 +48,9 @@ def test_exception_mid_write_leaves_the_old_folder_intact(tmp_path: Path) -> Non
     out = tmp_path / "site"
     with _atomic.publish_dir(out) as staging:
         (staging / "old.txt").write_text("old")
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        with _atomic.publish_dir(out) as staging:
-            (staging / "new.txt").write_text("half")
-            raise RuntimeError("disk on fire")
+    with pytest.raises(RuntimeError, match="disk on fire"), _atomic.publish_dir(out) as staging:
+        (staging / "new.txt").write_text("half")
+        raise RuntimeError("disk on fire")
     assert _tree(out) == {"old.txt": "old"}
     assert _siblings(out) == ["site"]  # the staging folder went with the error
 
@@ -125,9 +123,8 @@ def test_publish_dir_fills_an_empty_folder(tmp_path: Path, if_exists: str) -> No
 def test_atomic_target_removes_its_file_on_error(tmp_path: Path) -> None:
     target = tmp_path / "t.json"
     _atomic.write_json(target, {"a": 1})
-    with pytest.raises(RuntimeError):
-        with _atomic.atomic_target(target) as tmp:
-            tmp.write_text("{half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), _atomic.atomic_target(target) as tmp:
+        tmp.write_text("{half")
+        raise RuntimeError("boom")
     assert target.read_text() == '{\n  "a": 1\n}'
     assert os.listdir(tmp_path) == ["t.json"]

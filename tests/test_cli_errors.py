@@ -1,22 +1,25 @@
 """Every verb, given a bad path, a bad feature id or a bad number, fails the same way: exit code 2, one
 line ``saecore VERB: error: …`` on stderr, no traceback, and no file written.
 
-Each case is a real ``python -m saecore.cli`` process. The data is tiny (the tiny model saved as a
-folder, a 64-feature SAE on its hook, the tiny activation store, a feature store and an index made
-from them), and most bad inputs are caught while parsing or before any model is loaded.
+The cases run in this process through :func:`saecore.cli.main` (the function the ``saecore`` script
+calls), with stderr captured at the file-descriptor level so that native output would count too. A few
+cases, one per kind of error, also run the real ``saecore`` entry point as a process. The data is tiny
+(the tiny model saved as a folder, a 64-feature SAE on its hook, the tiny activation store, a feature
+store and an index made from them), built once for the module.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
-import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import TINY_HOOK
-from saecore.cli import VERBS
+from saecore.cli import VERBS, main
 
 D_SAE = 64
 
@@ -106,6 +109,15 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("logit-lens", "bad feature id", ["--sae", "{sae}", "--show", str(D_SAE), "--out", "{out}/l.parquet", "--device", "cpu"]),
     ("logit-lens", "zero", ["--sae", "{sae}", "--top", "0", "--out", "{out}/l.parquet"]),
     ("logit-lens", "huge", ["--sae", "{sae}", "--top", "1000000000", "--out", "{out}/l.parquet"]),
+    ("token-scores", "bad path", ["--features", "{missing}", "--out", "{out}/t"]),
+    ("token-scores", "bad SAE path", ["--features", "{features}", "--sae", "{missing}", "--out", "{out}/t"]),
+    ("token-scores", "zero", ["--features", "{features}", "--held-out-fraction", "0", "--out", "{out}/t"]),
+    ("token-scores", "negative", ["--features", "{features}", "--seed", "-1", "--out", "{out}/t"]),
+    ("xor", "bad path", ["--run", "{missing}", "--out", "{out}/x"]),
+    ("xor", "bad model path", ["--model", "{missing}", "--out", "{out}/x"]),
+    ("xor", "too small", ["--d", "1", "--out", "{out}/x"]),
+    ("xor", "NaN", ["--threshold", "nan", "--out", "{out}/x"]),
+    ("xor", "negative", ["--ratio", "-1", "--out", "{out}/x"]),
     ("pages", "bad path", ["{missing}"]),
     ("pages", "bad SAE name", ["{run}", "--sae", "nope", "--no-tokenizer"]),
     ("serve", "bad path", ["{missing}"]),
@@ -123,35 +135,86 @@ def _files(root: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
 
 
+def _args(argv: list[str], out: Path, data: dict[str, str]) -> list[str]:
+    return [a.format(out=out, **data) for a in argv]
+
+
+def _assert_one_line_error(verb: str, code: int, stderr: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    assert len(lines) == 1 and lines[0].startswith(f"saecore {verb}: error: "), stderr
+
+
+@pytest.fixture
+def case_dir(tmp_path, monkeypatch) -> Path:
+    """The case's own empty folder, also the working directory (a default output path would land here)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
 @pytest.mark.parametrize(("verb", "what", "argv"), CASES, ids=[f"{v}-{w.replace(' ', '_')}" for v, w, _ in CASES])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(data, tmp_path, verb, what, argv):
-    out = tmp_path / "out"
-    args = [a.format(out=out, **data) for a in argv]
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(data, case_dir, capfd, verb, what, argv):
+    watched = Path(data["run"]).parent
+    before = _files(watched)
+    code = main([verb, *_args(argv, case_dir / "out", data)])
+    captured = capfd.readouterr()
+    _assert_one_line_error(verb, code, captured.err)
+    assert _files(case_dir) == {}, f"{verb} wrote files for bad input: {sorted(_files(case_dir))}"
+    assert _files(watched) == before
+
+
+def _saecore_script() -> str:
+    """The installed ``saecore`` console script of this interpreter (the real entry point)."""
+    for candidate in (Path(sysconfig.get_path("scripts")) / "saecore", shutil.which("saecore")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    pytest.fail("the saecore console script is not installed (pip install the package)")
+
+
+# One real process per kind of error: a usage error, a bad path found by a verb, a number out of its
+# declared range, and a feature id the SAE does not have (found after loading the model). Only the last
+# imports torch (~10 s a process on 2 cores), which is why the rest of the cases run in this process.
+PROCESS_CASES: list[tuple[str, str, list[str]]] = [
+    ("neighbours", "unknown option", ["--sae", "{sae}", "--no-such-option", "--out", "{out}/n.parquet"]),
+    ("index", "bad path", ["--features", "{missing}", "--out", "{out}/ix"]),
+    ("index", "zero", ["--features", "{features}", "--out", "{out}/ix", "--hist-bins", "0"]),
+    ("logit-lens", "bad feature id", ["--sae", "{sae}", "--show", str(D_SAE), "--out", "{out}/l.parquet", "--device", "cpu"]),
+]
+
+
+@pytest.mark.parametrize(("verb", "what", "argv"), PROCESS_CASES,
+                         ids=[f"{v}-{w.replace(' ', '_')}" for v, w, _ in PROCESS_CASES])
+def test_the_saecore_process_reports_bad_input_in_one_line(data, tmp_path, verb, what, argv):
     watched = Path(data["run"]).parent
     before = _files(watched)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "saecore.cli", verb, *args], capture_output=True, text=True, env=env, cwd=tmp_path,
-        timeout=300, check=False,
+        [_saecore_script(), verb, *_args(argv, tmp_path / "out", data)], capture_output=True, text=True, env=env,
+        cwd=tmp_path, timeout=300, check=False,
     )
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len(lines) == 1 and lines[0].startswith(f"saecore {verb}: error: "), proc.stderr
+    _assert_one_line_error(verb, proc.returncode, proc.stderr)
     assert _files(tmp_path) == {}, f"{verb} wrote files for bad input: {sorted(_files(tmp_path))}"
     assert _files(watched) == before
 
 
-def test_debug_adds_the_traceback(data, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for argv in (["--debug", "neighbours", "--sae", data["missing"]], ["neighbours", "--sae", data["missing"], "--debug"]):
-        proc = subprocess.run([sys.executable, "-m", "saecore.cli", *argv], capture_output=True, text=True, env=env,
-                              cwd=tmp_path, check=False)
-        assert proc.returncode == 2 and "Traceback" in proc.stderr
-        assert proc.stderr.rstrip().splitlines()[-1].startswith("saecore neighbours: error: ")
+def test_usage_errors_are_returned_not_raised(capfd):
+    assert main(["nope"]) == 2
+    assert "saecore: error: unknown verb 'nope'" in capfd.readouterr().err
+    assert main(["train"]) == 2  # required arguments missing
+    _assert_one_line_error("train", 2, capfd.readouterr().err)
 
 
-def test_help_shows_the_declared_ranges():
-    proc = subprocess.run([sys.executable, "-m", "saecore.cli", "index", "--help"], capture_output=True, text=True,
-                          check=True)
-    assert "Top examples kept per feature. (in [1, 10000]; default: 20)" in " ".join(proc.stdout.split())
+@pytest.mark.parametrize("argv", [["--debug", "neighbours", "--sae", "{missing}"],
+                                  ["neighbours", "--sae", "{missing}", "--debug"]])
+def test_debug_adds_the_traceback(data, case_dir, capfd, argv):
+    assert main(_args(argv, case_dir, data)) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" in err
+    assert err.rstrip().splitlines()[-1].startswith("saecore neighbours: error: ")
+
+
+def test_help_shows_the_declared_ranges(capfd):
+    assert main(["index", "--help"]) == 0
+    assert "Top examples kept per feature. (in [1, 10000]; default: 20)" in " ".join(capfd.readouterr().out.split())

@@ -51,7 +51,7 @@ def test_encoded_store_equals_the_dense_encoding(toy, tmp_path):
     assert (fs.n_rows, fs.d_sae, fs.complete, fs.has_csc) == (3000, 64, True, True)
     np.testing.assert_array_equal(dense_of(fs), want.astype(np.float16).astype(np.float32))
     assert fs.spec["hook"] == "toy" and fs.spec["sae"] == str(sae_dir.resolve())
-    rows, values = fs.activations(5)
+    rows, _values = fs.activations(5)
     np.testing.assert_array_equal(rows, np.flatnonzero(want[:, 5].astype(np.float16)))
     # rerunning a finished encode changes nothing
     before = {p: p.read_bytes() for p in (tmp_path / "f.zarr").rglob("*") if p.is_file()}

@@ -15,10 +15,10 @@ import saecore
 import torch
 import zarr
 from saecore import harvesting as harvest_mod
-from saecore.harvesting import HarvestConfig
 from saecore import hooks
 from saecore.activations import ActivationStore, bf16_bits_to_float
 from saecore.corpus import CorpusError
+from saecore.harvesting import HarvestConfig
 
 HOOK = "blocks.1.hook_resid_post"
 SMALL = {"context_length": 32, "batch_size": 4, "max_tokens": 16 * 32, "chunk_rows": 64, "progress": False}
@@ -129,9 +129,9 @@ def test_norm_outliers_are_dropped_and_recorded(tiny_model, small_corpus, tiny_s
 
 # -- resume and refusal -----------------------------------------------------------------------------
 def test_interrupted_harvest_resumes_to_identical_rows(tiny_model, small_corpus, tmp_path, monkeypatch):
-    kwargs = dict(
-        model=tiny_model, corpus=small_corpus, cfg=HarvestConfig(hooks=[HOOK], dtype="float16", norm_outlier_factor=1.3, **SMALL)
-    )
+    kwargs = {
+        "model": tiny_model, "corpus": small_corpus, "cfg": HarvestConfig(hooks=[HOOK], dtype="float16", norm_outlier_factor=1.3, **SMALL)
+    }
     whole = saecore.harvest(out=tmp_path / "whole.zarr", **kwargs)
     real_forward = harvest_mod.forward_batch
     calls = []

@@ -46,7 +46,7 @@ def toy_run(tmp_path_factory):
 
 
 def test_tables_have_the_documented_schemas(toy_run):
-    _, _, idx, root = toy_run
+    _, _, _idx, root = toy_run
     for name, schema in SCHEMAS.items():
         table = pa.parquet.read_table(root / "index" / f"{name}.parquet")
         assert table.schema.remove_metadata() == schema, name

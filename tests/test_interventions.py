@@ -11,7 +11,6 @@ import io
 import json
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -283,7 +282,9 @@ def _write_stats_index(index_dir, maxes, complete=True):
                                 "max": maxes, "mean_nonzero": zeros})
     pq.write_table(stats, tables.STATS.path(index_dir))
     if complete:
-        (index_dir / "meta.json").write_text(json.dumps({"format": tables.INDEX_FORMAT, "d_sae": n, "n_tokens": 1}))
+        meta = tables.seal_meta({"format": tables.INDEX_FORMAT, "d_sae": n, "n_tokens": 1},
+                                {tables.STATS.file: tables.STATS.path(index_dir)})
+        (index_dir / "meta.json").write_text(json.dumps(meta))
 
 
 def test_probe_reads_max_activation_and_logit_lens_from_the_index(tiny, sae_mid, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from saecore import _native
-from sparse_testdata import mine, bin_of, mix64, random_dense, stored, write_store
+from sparse_testdata import bin_of, mine, mix64, random_dense, stored, write_store
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -18,7 +18,7 @@ SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 def reference(dense: np.ndarray, r: dict, k: int, hb: int, sb: int, s: int, seed: int) -> dict:
     """Every statistic recomputed with NumPy from the dense matrix (bin edges taken from ``r`` and
     checked separately, so bin membership is compared exactly)."""
-    n, d = dense.shape
+    _n, d = dense.shape
     nz = dense != 0
     count = nz.sum(0)
     ref = {
@@ -101,7 +101,7 @@ def assert_matches_reference(r: dict, dense: np.ndarray, k: int, hb: int, sb: in
 def test_mining_matches_numpy_whatever_the_sharding(tmp_path_factory, seed, rows, d_sae, density, ties, value_dtype, k, hb, sb, s, sample_seed):
     dense = random_dense(seed, rows, d_sae, density, ties)
     want = stored(dense, value_dtype)
-    params = dict(k=k, hist_bins=hb, sample_bins=sb, samples_per_bin=s, seed=sample_seed)
+    params = {"k": k, "hist_bins": hb, "sample_bins": sb, "samples_per_bin": s, "seed": sample_seed}
     tmp = tmp_path_factory.mktemp("mine")
     huge = write_store(tmp / "huge.zarr", dense, shard_rows=max(rows, 1), value_dtype=value_dtype)
     tiny = write_store(tmp / "tiny.zarr", dense, shard_rows=1, batch_rows=7, value_dtype=value_dtype)

@@ -26,6 +26,7 @@ from pages_testdata import (
     SAE,
     WORDS,
     make_run,
+    reseal,
     word_tokenizer,
 )
 from saecore import CorruptDataError, index, pages
@@ -295,6 +296,7 @@ def test_index_from_another_store_is_reported(tmp_path):
     doc = np.asarray(t.column("doc_id").to_numpy()).copy()
     doc[0] += 1
     pq.write_table(t.set_column(t.schema.get_field_index("doc_id"), "doc_id", pa.array(doc, pa.int64())), path)
+    reseal(path.parent)
     with pytest.raises(ValueError, match=r"topk\.parquet: row \d+ says doc"):
         build_pages(data.run, saes=[SAE], tokenizer=word_tokenizer(), activations=None, progress=False)
 
@@ -303,10 +305,12 @@ def test_bad_tables_are_named(tmp_path):
     data = make_run(tmp_path, geometry=False)
     stats = data.run / "index" / SAE / "stats.parquet"
     pq.write_table(pq.read_table(stats).drop(["max"]), stats)
+    reseal(stats.parent)
     with pytest.raises(ValueError, match=r"stats\.parquet: missing column\(s\) \['max'\]"):
         build_pages(data.run, saes=[SAE], activations=None, progress=False)
     topk = data.run / "index" / OTHER / "topk.parquet"
     topk.write_bytes(topk.read_bytes()[:40])  # truncated
+    reseal(topk.parent)  # past the checksum: the Parquet reader's own error is named too
     with pytest.raises(CorruptDataError, match=r"sae_b/topk\.parquet: unreadable Parquet"):
         build_pages(data.run, saes=[OTHER], activations=None, progress=False)
     with pytest.raises(FileNotFoundError, match="no index for SAE 'nope'"):
@@ -322,6 +326,7 @@ def test_failed_rebuild_keeps_the_old_pages(tmp_path):
     lo = t.column("lo").to_numpy().copy()
     lo[2] = np.nan
     pq.write_table(t.set_column(t.schema.get_field_index("lo"), "lo", pa.array(lo, pa.float32())), hist)
+    reseal(hist.parent)
     with pytest.raises(ValueError, match=r"histograms\.parquet: column 'lo' holds a non-finite value at row 2"):
         build_pages(data.run, saes=[SAE], tokenizer=word_tokenizer(), activations=None, progress=False)
     assert (data.run / "pages" / SAE / feature_href(BRIDGE)).read_text() == before

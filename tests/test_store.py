@@ -79,7 +79,7 @@ print(json.dumps(out))
         shard = fs.shard(i)
         assert row_ptr == shard.row_ptr.tolist() and feature == shard.feature.tolist()
         np.testing.assert_array_equal(np.float32(value), shard.value)
-    col_ptr, rows, values = got["csc"]
+    col_ptr, rows, _values = got["csc"]
     assert col_ptr == [0, *np.cumsum((want != 0).sum(0)).tolist()]
     for f in range(12):
         assert rows[col_ptr[f] : col_ptr[f + 1]] == np.flatnonzero(want[:, f]).tolist()

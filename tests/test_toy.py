@@ -18,13 +18,13 @@ from saecore.training import TrainConfig, train
 # Easy: 64 directions in 32 dimensions, ~3 active per row, little noise; 128 latents.
 EASY = ToyConfig(n_features=64, d=32, mean_active=3, noise=0.01, seed=0)
 EASY_SETTINGS = {
-    "relu": dict(l1_coefficient=2.0),
-    "topk": dict(k=3),
+    "relu": {"l1_coefficient": 2.0},
+    "topk": {"k": 3},
     # BatchTopK hands out exactly the batch's k·B firings, so unlike TopK no latent fires as a filler on rows
     # with fewer than k true features: a direction whose latent is shared with another is only split off
     # by AuxK. Its dead window is 10 batches (Bussmann et al. use 5) and it trains 2 epochs.
-    "batchtopk": dict(k=3, dead_window_tokens=2560, num_tokens=2 * 131072),
-    "jumprelu": dict(l0_coefficient=0.5, jumprelu_bandwidth=2.0, jumprelu_init_threshold=1.0),
+    "batchtopk": {"k": 3, "dead_window_tokens": 2560, "num_tokens": 2 * 131072},
+    "jumprelu": {"l0_coefficient": 0.5, "jumprelu_bandwidth": 2.0, "jumprelu_init_threshold": 1.0},
 }
 # Hard: 512 directions in 64 dimensions, ~8 active per row, 5% noise; 1024 latents.
 HARD = ToyConfig(n_features=512, d=64, mean_active=8, noise=0.05, seed=0)
@@ -61,7 +61,7 @@ def test_every_architecture_recovers_the_true_directions(easy_store, tmp_path, a
 def test_hard_setting_reports_its_recovery(tmp_path, arch):
     """The hard setting is reported, not required to reach 0.99: it must beat random decoders clearly."""
     store = write_toy_store(tmp_path / "hard.zarr", HARD, rows=131072, chunk_rows=8192)
-    extra = {"relu": dict(l1_coefficient=2.0), "topk": dict(k=8)}[arch]
+    extra = {"relu": {"l1_coefficient": 2.0}, "topk": {"k": 8}}[arch]
     cfg = TrainConfig(architecture=arch, d_sae=1024, batch_size=512, lr=3e-3, progress=False,
                       dead_window_tokens=50000, num_tokens=3 * 131072, holdout_fraction=0.0, **extra)
     sae = train(store, tmp_path / "sae", cfg)

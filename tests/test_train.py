@@ -12,8 +12,9 @@ import pytest
 import saecore
 import torch
 import zarr
+from saecore._trainer_state import load_state
 from saecore.activations import ActivationStore
-from saecore.errors import StoreError
+from saecore.errors import CorruptDataError, StoreError
 from saecore.sae import SAE
 from saecore.toy import ToyConfig, write_toy_store
 from saecore.training import (
@@ -34,7 +35,7 @@ def toy_store(tmp_path_factory) -> ActivationStore:
 
 
 def small(**kw) -> TrainConfig:
-    base = dict(d_sae=48, batch_size=256, lr=3e-3, progress=False, shuffle_buffer_rows=2048, dead_window_tokens=2048)
+    base = {"d_sae": 48, "batch_size": 256, "lr": 3e-3, "progress": False, "shuffle_buffer_rows": 2048, "dead_window_tokens": 2048}
     return TrainConfig(**{**base, **kw})
 
 
@@ -72,7 +73,7 @@ def test_resume_after_sigint_equals_uninterrupted_run(toy_store, tmp_path, arch)
 
     with pytest.raises(KeyboardInterrupt, match="step 11"):
         train(toy_store, tmp_path / "run", cfg, on_step=interrupt)
-    state = torch.load(tmp_path / "run" / STATE_FILENAME, weights_only=False)
+    state = load_state(tmp_path / "run" / STATE_FILENAME)
     assert state["step"] == 11 and not state["complete"]
     resumed = train(toy_store, tmp_path / "run", cfg)
     for name, p in reference.state_dict().items():
@@ -176,3 +177,34 @@ def test_cli_train_and_package_level_call(toy_store, tmp_path):
     assert sae.cfg.architecture == "topk" and sae.cfg.d_sae == 32 and sae.cfg.hook_name == "toy"
     again = saecore.train(toy_store, Path(tmp_path / "pkg"), small(architecture="topk", k=2, num_tokens=512))
     assert isinstance(again, SAE)
+
+
+class _Payload:
+    """Unpickling this runs ``open(marker, "w")``: a stand-in for any code a planted pickle could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("planted_as", [STATE_FILENAME, "trainer_state.pt"])
+def test_a_planted_pickle_trainer_state_is_refused_unexecuted(toy_store, tmp_path, planted_as):
+    import pickle
+
+    marker = tmp_path / "pwned"
+    out = tmp_path / "sae"
+    out.mkdir()
+    (out / planted_as).write_bytes(pickle.dumps({"format": "saecore.trainer/1", "x": _Payload(marker)}))
+    with pytest.raises((CorruptDataError, StoreError), match=planted_as.replace(".", r"\.")):
+        train(toy_store, out, small())
+    assert not marker.exists()
+    # Also as torch.save writes it (a zip holding data.pkl), the form an old trainer_state.pt has.
+    torch.save({"x": _Payload(marker)}, out / planted_as)
+    with pytest.raises((CorruptDataError, StoreError), match=planted_as.replace(".", r"\.")):
+        train(toy_store, out, small())
+    assert not marker.exists()
+    # The payload is real: unpickling it would have made the marker.
+    pickle.loads(pickle.dumps(_Payload(marker))).close()
+    assert marker.exists()

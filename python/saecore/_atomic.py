@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
+from .errors import CorruptDataError
+
 
 @contextmanager
 def atomic_target(path: str | os.PathLike[str]) -> Iterator[Path]:
@@ -42,6 +44,18 @@ def write_text(path: str | os.PathLike[str], text: str) -> Path:
 def write_json(path: str | os.PathLike[str], payload: Mapping[str, Any]) -> Path:
     """Atomically write ``payload`` as indented, key-sorted JSON."""
     return write_text(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in ``path`` (what :func:`write_json` wrote): CorruptDataError naming the file when
+    the bytes do not parse or hold another JSON value; FileNotFoundError when it is missing."""
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except ValueError as e:  # UnicodeDecodeError too
+        raise CorruptDataError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CorruptDataError(f"{path}: expected a JSON object")
+    return data
 
 
 def write_parquet(table: Any, path: str | os.PathLike[str], compression: str = "zstd") -> Path:

@@ -14,6 +14,15 @@ Rows are written in whole batches and a batch becomes part of the store only whe
 so. zarr-python writes every chunk and metadata document by write-aside-then-rename, so a killed
 writer leaves committed rows intact, and a rerun continues at the first uncommitted batch. Readers
 refuse an incomplete store instead of silently reading a prefix.
+
+Integrity. Every chunk ends with a CRC-32C (Zarr v3's ``crc32c`` codec, after zstd, so plain
+zarr-python still reads the store and checks it too), and every chunk is written, all-zero ones
+included, so a chunk missing inside the committed rows is corruption, not zeros. Reads report either
+as :class:`~saecore.errors.CorruptDataError` naming the chunk file (``…/acts/<hook>/c/3/0: …``).
+Opening checks that the row counts of ``commit.json``, the metadata and the arrays agree and that
+each array holds all its chunk files, so a metadata claiming rows that were never written is refused.
+Stores written before checksums (no ``crc32c`` codec) are still read: their activation chunks are
+not verified, and a missing activation chunk of such a store reads as zeros (zarr's default then).
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +39,14 @@ import numpy as np
 import zarr
 
 from ._atomic import publish_dir, write_json
-from .errors import StoreError, StoreMismatchError
+from .errors import CorruptDataError, StoreError, StoreMismatchError
 from .run import STORE_COMMIT_FILE
 
 FORMAT = "saecore.activations/1"
 COMMIT_FILE = STORE_COMMIT_FILE
+# zarr skips writing a chunk equal to the fill value; every chunk is written, so a missing one is an error.
+_WRITE_EVERY_CHUNK = {"array.write_empty_chunks": True}
+_COLUMNS = ("token_ids", "doc_ids", "positions")
 DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -192,7 +204,7 @@ class ActivationStoreWriter:
     ) -> CommitState:
         """Write an empty store (arrays, spec, commit record) into ``staging``; returns its commit state."""
         group = zarr.open_group(str(staging), mode="w", zarr_format=3)
-        compressors = [zarr.codecs.ZstdCodec(level=3)]
+        compressors = [zarr.codecs.ZstdCodec(level=3), zarr.codecs.Crc32cCodec()]
         for hook in spec["hooks"]:
             arr = group.create_array(
                 hook_array_name(hook),
@@ -259,13 +271,8 @@ class ActivationStoreWriter:
         stop = start + self._buffered_rows
         self._ensure_capacity(stop)
         if self._buffered_rows:
-            sum_sq = dict(self.state.sum_sq_norm)
-            for hook in self.hooks:
-                block = np.concatenate([b[0][hook] for b in self._buffer], axis=0)
-                self._group[hook_array_name(hook)][start:stop] = _encode_rows(block, self.spec["dtype"], hook)
-                sum_sq[hook] += float(np.square(block.astype(np.float64)).sum())
-            for i, name in enumerate(("token_ids", "doc_ids", "positions"), start=1):
-                self._group[name][start:stop] = np.concatenate([b[i] for b in self._buffer])
+            with zarr.config.set(_WRITE_EVERY_CHUNK):
+                sum_sq = self._write_rows(start, stop)
         else:
             sum_sq = self.state.sum_sq_norm
         counters = dict(self.state.counters)
@@ -278,6 +285,17 @@ class ActivationStoreWriter:
         self._buffered_batches = 0
         self._buffered_rows = 0
         self._buffered_counters = {}
+
+    def _write_rows(self, start: int, stop: int) -> dict[str, float]:
+        """Write the buffered rows to ``start:stop`` of every array; returns the new sums of ‖x‖²."""
+        sum_sq = dict(self.state.sum_sq_norm)
+        for hook in self.hooks:
+            block = np.concatenate([b[0][hook] for b in self._buffer], axis=0)
+            self._group[hook_array_name(hook)][start:stop] = _encode_rows(block, self.spec["dtype"], hook)
+            sum_sq[hook] += float(np.square(block.astype(np.float64)).sum())
+        for i, name in enumerate(("token_ids", "doc_ids", "positions"), start=1):
+            self._group[name][start:stop] = np.concatenate([b[i] for b in self._buffer])
+        return sum_sq
 
     def _ensure_capacity(self, rows: int) -> None:
         capacity = self._group["token_ids"].shape[0]
@@ -342,11 +360,15 @@ class ActivationStore:
             raise StoreError(f"{self.path}: format {self.attrs.get('format')!r}, expected {FORMAT!r}")
         self.hooks: list[str] = list(self.attrs["hooks"])
         self.num_rows: int = int(self.attrs["num_rows"])
-        for name in [hook_array_name(h) for h in self.hooks] + ["token_ids", "doc_ids", "positions"]:
-            if self._group[name].shape[0] != self.num_rows:
-                raise StoreError(
-                    f"{self.path}: array {name} has {self._group[name].shape[0]} rows, metadata says {self.num_rows}"
-                )
+        if state.rows_committed != self.num_rows:
+            raise CorruptDataError(f"{commit_path}: {state.rows_committed} rows committed, but the store's metadata "
+                                   f"says {self.num_rows}")
+        self._arrays = {name: _CheckedArray(self.path, self._group[name])
+                        for name in [hook_array_name(h) for h in self.hooks] + list(_COLUMNS)}
+        for name, arr in self._arrays.items():
+            if arr.shape[0] != self.num_rows:
+                raise StoreError(f"{self.path}: array {name} has {arr.shape[0]} rows, metadata says {self.num_rows}")
+            arr.check_all_chunks_present()
 
     def __len__(self) -> int:
         return self.num_rows
@@ -373,25 +395,25 @@ class ActivationStore:
         """Mean ‖x‖² over all rows at ``hook`` (Anthropic's input scaling divides by its square root)."""
         return float(self.attrs["mean_squared_norm"][self.resolve_hook(hook)])
 
-    def array(self, hook: str | None = None) -> zarr.Array:
-        """The raw zarr array of activations at ``hook`` ([N, d]); uint16 bit patterns for bfloat16 stores."""
-        return self._group[hook_array_name(self.resolve_hook(hook))]
+    def array(self, hook: str | None = None) -> _CheckedArray:
+        """The activations at ``hook`` ([N, d]; uint16 bit patterns for bfloat16 stores), read with checks."""
+        return self._arrays[hook_array_name(self.resolve_hook(hook))]
 
     @property
     def chunk_rows(self) -> int:
         return int(self._group["token_ids"].chunks[0])
 
     @property
-    def token_ids(self) -> zarr.Array:
-        return self._group["token_ids"]
+    def token_ids(self) -> _CheckedArray:
+        return self._arrays["token_ids"]
 
     @property
-    def doc_ids(self) -> zarr.Array:
-        return self._group["doc_ids"]
+    def doc_ids(self) -> _CheckedArray:
+        return self._arrays["doc_ids"]
 
     @property
-    def positions(self) -> zarr.Array:
-        return self._group["positions"]
+    def positions(self) -> _CheckedArray:
+        return self._arrays["positions"]
 
     def read(self, hook: str | None, start: int, stop: int, dtype: Any = np.float32) -> np.ndarray:
         """Rows ``start:stop`` at ``hook`` as a NumPy array of ``dtype``."""
@@ -410,6 +432,86 @@ class ActivationStore:
         block_rows = block_rows or self.chunk_rows
         for first in range(start, stop, block_rows):
             yield first, self.read(hook, first, min(first + block_rows, stop))
+
+
+class _CheckedArray:
+    """A store array read chunk-checked: a damaged or missing chunk raises CorruptDataError naming its file.
+
+    Row selections only (``arr[a:b]``, ``arr.get_coordinate_selection(rows)``), as saecore reads them.
+    ``.zarr`` is the zarr array itself, unchecked.
+    """
+
+    def __init__(self, root: Path, arr: zarr.Array):
+        self.root, self.zarr = root, arr
+        self.shape, self.chunks, self.dtype = arr.shape, arr.chunks, arr.dtype
+        codecs = getattr(arr.metadata, "codecs", ())
+        self.checksummed = any(isinstance(c, zarr.codecs.Crc32cCodec) for c in codecs)
+        # Without checksums the store predates "write every chunk": an all-fill chunk may be absent.
+        self.every_chunk_written = self.checksummed or arr.fill_value == -1
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    def chunk_file(self, row_chunk: int, col_chunk: int = 0) -> Path:
+        coords = (row_chunk,) if len(self.shape) == 1 else (row_chunk, col_chunk)
+        return self.root / self.zarr.path / self.zarr.metadata.encode_chunk_key(coords)
+
+    def _chunk_files(self, row_chunks: Iterable[int]) -> Iterator[Path]:
+        cols = range(self.zarr.cdata_shape[1]) if len(self.shape) == 2 else range(1)
+        for i in row_chunks:
+            for j in cols:
+                yield self.chunk_file(int(i), j)
+
+    def check_all_chunks_present(self) -> None:
+        """Cheap open-time check that the last chunk the shape implies exists: a metadata claiming rows
+        that were never written is refused here, before a reader runs over them (chunks in between are
+        checked as they are read)."""
+        if not self.every_chunk_written or self.shape[0] == 0:
+            return
+        n = self.zarr.cdata_shape[0]
+        last = self.chunk_file(n - 1)
+        if not last.exists():
+            raise CorruptDataError(f"{last}: missing; {self.zarr.path} claims {self.shape[0]} rows "
+                                   f"({n} chunks of {self.chunks[0]})")
+
+    def _read(self, row_chunks: Iterable[int], read: Any) -> np.ndarray:
+        row_chunks = list(row_chunks)
+        if self.every_chunk_written:
+            for f in self._chunk_files(row_chunks):
+                if not f.exists():
+                    raise CorruptDataError(f"{f}: chunk missing inside the store's committed rows")
+        try:
+            return np.asarray(read())
+        except Exception as e:  # zarr/numcodecs raise ValueError, RuntimeError … for a damaged chunk
+            raise CorruptDataError(f"{self._first_bad_chunk(row_chunks)}: {type(e).__name__}: {e}") from e
+
+    def _first_bad_chunk(self, row_chunks: list[int]) -> Path:
+        cols = self.zarr.cdata_shape[1] if len(self.shape) == 2 else 1
+        for i in row_chunks:
+            for j in range(cols):
+                sel = slice(i * self.chunks[0], min((i + 1) * self.chunks[0], self.shape[0]))
+                try:
+                    self.zarr[(sel,) if cols == 1 and len(self.shape) == 1 else (sel, slice(j * self.chunks[1],
+                                                                                       (j + 1) * self.chunks[1]))]
+                except Exception:
+                    return self.chunk_file(i, j)
+        return self.root / self.zarr.path  # the error was not one chunk's; name the array
+
+    def __getitem__(self, rows: slice | int) -> Any:
+        if isinstance(rows, (int, np.integer)):
+            row = int(rows) + (self.shape[0] if rows < 0 else 0)
+            if not 0 <= row < self.shape[0]:
+                raise IndexError(f"{self.root / self.zarr.path}: row {rows} outside 0:{self.shape[0]}")
+            return self[row:row + 1][0]
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise TypeError("store arrays are read by a row or a contiguous row slice")
+        start, stop, _ = rows.indices(self.shape[0])
+        c = self.chunks[0]
+        return self._read(range(start // c, (stop + c - 1) // c) if stop > start else (), lambda: self.zarr[start:stop])
+
+    def get_coordinate_selection(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._read(np.unique(rows // self.chunks[0]), lambda: self.zarr.get_coordinate_selection(rows))
 
 
 def remove_store(path: str | os.PathLike[str]) -> None:

@@ -20,6 +20,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import itertools
 import math
 import textwrap
 import types
@@ -118,7 +119,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError, SyntaxError):  # no source (frozen app): flags simply have no help
             continue
         body = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)).body
-        for node, after in zip(body, body[1:]):
+        for node, after in itertools.pairwise(body):
             if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
                     and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
                     and isinstance(after.value.value, str)):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -24,21 +23,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .activations import ActivationStore
-from .devices import default_device
 from . import features
+from ._digest import file_sha256
+from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
+from .devices import default_device
 from .features import FeatureStore, build_csc, dense_to_csr, open_writer
 from .run import WEIGHTS_FILE
-
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _resolve_hook(store: ActivationStore, sae: Any, hook: str | None) -> str:
@@ -65,7 +56,7 @@ def _spec(store: ActivationStore, sae_dir: Path | None, sae: Any, hook: str, bat
         "activation_rows": store.num_rows,
         "hook": hook,
         "sae": str(sae_dir.resolve()) if sae_dir is not None else None,
-        "sae_weights_sha256": _file_sha256(weights) if weights is not None and weights.exists() else None,
+        "sae_weights_sha256": file_sha256(weights) if weights is not None and weights.exists() else None,
         "architecture": sae.cfg.architecture,
         "d_in": sae.cfg.d_in,
         "batch_rows": batch_rows,

@@ -49,6 +49,14 @@ def _training_facts(sae_dir: Path) -> dict[str, Any]:
     return ((cfg.get("metadata") or {}).get("saecore") or {})
 
 
+def _check_finite(store: ActivationStore, hook: str, first: int, block: np.ndarray) -> None:
+    """Refuse NaN/Inf rows (as train and encode do) instead of writing NaN into metrics.json."""
+    finite = np.isfinite(block).all(axis=1)
+    if not finite.all():
+        row = first + int(np.argmin(finite))
+        raise ValueError(f"{store.path}: hook {hook!r} holds a non-finite activation at store row {row}")
+
+
 @torch.no_grad()
 def reconstruction_metrics(
     sae: SAE, store: ActivationStore, hook: str, start: int, stop: int, block_rows: int = 8192
@@ -65,7 +73,8 @@ def reconstruction_metrics(
     sum_err = sum_sq = active = 0.0
     sum_x = torch.zeros(d_model, dtype=torch.float64)
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=dev)
-    for _, block in store.iter_blocks(hook, block_rows, start, stop):
+    for first, block in store.iter_blocks(hook, block_rows, start, stop):
+        _check_finite(store, hook, first, block)
         x = torch.from_numpy(block).to(dev)  # (n, d)
         f = sae.encode(x)
         x_hat = sae.decode(f)

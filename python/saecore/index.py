@@ -13,8 +13,10 @@ the activation store and writes Parquet tables that pyarrow, polars and DuckDB o
       density_histogram.parquet  lo_log10 f64, hi_log10 f64, count u64
       meta.json                  inputs, parameters and bin definitions (written last)
 
-Each file is written aside and renamed into place; ``meta.json`` last, so its presence means the tables
-are complete. Other stages add their own tables to the same folder. A rerun recomputes everything (the
+The new index is written into a hidden folder beside ``index/SAE`` and swapped in whole (a kill leaves
+the old index, or none, never a mix; the next run removes the leftover). ``meta.json`` records each
+table's sha256, checked whenever a table is read. Other stages add their own tables to the same folder
+(carried over by a rerun). A rerun recomputes everything (the
 mining is two passes over the store; there is nothing worth resuming).
 """
 
@@ -22,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -93,7 +95,7 @@ def _mine_with_progress(path: Path, params: dict[str, Any], passes: int, shards:
     def work() -> None:
         try:
             box["result"] = _native.mine(str(path), progress=counter, second_pass=passes == 2, **params)
-        except BaseException as e:  # re-raised on the calling thread
+        except BaseException as e:  # noqa: BLE001 -- re-raised on the calling thread, whatever it is
             box["error"] = e
 
     thread = threading.Thread(target=work, name="saecore-mine", daemon=True)
@@ -191,10 +193,6 @@ def index(
     started = time.time()
     r = _mine_with_progress(fs_path, params, 2, fs.num_shards, cfg.progress)
     mined = _tables(r, store, params, density_bins)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / META_FILE).unlink(missing_ok=True)  # the tables below are about to change
-    for spec, table in mined.items():
-        _atomic.write_parquet(table, spec.path(out))
     meta = {
         "format": FORMAT,
         "feature_store": str(fs_path.resolve()),
@@ -214,8 +212,38 @@ def index(
         "mining_seconds": round(time.time() - started, 3),
         "saecore_version": _native.__version__,
     }
-    _atomic.write_json(out / META_FILE, meta)
+    _publish(out, mined, meta)
     return FeatureIndex(out)
+
+
+def _publish(out: Path, mined: dict[tables.TableSpec, pa.Table], meta: dict[str, Any]) -> None:
+    """Write the new index aside and swap it in whole: a reader (or a kill) sees the old index or the
+    new one, never a mix. Tables other verbs added to the old folder (neighbours, logit lens …) are
+    carried over; the mined tables and ``meta.json`` are the new ones."""
+    with _atomic.publish_dir(out) as staging:
+        written = {spec.file: _atomic.write_parquet(table, spec.path(staging)) for spec, table in mined.items()}
+        _carry_over(out, staging, exclude={*written, META_FILE})
+        _atomic.write_json(staging / META_FILE, tables.seal_meta(meta, written))
+
+
+def _carry_over(old: Path, new: Path, exclude: set[str]) -> None:
+    """Hard-link (or copy) into ``new`` the entries of ``old`` not in ``exclude`` and not hidden."""
+    if not old.is_dir():
+        return
+    for entry in old.iterdir():
+        if entry.name in exclude or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(entry, new / entry.name)
+
+
+def _link_or_copy(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
+    try:
+        os.link(src, dst)  # files are replaced by rename, never edited in place, so sharing is safe
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 # --- reading ------------------------------------------------------------------------------------

@@ -21,8 +21,6 @@ whatever ``d_sae`` is, and each batch is streamed to the file as a row group.
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,14 +236,3 @@ def cli_run(args: Any) -> int:
         suppress = read_logit_lens(path, [f], "suppress").get(f, [])
         print(f"feature {f}\n  promotes:  {promote!r}\n  suppresses: {suppress!r}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m saecore.logit_lens`` is ``saecore logit-lens``."""
-    from .cli import main as cli_main
-
-    return cli_main(["logit-lens", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

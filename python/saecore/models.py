@@ -16,12 +16,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ._atomic import publish_dir, write_text
 from .devices import default_device
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 BUILTIN_MODEL = "smollm2-135m"
 
@@ -172,7 +175,7 @@ class LoadedModel(tuple):  # type: ignore[type-arg]
 
     name: str
 
-    def __new__(cls, model: Any, tokenizer: Any, name: str) -> LoadedModel:
+    def __new__(cls, model: Any, tokenizer: Any, name: str) -> Self:
         self = super().__new__(cls, (model, tokenizer))
         self.name = str(name)
         return self

@@ -42,8 +42,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._atomic import atomic_target, write_json
+from ._digest import file_sha256
 from .run import CFG_FILE, WEIGHTS_FILE
-from .saelens import read_checkpoint, saelens_config
+from .saelens import WEIGHTS_SHA256_KEY, read_checkpoint, saelens_config
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
@@ -556,6 +557,8 @@ class SAE(nn.Module):
 
         with atomic_target(directory / WEIGHTS_FILE) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+            # Recorded in cfg.json, checked by every load: a flipped byte is an error, not other results.
+            cfg["metadata"]["saecore"][WEIGHTS_SHA256_KEY] = file_sha256(tmp)
         write_json(directory / CFG_FILE, cfg)
         return directory
 

@@ -7,7 +7,6 @@ neither has to import the other.
 
 from __future__ import annotations
 
-import argparse
 from typing import Any
 
 import torch
@@ -50,15 +49,9 @@ def load_model_for(sae: Any, model: str | None = None, device: str | None = None
     return lm, tokenizer
 
 
-def add_sae_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``--sae``, ``--model`` and ``--device`` options of the verbs that run a model through an SAE."""
-    parser.add_argument("--sae", required=True, help="SAE directory (cfg.json + sae_weights.safetensors)")
-    parser.add_argument("--model", help="model name or local HF folder (default: the SAE's model_name)")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-
-
-def load_sae_and_model(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, SAE]:
-    """(model, tokenizer, SAE on the model's device) from the options of :func:`add_sae_model_arguments`."""
+def load_sae_and_model(args: Any) -> tuple[torch.nn.Module, Any, SAE]:
+    """(model, tokenizer, SAE on the model's device) from a verb's config: its ``sae`` folder, ``model``
+    (None: the SAE's model_name) and ``device`` (None: CUDA when present)."""
     sae = SAE.load(args.sae).eval()
     model, tokenizer = load_model_for(sae, args.model, args.device)
     return model, tokenizer, sae.to(model_device(model))

@@ -20,12 +20,13 @@ gated SAEs …) are refused with a message naming them.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ._atomic import read_json_object
+from ._digest import file_sha256
 from .errors import CorruptDataError
 from .run import CFG_FILE, WEIGHTS_FILE
 
@@ -35,6 +36,8 @@ _TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jum
 _FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
 # normalize_activations values that are the identity on a saved (inference) SAE.
 _IDENTITY_NORMALISATION = (None, False, "none", "expected_average_only_in")
+WEIGHTS_SHA256_KEY = "weights_sha256"
+"""Key under cfg.json's ``metadata.saecore``: sha256 of sae_weights.safetensors, checked on load."""
 
 
 def saelens_config(sae: Any, extra_metadata: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -73,22 +76,21 @@ def _read_cfg(directory: Path) -> dict[str, Any]:
     path = directory / CFG_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no SAE config here (expected cfg.json + sae_weights.safetensors)")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path)
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def _read_weights(directory: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """The tensors of ``sae_weights.safetensors``, checked against ``sha256`` when the cfg recorded one
+    (saecore's checkpoints do; a foreign SAELens checkpoint has none and is read unchecked)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = directory / WEIGHTS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no SAE weights here")
+    if sha256 is not None and file_sha256(path) != sha256:
+        raise CorruptDataError(f"{path}: sha256 differs from the one {CFG_FILE} recorded at save; the weights "
+                               "are corrupt or were replaced")
     try:
         return {k: v.float() for k, v in load_file(str(path)).items()}
     except (SafetensorError, OSError, ValueError) as e:
@@ -131,8 +133,9 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
     :meth:`saecore.sae.SAE.load` only builds the module and copies them in.
     """
     data = _read_cfg(directory)
-    weights = _read_weights(directory)
-    own = ((data.get("metadata") or {}).get("saecore") or {}).get("config")
+    saecore_meta = (data.get("metadata") or {}).get("saecore") or {}
+    weights = _read_weights(directory, saecore_meta.get(WEIGHTS_SHA256_KEY))
+    own = saecore_meta.get("config")
     if own is not None:
         fields, fold = dict(own), {"apply_b_dec_to_input": bool(data.get("apply_b_dec_to_input", False))}
         fold["rescale_acts_by_decoder_norm"] = bool(data.get("rescale_acts_by_decoder_norm", False))

@@ -30,12 +30,12 @@ import torch
 
 from ._atomic import atomic_target, write_text
 from .activations import ActivationStore
-from .sae import SAE
 from .config import add_arguments, from_args, option, validate
 from .run import CFG_FILE
+from .sae import SAE
 from .training import (
-    open_store,
     TrainConfig,
+    open_store,
     train,
     training_rows,
 )

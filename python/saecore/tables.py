@@ -6,15 +6,17 @@ columns and their Arrow types, and the order of one feature's rows. Writers buil
 pages, the interventions, the logit lens, the quick start, :class:`saecore.index.FeatureIndex` — goes
 through :meth:`TableSpec.read`, which checks the columns and refuses a half-written index.
 
-Completeness. The tables ``saecore index`` mines (stats, histograms, topk, samples,
-density_histogram) are complete only once ``meta.json`` is there (``index`` removes it first and
-writes it last); reading one of them from a folder without ``meta.json`` is an error. The other tables
-are written by their own verbs, each atomically (aside, then renamed), so a present file is complete.
+Completeness and integrity. ``saecore index`` writes a whole new index folder aside and swaps it in
+(:func:`saecore._atomic.publish_dir`), so a reader sees the old index or the new one, never a mix. The
+tables it mines (stats, histograms, topk, samples, density_histogram) are read only from a folder with
+``meta.json``, which records each one's sha256 (``tables``) and its own (``sha256``, over the rest of
+the JSON); every read checks both and reports a mismatch as :class:`CorruptDataError` naming the file.
+The other tables are written by their own verbs, each atomically (aside, then renamed), so a present
+file is complete.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,10 +28,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from . import run as layout
+from ._atomic import read_json_object
+from ._digest import file_sha256, json_sha256
 from .errors import CorruptDataError
 
-INDEX_FORMAT = "saecore.index/1"
-"""``meta.json``'s ``format``: the layout of the mined tables below."""
+INDEX_FORMAT = "saecore.index/2"
+"""``meta.json``'s ``format``: the layout of the mined tables below, with their sha256 digests."""
+META_TABLES_KEY = "tables"
+"""``meta.json`` key: file name → sha256 of each mined table."""
+META_DIGEST_KEY = "sha256"
+"""``meta.json`` key: sha256 of the rest of ``meta.json`` in canonical form (:func:`seal_meta`)."""
 
 
 @dataclass(frozen=True)
@@ -67,10 +75,11 @@ class TableSpec:
         non-finite number, and CorruptDataError for a file that is not readable Parquet.
         """
         path = self.path(index_dir)
+        if (self.mined and (path.exists() or (Path(index_dir) / layout.INDEX_META_FILE).exists())
+                and not verify_table(index_dir, path)):
+            return None
         if not path.exists():
             return None
-        if self.mined:
-            require_complete(index_dir)
         return self.read_file(path)
 
     def read_file(self, path: str | os.PathLike[str]) -> pa.Table:
@@ -166,16 +175,40 @@ def require_complete(index_dir: str | os.PathLike[str]) -> Path:
 
 
 def read_meta(index_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """``meta.json`` of a complete index (FileNotFoundError without one; ValueError for another format)."""
+    """``meta.json`` of a complete index, its digest checked (FileNotFoundError without one;
+    CorruptDataError for a damaged one; ValueError for another format)."""
     path = require_complete(index_dir)
-    try:
-        meta = json.loads(path.read_text())
-    except ValueError as e:
-        raise CorruptDataError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != INDEX_FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else None
-        raise ValueError(f"{path}: format {got!r}, expected {INDEX_FORMAT!r}")
+    meta = read_json_object(path)
+    if meta.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{path}: format {meta.get('format')!r}, expected {INDEX_FORMAT!r}; rerun `saecore index`")
+    body = {k: v for k, v in meta.items() if k != META_DIGEST_KEY}
+    if meta.get(META_DIGEST_KEY) != json_sha256(body) or not isinstance(meta.get(META_TABLES_KEY), dict):
+        raise CorruptDataError(f"{path}: sha256 does not match its content; the index metadata is corrupt")
     return meta
+
+
+def seal_meta(meta: dict[str, Any], tables_written: Mapping[str, str | os.PathLike[str]]) -> dict[str, Any]:
+    """``meta`` plus the sha256 of each mined table file (name → path) and of itself, as :func:`read_meta` checks."""
+    body = {**meta, META_TABLES_KEY: {name: file_sha256(p) for name, p in sorted(tables_written.items())}}
+    return {**body, META_DIGEST_KEY: json_sha256(body)}
+
+
+def verify_table(index_dir: str | os.PathLike[str], path: str | os.PathLike[str]) -> bool:
+    """Check a mined table against the sha256 ``meta.json`` recorded; CorruptDataError naming it if it
+    differs, or if the file is missing though listed, or present though not listed. False when the
+    table is neither listed nor present (an index without it)."""
+    path = Path(path)
+    want = read_meta(index_dir)[META_TABLES_KEY].get(path.name)
+    if want is None:
+        if not path.exists():
+            return False
+        raise CorruptDataError(f"{path}: not among the tables {layout.INDEX_META_FILE} lists; rerun `saecore index`")
+    if not path.exists():
+        raise CorruptDataError(f"{path}: missing, though {layout.INDEX_META_FILE} lists it; rerun `saecore index`")
+    if file_sha256(path) != want:
+        raise CorruptDataError(f"{path}: sha256 differs from the one {layout.INDEX_META_FILE} recorded; "
+                               "the table is corrupt (rerun `saecore index`)")
+    return True
 
 
 def feature_rows(table: pa.Table, feature: int) -> pa.Table:

@@ -14,7 +14,8 @@ constraint → update dead-latent counters → log / checkpoint.
   dead window (``dead_window_tokens``, Anthropic's 10⁷, capped at the run length for short runs).
   TopK/BatchTopK get the AuxK loss on dead latents; ReLU dead latents are resampled.
 * Checkpoints: ``cfg.json`` + ``sae_weights.safetensors`` (loadable by SAELens) and
-  ``trainer_state.pt`` (unfolded weights, optimizer, counters, step), each written aside and renamed.
+  ``trainer_state.safetensors`` (unfolded weights, optimizer, counters, step; tensors plus JSON, no
+  pickle, so loading runs no code from the file), each written aside and renamed.
   SIGINT finishes the current step, saves, and raises KeyboardInterrupt; the same call resumes.
 """
 
@@ -29,21 +30,24 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
-from ._atomic import atomic_target
+from ._trainer_state import load_state, save_state
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
-from .errors import SaecoreError, StoreError
 from .devices import default_device
-from .run import TRAINER_STATE_FILE, store_path
+from .errors import CorruptDataError, SaecoreError, StoreError
+from .run import LEGACY_TRAINER_STATE_FILE, TRAINER_STATE_FILE, store_path
 from .sae import SAE, SAEConfig
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 STATE_FILENAME = TRAINER_STATE_FILE
-STATE_FORMAT = "saecore.trainer/1"
+STATE_FORMAT = "saecore.trainer/2"
 ANTHROPIC_DEAD_WINDOW = 10_000_000
 # Config fields that do not change what is computed, so a resume may change them freely.
 _RESUME_FREE_FIELDS = ("device", "checkpoint_every_steps", "progress")
@@ -265,7 +269,7 @@ class _SigintFlag:
         self.raised = False
         self._previous: Any = None
 
-    def __enter__(self) -> _SigintFlag:
+    def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
@@ -353,16 +357,17 @@ class Trainer:
         self.tokens_since_fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=self.device)
         self.complete = False
         state_path = self.out_dir / STATE_FILENAME
+        legacy = self.out_dir / LEGACY_TRAINER_STATE_FILE
+        if legacy.exists() and not state_path.exists():
+            raise StoreError(f"{legacy}: a pickled trainer state, which saecore no longer loads (unpickling can run "
+                             "code); delete it to restart the run from the saved SAE's settings")
         if state_path.exists():
             self._resume(state_path)
 
     def _resume(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
-        except Exception as e:  # torch raises several types for truncated pickles/zips
-            raise StoreError(f"{path}: unreadable trainer state ({e}); delete it to restart the run") from e
-        if state.get("format") != STATE_FORMAT:
-            raise StoreError(f"{path}: not a saecore trainer state (format {state.get('format')!r})")
+        state = load_state(path, self.device)  # CorruptDataError naming the file; runs no code from it
+        if state.get("format") != STATE_FORMAT or not isinstance(state.get("identity"), dict):
+            raise CorruptDataError(f"{path}: not a saecore trainer state (format {state.get('format')!r})")
         old = state["identity"]
         if old.get("d_in") != self.identity["d_in"]:
             raise ConfigMismatchError(
@@ -375,11 +380,14 @@ class Trainer:
                 f"{self.out_dir}: holds a run made with other settings; use another output folder or delete it.\n  "
                 + "\n  ".join(diffs)
             )
-        self.sae.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
-        self.complete = bool(state["complete"])
+        try:
+            self.sae.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.step = int(state["step"])
+            self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
+            self.complete = bool(state["complete"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise CorruptDataError(f"{path}: trainer state does not fit this SAE ({e!r})") from e
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -396,8 +404,7 @@ class Trainer:
             "optimizer": self.opt.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
         }
-        with atomic_target(self.out_dir / STATE_FILENAME) as tmp:
-            torch.save(state, tmp)
+        save_state(state, self.out_dir / STATE_FILENAME)
 
     def _training_facts(self) -> dict[str, Any]:
         return {
