@@ -627,11 +627,17 @@ def cli_configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out", help="output folder for the SAE (cfg.json, sae_weights.safetensors, trainer state)")
     parser.add_argument("--d-sae", type=int, default=TrainConfig.d_sae, help="number of latents")
     parser.add_argument("--tokens", type=int, default=0, help="training tokens (0: one epoch)")
+    parser.add_argument("--latent-shards", type=int, default=1,
+                        help="split the latents over this many processes (under torchrun; see docs/scale.md)")
     add_train_arguments(parser)
 
 
 def cli_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, d_sae=args.d_sae, num_tokens=args.tokens)
+    from . import distributed
+
+    if distributed.launched_distributed() or args.latent_shards > 1:  # torchrun: the grid trainer
+        return distributed.cli_run(args, cfg)
     t0 = time.time()
     sae = train(args.store, args.out, cfg)
     print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "
