@@ -121,7 +121,7 @@ def test_torchrun_runs_the_train_verb_and_saelens_loads_the_result(store_path, t
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__import__("saecore").__file__).parents[1]),
                                           os.environ.get("PYTHONPATH", "")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "saecore", "train", str(store_path), str(out), "--arch", "topk", "--k", "3", "--d-sae", "32",
            "--batch-size", "128", "--tokens", "512", "--latent-shards", "2", "--no-progress"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
