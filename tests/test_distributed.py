@@ -17,7 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from saecore.activations import ActivationStore
-from saecore.distributed import MANIFEST, ConfigMismatchError, read_manifest, train_distributed
+from saecore.distributed import (
+    MANIFEST,
+    ConfigMismatchError,
+    read_manifest,
+    train_distributed,
+)
 from saecore.sae import SAE
 from saecore.toy import ToyConfig, write_toy_store
 from saecore.training import TrainConfig, train
@@ -72,11 +77,11 @@ def _spawn(fn, tmp_path: Path, *args) -> None:
 
 
 def _assert_same(a: dict, b: dict, name: str, exact: bool = False) -> None:
-    for key in a:
+    for key, value in a.items():
         if exact:
-            assert torch.equal(a[key], b[key]), f"{name}: {key} differs"
+            assert torch.equal(value, b[key]), f"{name}: {key} differs"
         else:
-            torch.testing.assert_close(a[key], b[key], rtol=2e-4, atol=2e-5, msg=lambda m: f"{name}: {key}: {m}")
+            torch.testing.assert_close(value, b[key], rtol=2e-4, atol=2e-5, msg=f"{name}: {key} differs")
 
 
 @pytest.mark.parametrize("mode", ["data", "latent"])
@@ -86,7 +91,7 @@ def test_two_ranks_equal_one_process_for_every_architecture(store_path, tmp_path
     _spawn(_worker_runs, tmp_path, str(store_path), str(tmp_path), runs)
     for arch, cfg, _ in runs:
         stats: list[dict] = []
-        reference = train(store_path, tmp_path / f"ref-{arch}", cfg, on_step=lambda s, st: stats.append(st))
+        reference = train(store_path, tmp_path / f"ref-{arch}", cfg, on_step=lambda s, st, seen=stats: seen.append(st))
         if arch in ("topk", "batchtopk"):  # dead latents appeared, so AuxK's global statistics ran
             assert max(st["dead_fraction"] for st in stats) > 0, arch
         _assert_same(reference.state_dict(), torch.load(tmp_path / f"{arch}.pt"), f"{mode} {arch}")
@@ -124,7 +129,7 @@ def test_torchrun_runs_the_train_verb_and_saelens_loads_the_result(store_path, t
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "saecore", "train", str(store_path), str(out), "--arch", "topk", "--k", "3", "--d-sae", "32",
            "--batch-size", "128", "--tokens", "512", "--latent-shards", "2", "--no-progress"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 processes (2 latent shards)" in done.stdout
     theirs = sae_lens.SAE.load_from_disk(str(out), device="cpu")

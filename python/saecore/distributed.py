@@ -49,9 +49,25 @@ from torch import Tensor
 from ._atomic import atomic_target, write_json
 from .activations import ActivationStore
 from .errors import StoreError
-from .sae import SAE, WEIGHTS_FILENAME, SAEConfig, _JumpReLU, _SelectedPreacts, _Step, by_latent, sparse_decode
-from .training import ConfigMismatchError, ShuffledBatches, TrainConfig, Trainer, _describe_differences, \
-    _resolve_store, _SigintFlag
+from .sae import (
+    SAE,
+    WEIGHTS_FILENAME,
+    SAEConfig,
+    _JumpReLU,
+    _SelectedPreacts,
+    _Step,
+    by_latent,
+    sparse_decode,
+)
+from .training import (
+    ConfigMismatchError,
+    ShuffledBatches,
+    TrainConfig,
+    Trainer,
+    _describe_differences,
+    _resolve_store,
+    _SigintFlag,
+)
 
 DIST_DIR = "dist"
 MANIFEST = "MANIFEST.json"
