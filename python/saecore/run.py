@@ -42,6 +42,11 @@ TRAINER_STATE_FILE = "trainer_state.safetensors"
 LEGACY_TRAINER_STATE_FILE = "trainer_state.pt"
 """A pickle written by saecore before 0.2: refused, never loaded (unpickling can run code)."""
 
+DIST_CHECKPOINT_DIR = "dist"
+"""Per-rank shards of a distributed training checkpoint, inside the SAE folder."""
+DIST_MANIFEST_FILE = "MANIFEST.json"
+"""Commits one step of a distributed checkpoint: written last, atomically, by rank 0."""
+
 # -- completion markers ------------------------------------------------------------------------------
 STORE_COMMIT_FILE = "commit.json"
 """The activation store's commit record; a folder without it is not (yet) a store."""

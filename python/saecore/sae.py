@@ -24,7 +24,7 @@ plain SAE on raw activations, which is what SAELens and the rest of saecore expe
 
 Fast paths. TopK and BatchTopK select few latents per token, so their decode is an ``embedding_bag``
 over the selected rows of W_dec and their encoder backward touches only the selected columns of W_enc
-(:class:`_SelectedPreacts`): after the one dense encoder product, a step costs O(k·d_in) per token
+(:class:`SelectedPreacts`): after the one dense encoder product, a step costs O(k·d_in) per token
 instead of O(d_sae·d_in). ``SAE(cfg, fast=False)`` runs the plain dense reference (a dense feature
 matrix times W_dec, autograd throughout); tests hold the two to each other.
 """
@@ -161,7 +161,7 @@ def _rectangle(z: Tensor) -> Tensor:
     return ((z > -0.5) & (z < 0.5)).to(z.dtype)
 
 
-class _JumpReLU(torch.autograd.Function):
+class JumpReLUFunction(torch.autograd.Function):
     """z·H(z − θ): gradient to z through the kept entries; to θ by the rectangle-kernel STE
     (Rajamanoharan et al. 2024, eq. 11): ∂/∂θ ≈ −(θ/ε)·K((z − θ)/ε)."""
 
@@ -180,7 +180,7 @@ class _JumpReLU(torch.autograd.Function):
         return grad_z, grad_theta, None
 
 
-class _Step(torch.autograd.Function):
+class StepFunction(torch.autograd.Function):
     """H(z − θ) for the L0 penalty: gradient only to θ, −(1/ε)·K((z − θ)/ε) (eq. 12)."""
 
     @staticmethod
@@ -212,7 +212,7 @@ def segment_matmul(rows: Tensor, weights: Tensor, dense: Tensor, order: Tensor, 
     return F.embedding_bag(rows[order], dense, offsets, mode="sum", per_sample_weights=weights[order])
 
 
-class _SelectedPreacts(torch.autograd.Function):
+class SelectedPreacts(torch.autograd.Function):
     """Pre-activations (x @ W_enc + b_enc)[rows, latents], given ``pre_sel`` already computed densely.
 
     The backward pass is what makes sparse training cheap: the gradient reaches only the selected
@@ -426,7 +426,7 @@ class SAE(nn.Module):
             pre_sel = pre[rows, latents]
         del pre, active
         order = by_latent(latents, self.cfg.d_sae)
-        vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents, *order))
+        vals = F.relu(SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents, *order))
         xs_hat = sparse_decode(rows, latents, vals, self.W_dec, B, order) + self.b_dec
         sparsity = (vals * self.W_dec.norm(dim=1)[latents]).sum() / B
         return self._finish(xs, xs_hat, None, (rows, latents, vals), sparsity)
@@ -434,8 +434,8 @@ class SAE(nn.Module):
     def _forward_jumprelu(self, xs: Tensor) -> SAEOutput:
         pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (B, d_sae)
         eps = self.cfg.jumprelu_bandwidth
-        f = _JumpReLU.apply(pre, self.threshold, eps)
-        l0 = _Step.apply(pre, self.threshold, eps).sum(-1).mean()
+        f = JumpReLUFunction.apply(pre, self.threshold, eps)
+        l0 = StepFunction.apply(pre, self.threshold, eps).sum(-1).mean()
         return self._finish(xs, torch.addmm(self.b_dec, f, self.W_dec), f, None, l0)
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
@@ -459,7 +459,7 @@ class SAE(nn.Module):
         del pre
         if self.fast:
             order = by_latent(latents, self.cfg.d_sae)
-            vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents, *order))
+            vals = F.relu(SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents, *order))
             xs_hat = sparse_decode(rows, latents, vals, self.W_dec, B, order) + self.b_dec
         else:
             # Reference: gather from a dense, autograd-tracked pre-activation matrix.
@@ -499,7 +499,7 @@ class SAE(nn.Module):
         del pre
         if self.fast:
             order = by_latent(latents, self.cfg.d_sae)
-            vals = F.relu(_SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents, *order))
+            vals = F.relu(SelectedPreacts.apply(pre_sel, xs, self.W_enc, self.b_enc, rows, latents, *order))
             recon = sparse_decode(rows, latents, vals, self.W_dec, B, order)
         else:
             vals = F.relu((xs @ self.W_enc + self.b_enc)[rows, latents])

@@ -257,12 +257,12 @@ def training_rows(store: ActivationStore, holdout_fraction: float) -> int:
     return n - held if n - held > 0 else n
 
 
-def _describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+def describe_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = sorted(set(old) | set(new))
     return [f"{k}: checkpoint has {old.get(k)!r}, now {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-class _SigintFlag:
+class SigintFlag:
     """Turns SIGINT into a flag the loop checks after each step (main thread only)."""
 
     def __init__(self) -> None:
@@ -374,7 +374,7 @@ class Trainer:
                 f"{self.out_dir}: the checkpoint's SAE has d_in={old.get('d_in')}, but hook {self.hook!r} of "
                 f"{self.store.path} has d_model={self.identity['d_in']}"
             )
-        diffs = _describe_differences(old, self.identity)
+        diffs = describe_differences(old, self.identity)
         if diffs:
             raise ConfigMismatchError(
                 f"{self.out_dir}: holds a run made with other settings; use another output folder or delete it.\n  "
@@ -534,7 +534,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, unit="step",
                    desc=f"train {self.cfg.architecture} {self.cfg.d_sae}")
         last_save = self.step
-        with _SigintFlag() as sigint:
+        with SigintFlag() as sigint:
             try:
                 while self.step < self.total_steps:
                     x_np, rows = next(stream)
@@ -585,14 +585,31 @@ def train(
 # --- CLI ----------------------------------------------------------------------------------------
 
 
+@dataclass(kw_only=True)
+class LaunchOptions:
+    """How ``saecore train`` spreads over processes (not part of the SAE's config)."""
+
+    latent_shards: int = option(1, ge=1, le=65_536)
+    """Split the latents over this many processes (under torchrun; see docs/scale.md)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def cli_configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="activation store (activations.zarr) or a run directory holding one")
     parser.add_argument("out", help="output folder for the SAE (cfg.json, sae_weights.safetensors, trainer state)")
     add_arguments(parser, TrainConfig)
+    add_arguments(parser, LaunchOptions)
 
 
 def cli_run(args: argparse.Namespace) -> int:
     cfg = from_args(TrainConfig, args)
+    launch = from_args(LaunchOptions, args)
+    from . import distributed
+
+    if distributed.launched_distributed() or launch.latent_shards > 1:  # torchrun: the grid trainer
+        return distributed.cli_run(args, cfg, latent_shards=launch.latent_shards)
     t0 = time.time()
     sae = train(args.store, args.out, cfg)
     print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "
