@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
@@ -32,6 +33,21 @@ def atomic_target(path: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+_STAGED_FILE = re.compile(r"^\..+\.[0-9a-f]{32}\.partial(\.[^.]*)?$")
+
+
+def remove_partial_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the staging files (``.NAME.<uuid>.partial.EXT``) a killed :func:`atomic_target` left in
+    ``folder``; returns them. Call it where one process owns the folder (a resumed training run)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = [p for p in folder.iterdir() if _STAGED_FILE.match(p.name) and p.is_file() and not p.is_symlink()]
+    for p in removed:
+        p.unlink(missing_ok=True)
+    return removed
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:

@@ -27,7 +27,8 @@ from .errors import CorruptDataError
 
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
-_STRUCTURE_KEY = "saecore_trainer_state"
+_HEADER_KEY = "saecore_trainer_state"
+_STRUCTURE_KEY = "structure"
 _DIGEST_KEY = "sha256"
 
 
@@ -78,7 +79,9 @@ def save_state(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
     tensors: dict[str, torch.Tensor] = {}
     structure = json.dumps(_split(state, "state", tensors), sort_keys=True, allow_nan=False)
-    meta = {_STRUCTURE_KEY: structure, _DIGEST_KEY: _digest(structure, tensors)}
+    # One header key: safetensors writes its metadata map in hash order, so two keys would make the
+    # bytes differ from run to run.
+    meta = {_HEADER_KEY: json.dumps({_STRUCTURE_KEY: structure, _DIGEST_KEY: _digest(structure, tensors)})}
     with atomic_target(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
 
@@ -95,10 +98,12 @@ def load_state(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CorruptDataError(f"{path}: not a saecore trainer state (unreadable safetensors: {e}); "
                                "delete it to restart the run") from e
-    structure = meta.get(_STRUCTURE_KEY)
-    if structure is None:
-        raise CorruptDataError(f"{path}: not a saecore trainer state (no {_STRUCTURE_KEY} in its header)")
-    if meta.get(_DIGEST_KEY) != _digest(structure, tensors):
+    try:
+        header = json.loads(meta[_HEADER_KEY])
+        structure, digest = header[_STRUCTURE_KEY], header[_DIGEST_KEY]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptDataError(f"{path}: not a saecore trainer state (no readable {_HEADER_KEY} in its header)") from e
+    if not isinstance(structure, str) or digest != _digest(structure, tensors):
         raise CorruptDataError(f"{path}: checksum mismatch; the trainer state is corrupt (delete it to restart)")
     try:
         state = _join(json.loads(structure), tensors, path)

@@ -184,6 +184,7 @@ class ActivationStoreWriter:
                 + "\n  ".join(differences)
             )
         state = CommitState.from_file(path / COMMIT_FILE)
+        _remove_partial_files(path)
         stored_chunk_rows = int(group["token_ids"].chunks[0])
         return cls(path, group, spec, state, stored_chunk_rows if stored_chunk_rows else chunk_rows)
 
@@ -432,6 +433,14 @@ class ActivationStore:
         block_rows = block_rows or self.chunk_rows
         for first in range(start, stop, block_rows):
             yield first, self.read(hook, first, min(first + block_rows, stop))
+
+
+def _remove_partial_files(path: Path) -> None:
+    """Delete the ``NAME.<uuid>.partial`` files a killed writer left (zarr stages each chunk so, and
+    renames it into place); called when a writer reopens the store, the only writer it has."""
+    for p in path.rglob("*.partial"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
 
 
 class _CheckedArray:

@@ -23,7 +23,7 @@ from .errors import SaecoreError
 VERBS: dict[str, tuple[str, str]] = {
     "quickstart": ("saecore.quickstart", "run the whole pipeline on the built-in model and corpus"),
     "harvest": ("saecore.harvesting", "capture hook-point activations of a causal LM into a Zarr store"),
-    "train": ("saecore.training", "train a sparse autoencoder on an activation store"),
+    "train": ("saecore.distributed", "train a sparse autoencoder on an activation store"),
     "eval": ("saecore.evaluate", "evaluate an SAE: L0, explained variance, dead fraction, CE-loss recovered"),
     "sweep": ("saecore.sweep", "scaling-law sweep over dictionary size x training tokens"),
     "encode": ("saecore.encode", "encode an activation store through an SAE into a sparse feature store"),

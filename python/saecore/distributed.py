@@ -62,6 +62,8 @@ from .sae import (
     by_latent,
     sparse_decode,
 )
+from . import training
+from .config import add_arguments, from_args, option, validate
 from .training import (
     ConfigMismatchError,
     ShuffledBatches,
@@ -600,14 +602,35 @@ def train_distributed(store: ActivationStore | str | os.PathLike[str], out_dir: 
     return trainer.run()
 
 
-def cli_run(args: Any, cfg: TrainConfig, latent_shards: int) -> int:
-    """``saecore train`` under torchrun (or with --latent-shards > 1)."""
+@dataclass(kw_only=True)
+class LaunchOptions:
+    """How ``saecore train`` spreads over processes (not part of the SAE's config)."""
+
+    latent_shards: int = option(1, ge=1, le=65_536)
+    """Split the latents over this many processes (under torchrun; see docs/scale.md)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+def cli_configure_train(parser: Any) -> None:
+    """Options of ``saecore train``: the trainer's and the launch's."""
+    training.cli_configure(parser)
+    add_arguments(parser, LaunchOptions)
+
+
+def cli_run_train(args: Any) -> int:
+    """``saecore train``: one process as always, or the process grid under torchrun / --latent-shards > 1."""
+    cfg = from_args(TrainConfig, args)
+    launch = from_args(LaunchOptions, args)
+    if not (launched_distributed() or launch.latent_shards > 1):
+        return training.cli_run(args, cfg)
     import time
 
     t0 = time.time()
-    sae = train_distributed(args.store, args.out, cfg, latent_shards=latent_shards)
+    sae = train_distributed(args.store, args.out, cfg, latent_shards=launch.latent_shards)
     if dist.get_rank() == 0:
         print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "
-              f"from {dist.get_world_size()} processes ({latent_shards} latent shards) in {time.time() - t0:.0f} s")
+              f"from {dist.get_world_size()} processes ({launch.latent_shards} latent shards) in {time.time() - t0:.0f} s")
     dist.destroy_process_group()
     return 0

@@ -19,6 +19,13 @@ class CorruptDataError(SaecoreError, ValueError):
     """
 
 
+class MissingDataError(SaecoreError, FileNotFoundError):
+    """A file saecore wrote and now needs (weights, a manifest, an index's meta.json) is absent.
+
+    Also a FileNotFoundError, so callers that catch a missing file keep working.
+    """
+
+
 class StoreError(SaecoreError):
     """An on-disk store is missing, incomplete, truncated or corrupt."""
 
@@ -27,4 +34,4 @@ class StoreMismatchError(StoreError):
     """An existing store was made with other arguments than the ones given now."""
 
 
-__all__ = ["CorruptDataError", "SaecoreError", "StoreError", "StoreMismatchError"]
+__all__ = ["CorruptDataError", "MissingDataError", "SaecoreError", "StoreError", "StoreMismatchError"]

@@ -27,6 +27,7 @@ from typing import Any, Final, NamedTuple
 import numpy as np
 
 from . import _native
+from .errors import MissingDataError
 
 
 class CSRShard(NamedTuple):
@@ -54,7 +55,12 @@ class FeatureStore:
 
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path)
-        self._reader = _native.FeatureStoreReader(str(self.path))
+        try:
+            self._reader = _native.FeatureStoreReader(str(self.path))
+        except FileNotFoundError as e:
+            if not self.path.is_dir():
+                raise
+            raise MissingDataError(str(e)) from e  # a store folder without its manifest
 
     def __repr__(self) -> str:
         state = "complete" if self.complete else "incomplete"

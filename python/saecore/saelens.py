@@ -27,7 +27,7 @@ import torch
 
 from ._atomic import read_json_object
 from ._digest import file_sha256
-from .errors import CorruptDataError
+from .errors import CorruptDataError, MissingDataError
 from .run import CFG_FILE, WEIGHTS_FILE
 
 # SAELens treats configs without a version as pre-6.0 and rewrites them; we write its 6.x layout.
@@ -87,7 +87,7 @@ def _read_weights(directory: Path, sha256: str | None) -> dict[str, torch.Tensor
 
     path = directory / WEIGHTS_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no SAE weights here")
+        raise MissingDataError(f"{path}: no SAE weights here")
     if sha256 is not None and file_sha256(path) != sha256:
         raise CorruptDataError(f"{path}: sha256 differs from the one {CFG_FILE} recorded at save; the weights "
                                "are corrupt or were replaced")

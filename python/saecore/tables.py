@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from . import run as layout
 from ._atomic import read_json_object
 from ._digest import file_sha256, json_sha256
-from .errors import CorruptDataError
+from .errors import CorruptDataError, MissingDataError
 
 INDEX_FORMAT = "saecore.index/2"
 """``meta.json``'s ``format``: the layout of the mined tables below, with their sha256 digests."""
@@ -166,11 +166,11 @@ PER_FEATURE: tuple[TableSpec, ...] = (STATS, HISTOGRAMS, TOPK, SAMPLES, NEIGHBOU
 
 
 def require_complete(index_dir: str | os.PathLike[str]) -> Path:
-    """The path of ``meta.json``; FileNotFoundError when it is missing (no index, or an interrupted one)."""
+    """The path of ``meta.json``; MissingDataError (a FileNotFoundError) when it is missing (no index, or an
+    interrupted one)."""
     meta = Path(index_dir) / layout.INDEX_META_FILE
     if not meta.exists():
-        raise FileNotFoundError(f"{index_dir}: no complete feature index here (no {layout.INDEX_META_FILE}); "
-                                "run `saecore index`")
+        raise MissingDataError(f"{meta}: missing, so no complete feature index in {index_dir}; run `saecore index`")
     return meta
 
 

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
+from ._atomic import remove_partial_files
 from ._trainer_state import load_state, save_state
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
@@ -356,6 +357,7 @@ class Trainer:
         self.step = 0
         self.tokens_since_fired = torch.zeros(self.cfg.d_sae, dtype=torch.long, device=self.device)
         self.complete = False
+        remove_partial_files(self.out_dir)  # what a killed run was writing when it died
         state_path = self.out_dir / STATE_FILENAME
         legacy = self.out_dir / LEGACY_TRAINER_STATE_FILE
         if legacy.exists() and not state_path.exists():
@@ -583,33 +585,20 @@ def train(
 
 
 # --- CLI ----------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class LaunchOptions:
-    """How ``saecore train`` spreads over processes (not part of the SAE's config)."""
-
-    latent_shards: int = option(1, ge=1, le=65_536)
-    """Split the latents over this many processes (under torchrun; see docs/scale.md)."""
-
-    def __post_init__(self) -> None:
-        validate(self)
+# The verb itself lives in saecore.distributed (cli_configure_train / cli_run_train), which picks the
+# one-process trainer below or the process grid; this module never imports that one.
 
 
 def cli_configure(parser: argparse.ArgumentParser) -> None:
+    """The one-process options of ``saecore train``."""
     parser.add_argument("store", help="activation store (activations.zarr) or a run directory holding one")
     parser.add_argument("out", help="output folder for the SAE (cfg.json, sae_weights.safetensors, trainer state)")
     add_arguments(parser, TrainConfig)
-    add_arguments(parser, LaunchOptions)
 
 
-def cli_run(args: argparse.Namespace) -> int:
-    cfg = from_args(TrainConfig, args)
-    launch = from_args(LaunchOptions, args)
-    from . import distributed
-
-    if distributed.launched_distributed() or launch.latent_shards > 1:  # torchrun: the grid trainer
-        return distributed.cli_run(args, cfg, latent_shards=launch.latent_shards)
+def cli_run(args: argparse.Namespace, cfg: TrainConfig | None = None) -> int:
+    """Train in this process."""
+    cfg = cfg or from_args(TrainConfig, args)
     t0 = time.time()
     sae = train(args.store, args.out, cfg)
     print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "

@@ -348,10 +348,10 @@ def _model_and_corpus(cfg: XorConfig) -> tuple[Any, Any] | None:
 
 
 def _iter_outputs(cfg: XorConfig, out: Path) -> Iterator[str]:
+    loaded = _model_and_corpus(cfg)  # first: a bad run, model or corpus fails before anything is written
     rows = sweep(cfg)
     yield from write_results(rows, out / layout.XOR_TOY_FILE, out / layout.XOR_TOY_PLOT, plot_toy)
     yield from summary_lines(rows)
-    loaded = _model_and_corpus(cfg)
     if loaded is not None:
         (model, tokenizer), corpus = loaded
         real = model_probes(cfg, model, tokenizer, corpus)
