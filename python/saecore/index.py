@@ -142,11 +142,16 @@ def index(
     density_bins: int = DEFAULTS["density_bins"],
     seed: int = DEFAULTS["seed"],
     progress: bool = True,
+    ray: str | None = None,
+    shards_per_task: int | None = None,
 ) -> FeatureIndex:
     """Mine the feature store ``features`` and write the index tables into the folder ``out``.
 
     ``activations`` (the activation store the features were encoded from) defaults to the one recorded
     by ``saecore encode``; it supplies each example's document id and position.
+
+    ``ray`` runs the mining on a Ray cluster (an address, or ``"local"`` to start one; see
+    :mod:`saecore.distributed`), ``shards_per_task`` shards per task; the tables are identical.
     """
     fs_path, out = Path(features), Path(out)
     fs = FeatureStore(fs_path)
@@ -160,7 +165,13 @@ def index(
         build_csc(fs_path)  # FeatureIndex.activations reads the feature-major copy
     params = {"k": k, "hist_bins": hist_bins, "sample_bins": sample_bins, "samples_per_bin": samples_per_bin, "seed": seed}
     started = time.time()
-    r = _mine_with_progress(fs_path, params, 2, fs.num_shards, progress)
+    if ray is not None:
+        from . import distributed
+
+        address = None if ray == "local" else ray
+        r = distributed.mine(fs_path, fs.num_shards, params, address=address, shards_per_task=shards_per_task, progress=progress)
+    else:
+        r = _mine_with_progress(fs_path, params, 2, fs.num_shards, progress)
     tables = _tables(r, store, params, density_bins)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # the tables below are about to change
@@ -351,14 +362,23 @@ def cli_configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--density-bins", type=int, default=DEFAULTS["density_bins"])
     parser.add_argument("--seed", type=int, default=DEFAULTS["seed"])
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                        help="mine on a Ray cluster: join ADDRESS (HOST:PORT, auto, ray://…), or start a local one when no address is given")
+    parser.add_argument("--shards-per-task", type=int, default=None, help="with --ray: shards per task (default: ~4 tasks per CPU)")
 
 
 def cli_run(args: argparse.Namespace) -> int:
-    idx = index(
-        args.features, args.out, activations=args.activations, k=args.k, hist_bins=args.hist_bins,
-        sample_bins=args.sample_bins, samples_per_bin=args.samples_per_bin, density_bins=args.density_bins,
-        seed=args.seed, progress=not args.no_progress,
-    )
+    from .errors import SaecoreError
+
+    try:
+        idx = index(
+            args.features, args.out, activations=args.activations, k=args.k, hist_bins=args.hist_bins,
+            sample_bins=args.sample_bins, samples_per_bin=args.samples_per_bin, density_bins=args.density_bins,
+            seed=args.seed, progress=not args.no_progress, ray=args.ray, shards_per_task=args.shards_per_task,
+        )
+    except SaecoreError as e:  # e.g. --ray without Ray installed, or an unreachable cluster: one line
+        print(f"saecore index: error: {e}", file=sys.stderr)
+        return 2
     stats = idx.stats()
     dead = int(np.count_nonzero(stats.column("count").to_numpy() == 0))
     print(f"{idx.path}: {idx.d_sae} features over {idx.n_tokens} tokens; {dead} never fire; "
