@@ -32,7 +32,7 @@
 //!           kind 3: min f32[d], max f32[d]        (a feature that never fired: min = +inf, max = -inf)
 //! crc32c    u32      CRC-32C of every byte before it
 //! ```
-//! Size: about `d × (72 + 14·k)` bytes for pass 1 (k candidates at most) and
+//! Size: about `d × (66 + 12·k)` bytes for pass 1 (k candidates at most) and
 //! `d × (8·hist_bins + 2·sample_bins) + 20 × samples` for pass 2 — per-feature state, never per token.
 
 use std::ops::Range;
