@@ -14,8 +14,13 @@ __all__ = [
     "Progress",
     "__version__",
     "build_csc",
+    "check_partial",
     "density_histogram",
+    "finish_partials",
+    "merge_partials",
     "mine",
+    "mine_extrema",
+    "mine_partial",
     "neighbours_threshold",
     "neighbours_top_k",
     "num_threads",
@@ -159,6 +164,34 @@ def mine(
     progress: Progress | None,
 ) -> _MineResult:
     """Statistics, histograms, top-k and quantile samples of every feature (numpy arrays in a dict)."""
+
+def mine_partial(
+    path: str,
+    first: int,
+    end: int,
+    *,
+    pass_: int,
+    k: int = 20,
+    hist_bins: int = 32,
+    sample_bins: int = 10,
+    samples_per_bin: int = 10,
+    seed: int = 0,
+    extrema: bytes | None = None,
+    progress: Progress | None = None,
+) -> bytes:
+    """Mine shards first..end into an encoded partial (pass 1; pass 2 needs the extrema)."""
+
+def merge_partials(parts: list[bytes]) -> bytes:
+    """Merge encoded partials of one pass; a failed checksum raises CorruptDataError naming the part."""
+
+def check_partial(part: bytes) -> tuple[int, list[tuple[int, int]]]:
+    """(pass, shard ranges covered) of an encoded partial, after checking its checksum."""
+
+def mine_extrema(pass1: bytes, num_shards: int) -> bytes:
+    """The encoded per-feature extrema of a merged pass-1 partial covering every shard."""
+
+def finish_partials(path: str, pass1: bytes, pass2: bytes | None = None) -> dict[str, object]:
+    """The dict `mine` returns, from merged partials covering every shard of the store at path."""
 
 def density_histogram(count: numpy.ndarray, n_rows: int, n_bins: int) -> tuple[numpy.ndarray, numpy.ndarray, numpy.ndarray]:
     """(lo_log10, hi_log10, count); row 0 counts features that never fire."""

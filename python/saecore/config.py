@@ -76,6 +76,7 @@ class _Meta:
     append: bool
     cli: bool
     metavar: str | None
+    const: Any = None
 
 
 def option(
@@ -91,15 +92,17 @@ def option(
     append: bool = False,
     cli: bool = True,
     metavar: str | None = None,
+    const: Any = None,
 ) -> Any:
     """A dataclass field with a valid range and CLI details.
 
     ``flag`` renames the flag (for a bool defaulting to True it is the flag that turns it off, e.g.
     ``--keep-bos`` for ``exclude_bos``); ``append`` makes a list field a repeatable flag; ``cli=False``
-    keeps a field out of the command line.
+    keeps a field out of the command line; ``const`` makes the flag's value optional (``--ray`` alone
+    means ``const``, ``--ray ADDRESS`` the address).
     """
     rng = Range(ge, gt, le, lt) if any(b is not None for b in (ge, gt, le, lt)) else None
-    meta = _Meta(rng, flag, tuple(aliases), append, cli, metavar)
+    meta = _Meta(rng, flag, tuple(aliases), append, cli, metavar, const)
     return field(default=default, default_factory=default_factory, metadata={_KEY: meta})
 
 
@@ -228,6 +231,8 @@ def add_arguments(
                 kwargs.update(action="append", default=None)
             else:
                 kwargs["nargs"] = "+"
+        if meta.const is not None:
+            kwargs.update(nargs="?", const=meta.const)
         if required:
             kwargs["required"] = True
         elif not (kind.is_list and meta.append):

@@ -73,6 +73,12 @@ class IndexConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    ray: str | None = option(None, const="local", metavar="ADDRESS")
+    """Mine on a Ray cluster: join ADDRESS (HOST:PORT, auto, ray://…), or start a local one when no address is given."""
+
+    shards_per_task: int | None = option(None, ge=1, le=1 << 20)
+    """With --ray: shards per task (default: about 4 tasks per CPU)."""
+
     def __post_init__(self) -> None:
         validate(self)
 
@@ -175,7 +181,8 @@ def index(
 
     ``activations`` (the activation store the features were encoded from) defaults to the one recorded
     by ``saecore encode``; it supplies each example's document id and position. ``cfg``
-    (:class:`IndexConfig`) or single-field ``overrides`` (``k=5``) set what is mined.
+    (:class:`IndexConfig`) or single-field ``overrides`` (``k=5``) set what is mined; ``cfg.ray`` mines
+    on a Ray cluster (:mod:`saecore.cluster`) with identical tables.
     """
     cfg = dataclasses.replace(cfg or IndexConfig(), **overrides)
     density_bins = cfg.density_bins
@@ -191,7 +198,14 @@ def index(
         build_csc(fs_path)  # FeatureIndex.activations reads the feature-major copy
     params = cfg.mining_params()
     started = time.time()
-    r = _mine_with_progress(fs_path, params, 2, fs.num_shards, cfg.progress)
+    if cfg.ray is not None:
+        from . import cluster
+
+        address = None if cfg.ray == "local" else cfg.ray
+        r = cluster.mine(fs_path, fs.num_shards, params, address=address, shards_per_task=cfg.shards_per_task,
+                         progress=cfg.progress)
+    else:
+        r = _mine_with_progress(fs_path, params, 2, fs.num_shards, cfg.progress)
     mined = _tables(r, store, params, density_bins)
     meta = {
         "format": FORMAT,

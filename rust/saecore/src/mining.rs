@@ -25,8 +25,15 @@
 //! Memory: `threads × (2 × one decoded shard + d_sae × (48 + 32·k + 8·hist_bins + sample_bins·(16 + 24·s)) bytes)`,
 //! never proportional to the number of tokens.
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
+
+pub mod exact_sum;
+pub mod partial;
+
+use exact_sum::ExactSum;
+pub use partial::{Extrema, Pass1Partial, Pass2Partial};
 
 use crate::error::{Error, Result};
 use crate::parallel;
@@ -113,6 +120,7 @@ pub fn sample_key(seed: u64, feature: u32, row: u64) -> u64 {
 #[derive(Clone, Copy, Debug)]
 #[repr(C, align(16))]
 struct HotStats {
+    /// Sum over the current shard only (row order); folded into `Pass1::exact_sum` after each shard.
     sum: f64,
     /// Activations since the last flush into `Pass1::flushed_count` (fits: see `add_shard`).
     count: u32,
@@ -160,6 +168,8 @@ struct Pass1 {
     k: usize,
     cap: usize,
     hot: Vec<HotStats>,
+    /// Exact sum of the per-shard sums: the same bits whatever the shard order or grouping.
+    exact_sum: Vec<ExactSum>,
     flushed_count: Vec<u64>,
     rows_since_flush: u64,
     /// Per-feature max, kept only when `k == 0` (otherwise the top example has it).
@@ -179,6 +189,7 @@ impl Pass1 {
             k,
             cap,
             hot: vec![EMPTY_HOT; d],
+            exact_sum: vec![ExactSum::default(); d],
             flushed_count: vec![0; d],
             rows_since_flush: 0,
             max_without_top: if k == 0 { vec![f32::NEG_INFINITY; d] } else { Vec::new() },
@@ -197,8 +208,15 @@ impl Pass1 {
         self.flushed_count[f] + u64::from(self.hot[f].count)
     }
 
-    fn sum(&self, f: usize) -> f64 {
-        self.hot[f].sum
+    /// Fold each feature's per-shard sum into its exact sum (after every shard, so a shard's sum
+    /// never depends on which shards the same worker saw before it).
+    fn flush_sums(&mut self) {
+        for (exact, h) in self.exact_sum.iter_mut().zip(&mut self.hot) {
+            if h.sum != 0.0 {
+                exact.add_f64(h.sum);
+                h.sum = 0.0;
+            }
+        }
     }
 
     fn min(&self, f: usize) -> f32 {
@@ -302,14 +320,16 @@ impl Pass1 {
                 }
             }
         }
+        self.flush_sums();
     }
 
     fn merge(&mut self, other: Pass1) {
         for f in 0..self.d() {
             let b = other.hot[f];
             self.flushed_count[f] += other.flushed_count[f] + u64::from(b.count);
+            self.exact_sum[f].merge(&other.exact_sum[f]);
+            self.exact_sum[f].add_f64(b.sum);
             let a = &mut self.hot[f];
-            a.sum += b.sum;
             a.min = a.min.min(b.min);
             if self.k == 0 {
                 self.max_without_top[f] = self.max_without_top[f].max(other.max_without_top[f]);
@@ -356,8 +376,8 @@ struct Edges {
 }
 
 impl Edges {
-    fn new(pass1: &Pass1, hist_bins: usize, sample_bins: usize) -> Self {
-        let d = pass1.d();
+    fn new(extrema: &Extrema, hist_bins: usize, sample_bins: usize) -> Self {
+        let d = extrema.min.len();
         let (hb, sb) = (hist_bins, sample_bins);
         let mut e = Edges {
             hist_bins: hb,
@@ -369,10 +389,10 @@ impl Edges {
             sample_scale: vec![0.0; d],
         };
         for f in 0..d {
-            if pass1.count(f) == 0 {
+            if !extrema.fired(f) {
                 continue;
             }
-            let (min, max) = (pass1.min(f), pass1.max(f));
+            let (min, max) = (extrema.min[f], extrema.max[f]);
             let (lo, hi) = (f64::from(min), f64::from(max));
             let ratio = hi / lo;
             let hist = &mut e.hist[f * (hb + 1)..(f + 1) * (hb + 1)];
@@ -570,18 +590,19 @@ impl ByFeature {
 /// finished shards (a caller may poll it from another thread).
 pub(crate) fn fold_shards<A: Send>(
     store: &FeatureStore,
+    shards: Range<usize>,
     with_values: bool,
     progress: &AtomicU64,
     make: impl Fn() -> A + Sync,
     step: impl Fn(&mut A, &Shard) + Sync,
     merge: impl Fn(&mut A, A),
 ) -> Result<A> {
-    let next = AtomicUsize::new(0);
+    let next = AtomicUsize::new(shards.start);
     let stop = AtomicBool::new(false);
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     let finished: Mutex<Vec<A>> = Mutex::new(Vec::new());
-    let n = store.num_shards();
-    let workers = rayon::current_num_threads().min(n.max(1));
+    let n = shards.end;
+    let workers = rayon::current_num_threads().min(shards.len().max(1));
     rayon::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|_| {
@@ -617,14 +638,66 @@ pub(crate) fn fold_shards<A: Send>(
 }
 
 /// Mine the complete store at `store`; see the module docs. `progress` counts shards processed
-/// over both passes (`2 × num_shards` in all when `second_pass`).
+/// over both passes (`2 × num_shards` in all when `second_pass`). This is the distributed path run
+/// in one process: pass 1 over every shard into a [`Pass1Partial`], its extrema, pass 2 into a
+/// [`Pass2Partial`], then [`partial::finish`] — so a merge of partials gives the same result.
 pub fn mine(store: &FeatureStore, options: &MineOptions, progress: &AtomicU64) -> Result<MineResult> {
+    let all = 0..store.num_shards();
+    let p1 = mine_pass1(store, all.clone(), options, progress)?;
+    if !options.second_pass {
+        return partial::finish(&p1, None, store.n_rows(), store.num_shards());
+    }
+    let extrema = p1.extrema(store.num_shards())?;
+    let p2 = mine_pass2(store, all, &extrema, options, progress)?;
+    partial::finish(&p1, Some(&p2), store.n_rows(), store.num_shards())
+}
+
+/// Pass 1 (statistics and top-k) over the shards `shards` of `store`, on the thread pool.
+pub fn mine_pass1(store: &FeatureStore, shards: Range<usize>, o: &MineOptions, progress: &AtomicU64) -> Result<Pass1Partial> {
+    check_range(store, &shards, o)?;
+    let d = store.d_sae() as usize;
+    let acc = parallel::install(|| fold_shards(store, shards.clone(), true, progress, || Pass1::new(d, o.k), Pass1::add_shard, Pass1::merge))?;
+    Ok(Pass1Partial::from_acc(acc, &shards))
+}
+
+/// Pass 2 (histograms and quantile samples) over the shards `shards` of `store`, binned with the
+/// `extrema` of a complete pass 1.
+pub fn mine_pass2(
+    store: &FeatureStore,
+    shards: Range<usize>,
+    extrema: &Extrema,
+    o: &MineOptions,
+    progress: &AtomicU64,
+) -> Result<Pass2Partial> {
+    check_range(store, &shards, o)?;
+    let d = store.d_sae() as usize;
+    if extrema.min.len() != d || extrema.max.len() != d {
+        return Err(Error::Invalid(format!("extrema cover {} features but {} has d_sae = {d}", extrema.min.len(), store.path().display())));
+    }
+    let edges = Edges::new(extrema, o.hist_bins, o.sample_bins);
+    let seed_mix: Vec<u64> = (0..d as u32).map(|f| mix64(o.seed ^ u64::from(f))).collect();
+    let s = o.samples_per_bin;
+    let fold = || fold_shards(store, shards.clone(), true, progress, || Pass2::new(&edges, &seed_mix, s), Pass2::add_shard, Pass2::merge);
+    let acc = parallel::install(fold)?;
+    Ok(Pass2Partial::from_acc(&acc, &shards, o, extrema.crc()))
+}
+
+fn check_range(store: &FeatureStore, shards: &Range<usize>, o: &MineOptions) -> Result<()> {
     store.require_complete()?;
-    check_options(options)?;
+    check_options(o)?;
+    if shards.start > shards.end || shards.end > store.num_shards() {
+        return Err(Error::Invalid(format!(
+            "{}: shard range {}..{} outside 0..{}",
+            store.path().display(),
+            shards.start,
+            shards.end,
+            store.num_shards()
+        )));
+    }
     if let Some(big) = store.manifest().shards.iter().position(|s| s.rows.max(s.nnz) >= u64::from(u32::MAX)) {
         return Err(Error::Invalid(format!("{}: shard {big} has 2^32 or more rows or nonzeros", store.path().display())));
     }
-    parallel::install(|| mine_inner(store, options, progress))
+    Ok(())
 }
 
 fn check_options(o: &MineOptions) -> Result<()> {
@@ -634,60 +707,10 @@ fn check_options(o: &MineOptions) -> Result<()> {
             o.k, o.hist_bins, o.sample_bins
         )));
     }
+    if o.samples_per_bin > usize::from(u16::MAX) {
+        return Err(Error::Invalid(format!("samples_per_bin ({}) must be at most 65535", o.samples_per_bin)));
+    }
     Ok(())
-}
-
-fn mine_inner(store: &FeatureStore, o: &MineOptions, progress: &AtomicU64) -> Result<MineResult> {
-    let d = store.d_sae() as usize;
-    let pass1 = fold_shards(store, true, progress, || Pass1::new(d, o.k), Pass1::add_shard, Pass1::merge)?;
-    let mut result = pass1_result(store, &pass1, o.k);
-    if !o.second_pass {
-        return Ok(result);
-    }
-    let edges = Edges::new(&pass1, o.hist_bins, o.sample_bins);
-    drop(pass1);
-    let seed_mix: Vec<u64> = (0..d as u32).map(|f| mix64(o.seed ^ u64::from(f))).collect();
-    let s = o.samples_per_bin;
-    let pass2 = fold_shards(store, true, progress, || Pass2::new(&edges, &seed_mix, s), Pass2::add_shard, Pass2::merge)?;
-    pass2_result(&mut result, &pass2);
-    result.hist_edges.clone_from(&edges.hist);
-    result.sample_edges.clone_from(&edges.sample);
-    Ok(result)
-}
-
-fn pass1_result(store: &FeatureStore, p: &Pass1, k: usize) -> MineResult {
-    let mut r = MineResult { n_rows: store.n_rows(), d_sae: store.d_sae(), ..Default::default() };
-    let d = p.d();
-    let fired = |f: usize, x: f32| if p.count(f) > 0 { x } else { 0.0 };
-    r.count = (0..d).map(|f| p.count(f)).collect();
-    r.sum = (0..d).map(|f| p.sum(f)).collect();
-    r.max = (0..d).map(|f| fired(f, p.max(f))).collect();
-    r.min = (0..d).map(|f| fired(f, p.min(f))).collect();
-    let _ = k;
-    for f in 0..d {
-        for (rank, e) in p.best(f).iter().enumerate() {
-            r.top_feature.push(f as u32);
-            r.top_rank.push(rank as u16);
-            r.top_row.push(e.row);
-            r.top_value.push(e.value);
-        }
-    }
-    r
-}
-
-fn pass2_result(r: &mut MineResult, p: &Pass2<'_>) {
-    let sb = p.edges.sample_bins;
-    r.hist_counts.clone_from(&p.hist);
-    for slot in 0..p.slot_len.len() {
-        let mut drawn = p.slots[slot * p.s..slot * p.s + p.slot_len[slot] as usize].to_vec();
-        drawn.sort_by(|x, y| y.value.total_cmp(&x.value).then(x.row.cmp(&y.row)));
-        for d in drawn {
-            r.sample_feature.push((slot / sb) as u32);
-            r.sample_bin.push((slot % sb) as u16);
-            r.sample_row.push(d.row);
-            r.sample_value.push(d.value);
-        }
-    }
 }
 
 /// Histogram of log10 firing density across features.
@@ -742,7 +765,8 @@ mod tests {
         for (row, v) in [(5, 1.0), (1, 2.0), (9, 2.0), (3, 2.0), (0, 0.5), (2, 2.0)] {
             p.add(0, v, row);
         }
-        let r = pass1_result(&FeatureStoreStub::store(), &p, 3);
+        let part = Pass1Partial::from_acc(p, &(0..0));
+        let r = partial::finish(&part, None, FeatureStoreStub::store().n_rows(), 0).unwrap();
         assert_eq!(r.top_row, vec![1, 2, 3]);
         assert_eq!(r.top_value, vec![2.0, 2.0, 2.0]);
         assert_eq!(r.count, vec![6]);

@@ -1,0 +1,204 @@
+"""Scale the index out on a Ray cluster (``saecore index --ray [ADDRESS]``).
+
+The index is a mergeable reduction (see ``rust/saecore/src/mining/partial.rs``): a task mines a range
+of shards into a *partial* (compact little-endian bytes with a CRC-32C), partials are merged in a tree
+of tasks, and :func:`finish <saecore._native.finish_partials>` turns the root into exactly the arrays the
+in-process :func:`saecore._native.mine` returns (the in-process path runs through the same partials).
+Two map-reduce rounds: pass 1 (counts, exact sums, extrema, top-k candidates), then — with pass 1's
+extrema broadcast once through the object store — pass 2 (histogram counts, sample candidates).
+
+The driver holds object references and, at the end of each round, the one merged partial: never more
+than the merge state. Every merge task checks each input's checksum and shard coverage first; a part
+that fails is refused and recomputed from the store in that task, never merged. A worker process that
+dies mid-task is retried by Ray (``max_retries``), and since a partial depends only on its shards the
+retried result is the same bytes.
+
+Ray is imported only here and only when ``--ray`` is used, so saecore works without it installed.
+Storage: every worker opens the feature store by path, so the path must be one every node sees (a
+shared filesystem); see docs/scale.md for object storage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from . import _native
+from .errors import CorruptDataError, SaecoreError
+
+MERGE_FAN_IN = 4
+"""Partials merged per merge task: a tree of depth log4(tasks), so no task holds more than 4 + 1."""
+
+TASK_RETRIES = 3
+"""Ray retries a task this often when its worker process dies (e.g. killed by SIGKILL or the OOM killer)."""
+
+HOLD_DIR_ENV = "SAECORE_TEST_HOLD_DIR"
+"""Test hook (fault tests only): while ``$SAECORE_TEST_HOLD_DIR/armed`` exists, the first attempt of each
+map task writes its PID to a marker file there and waits, so a test can SIGKILL a worker mid-task."""
+
+
+class RayUnavailableError(SaecoreError):
+    """``--ray`` was given but Ray is not installed, or the cluster cannot be reached."""
+
+
+# --- connecting ---------------------------------------------------------------------------------
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as e:
+        raise RayUnavailableError(
+            "--ray needs the `ray` package, which is not installed: pip install 'saecore[ray]'"
+        ) from e
+    return ray
+
+
+def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Refuse an address whose head node does not answer, instead of letting Ray retry for minutes."""
+    if address in ("auto", "local") or address.startswith("ray://"):
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise RayUnavailableError(f"Ray address {address!r} is not HOST:PORT (e.g. 10.0.0.1:6379), 'auto' or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise RayUnavailableError(f"cannot reach the Ray cluster at {address}: {e} (is `ray start --head` running there?)") from e
+
+
+def connect(address: str | None = None) -> Any:
+    """Join the Ray cluster at ``address`` (``HOST:PORT``, ``auto`` or ``ray://…``), or start a local
+    one when ``address`` is None or ``"local"``; returns the ``ray`` module. Reuses a runtime already
+    initialised in this process."""
+    ray = _import_ray()
+    if ray.is_initialized():
+        return ray
+    if address not in (None, "local"):
+        _check_reachable(address)
+    try:
+        ray.init(address=None if address in (None, "local") else address, log_to_driver=False,
+                 include_dashboard=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise RayUnavailableError(f"cannot join the Ray cluster at {address}: {e}") from e
+    return ray
+
+
+# --- tasks (plain functions; wrapped with ray.remote on first use) ------------------------------
+
+
+def _hold_if_armed(tag: str) -> None:
+    hold = os.environ.get(HOLD_DIR_ENV)
+    if not hold or not (Path(hold) / "armed").exists():
+        return
+    marker = Path(hold) / f"task-{tag}"
+    if marker.exists():  # a retry: run normally
+        return
+    marker.write_text(str(os.getpid()))
+    deadline = time.time() + 120
+    while (Path(hold) / "armed").exists() and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def _map_task(path: str, first: int, end: int, pass_: int, params: dict[str, Any], extrema: bytes | None) -> tuple[bytes, int]:
+    """Mine shards ``first..end`` into a partial; returns ``(partial, parts redone)``."""
+    _hold_if_armed(f"{pass_}-{first}")
+    return _native.mine_partial(path, first, end, pass_=pass_, extrema=extrema, **params), 0
+
+
+def _merge_task(
+    path: str, pass_: int, params: dict[str, Any], extrema: bytes | None, covers: list[tuple[int, int]], *parts: tuple[bytes, int]
+) -> tuple[bytes, int]:
+    """Merge ``parts`` (``parts[i]`` must cover shards ``covers[i]``); a part that fails its checksum
+    or covers other shards is refused and recomputed here from the store, never merged."""
+    checked, redone = [], sum(r for _, r in parts)
+    for (first, end), (part, _) in zip(covers, parts):
+        try:
+            ok = _native.check_partial(part) == (pass_, [(first, end)] if end > first else [])
+        except CorruptDataError as e:
+            print(f"saecore: partial for shards {first}..{end} refused ({e}); recomputing it", file=sys.stderr)
+            ok = False
+        if not ok:
+            part = _native.mine_partial(path, first, end, pass_=pass_, extrema=extrema, **params)
+            redone += 1
+        checked.append(part)
+    return _native.merge_partials(checked), redone
+
+
+def merge_parts(
+    path: str | os.PathLike[str], pass_: int, params: dict[str, Any], extrema: bytes | None,
+    covers: list[tuple[int, int]], parts: list[bytes],
+) -> tuple[bytes, int]:
+    """The merge step run in-process (what a merge task runs): returns ``(merged, parts redone)``."""
+    return _merge_task(str(path), pass_, params, extrema, covers, *[(p, 0) for p in parts])
+
+
+# --- driving ------------------------------------------------------------------------------------
+
+
+def shard_ranges(num_shards: int, shards_per_task: int) -> list[tuple[int, int]]:
+    """Contiguous shard ranges of ``shards_per_task`` shards (the last may be shorter)."""
+    if shards_per_task < 1:
+        raise ValueError(f"shards_per_task must be at least 1, got {shards_per_task}")
+    return [(a, min(a + shards_per_task, num_shards)) for a in range(0, num_shards, shards_per_task)] or [(0, 0)]
+
+
+def _round(ray: Any, remote: dict[str, Any], path: str, pass_: int, params: dict[str, Any], extrema: Any,
+           ranges: list[tuple[int, int]], bar: Any) -> tuple[bytes, int]:
+    """One map-reduce round: a map task per range, then a tree of merge tasks over adjacent groups."""
+    level = [(rng, remote["map"].remote(path, rng[0], rng[1], pass_, params, extrema)) for rng in ranges]
+    _track(ray, [ref for _, ref in level], bar)
+    while True:
+        groups = [level[i:i + MERGE_FAN_IN] for i in range(0, len(level), MERGE_FAN_IN)]
+        level = [
+            ((g[0][0][0], g[-1][0][1]), remote["merge"].remote(path, pass_, params, extrema, [r for r, _ in g], *[ref for _, ref in g]))
+            for g in groups
+        ]
+        if len(level) == 1:
+            return ray.get(level[0][1])
+
+
+def _track(ray: Any, refs: list[Any], bar: Any) -> None:
+    """Advance the driver's bar as map tasks finish (without fetching their results)."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=len(pending), timeout=0.2, fetch_local=False)
+        bar.update(len(done))
+
+
+def _remote_functions(ray: Any) -> dict[str, Any]:
+    return {
+        "map": ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(_map_task),
+        "merge": ray.remote(num_cpus=1, max_retries=TASK_RETRIES)(_merge_task),
+    }
+
+
+def mine(
+    features: str | os.PathLike[str], num_shards: int, params: dict[str, Any], *,
+    address: str | None = None, shards_per_task: int | None = None, progress: bool = True,
+) -> dict[str, Any]:
+    """Mine the feature store ``features`` on Ray; returns the same dict as ``_native.mine``.
+
+    ``shards_per_task`` defaults to about four tasks per CPU of the cluster.
+    """
+    from tqdm.auto import tqdm
+
+    ray = connect(address)
+    path = str(Path(features).resolve())
+    if shards_per_task is None:
+        cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        shards_per_task = max(1, math.ceil(num_shards / (4 * cpus)))
+    ranges = shard_ranges(num_shards, shards_per_task)
+    remote = _remote_functions(ray)
+    with tqdm(total=2 * len(ranges), unit="task", desc="index (ray)", disable=not progress, file=sys.stderr) as bar:
+        pass1, redone1 = _round(ray, remote, path, 1, params, None, ranges, bar)
+        extrema = _native.mine_extrema(pass1, num_shards)
+        pass2, redone2 = _round(ray, remote, path, 2, params, ray.put(extrema), ranges, bar)
+    if redone1 + redone2:
+        print(f"saecore: {redone1 + redone2} partial(s) failed their checksum and were recomputed", file=sys.stderr)
+    return _native.finish_partials(path, pass1, pass2)
