@@ -1,7 +1,8 @@
 //! Map the core's error enum to Python exceptions: I/O → OSError family, bad arguments → ValueError,
-//! corrupt data → `saecore.CorruptDataError` (a ValueError subclass, so generic handlers still work).
+//! corrupt data → `saecore.CorruptDataError` (a ValueError subclass, so generic handlers still work),
+//! a refused input-sized allocation → MemoryError (its message names the size and where it came from).
 
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 
 pyo3::create_exception!(saecore, CorruptDataError, PyValueError, "Data on disk failed a checksum, is truncated, or does not parse.");
@@ -25,6 +26,7 @@ impl From<CoreError> for PyErr {
             saecore::Error::Io { .. } => PyOSError::new_err(message),
             saecore::Error::Invalid(_) => PyValueError::new_err(message),
             saecore::Error::Corrupt(_) => CorruptDataError::new_err(message),
+            saecore::Error::OutOfMemory { .. } => PyMemoryError::new_err(message),
         }
     }
 }
