@@ -129,3 +129,27 @@ def test_refuses_foreign_folders_and_damaged_stores(tmp_path):
         ActivationStore(tmp_path / "t.zarr")
     with pytest.raises(FileNotFoundError):
         ActivationStore(tmp_path / "missing.zarr")
+
+
+def test_a_store_claiming_rows_it_never_wrote_is_refused(tmp_path):
+    """Metadata, arrays and commit record all saying 10⁹ rows: refused at open (no chunk file for them),
+    not read as 10⁹ rows of zeros."""
+    from saecore.errors import CorruptDataError
+    from saecore.toy import ToyConfig, write_toy_store
+
+    store = write_toy_store(tmp_path / "a.zarr", ToyConfig(n_features=8, d=8, seed=0), rows=1024, chunk_rows=256)
+    big = 10**9
+    for name in ("acts/toy", "token_ids", "doc_ids", "positions"):
+        meta_path = store.path / name / "zarr.json"
+        meta = json.loads(meta_path.read_text())
+        meta["shape"][0] = big
+        meta_path.write_text(json.dumps(meta))
+    group = json.loads((store.path / "zarr.json").read_text())
+    group["attributes"]["saecore"]["num_rows"] = big
+    (store.path / "zarr.json").write_text(json.dumps(group))
+    commit = json.loads((store.path / "commit.json").read_text())
+    commit["rows_committed"] = big
+    (store.path / "commit.json").write_text(json.dumps(commit))
+    with pytest.raises(CorruptDataError, match=r"acts/toy/c/3906249/0: missing"):
+        ActivationStore(store.path)
+    assert zarr.open_group(str(store.path), mode="r")["acts/toy"].shape[0] == big  # zarr itself would read on

@@ -116,3 +116,17 @@ def test_real_smollm2_activations_train_and_evaluate(smollm2, tmp_path):
     assert m["l0"] == pytest.approx(32, abs=1)
     assert m["ce_loss_clean"] < m["ce_loss_with_sae"] < m["ce_loss_zero_ablation"]
     assert 0.0 < m["ce_loss_recovered"] <= 1.0 and m["kl_div"] > 0
+
+
+def test_eval_refuses_nan_activations_naming_the_row(tmp_path):
+    import zarr
+    from saecore.activations import ActivationStore
+    from saecore.toy import ToyConfig, write_toy_store
+
+    store = write_toy_store(tmp_path / "a.zarr", ToyConfig(n_features=8, d=8, seed=0), rows=1024, chunk_rows=256)
+    arr = zarr.open_array(str(store.path / "acts" / "toy"), mode="r+")
+    row = arr[700]
+    row[2] = np.nan
+    arr[700] = row
+    with pytest.raises(ValueError, match=r"non-finite activation at store row 700"):
+        reconstruction_metrics(_identity_sae(8, "toy"), ActivationStore(store.path), "toy", 0, 1024)

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -301,6 +302,16 @@ def test_index_from_another_store_is_reported(tmp_path):
         build_pages(data.run, saes=[SAE], tokenizer=word_tokenizer(), activations=None, progress=False)
 
 
+def test_a_path_as_sae_name_is_refused_and_the_pages_stay(tmp_path):
+    data = make_run(tmp_path, geometry=False)
+    build_pages(data.run, tokenizer=word_tokenizer(), activations=None, progress=False)
+    before = sorted(p.relative_to(data.run) for p in (data.run / "pages").rglob("*"))
+    for name in (".", "..", "../x", f"{SAE}/.."):
+        with pytest.raises(ValueError, match="is not an SAE name"):
+            build_pages(data.run, saes=[name], activations=None, progress=False)
+    assert sorted(p.relative_to(data.run) for p in (data.run / "pages").rglob("*")) == before
+
+
 def test_bad_tables_are_named(tmp_path):
     data = make_run(tmp_path, geometry=False)
     stats = data.run / "index" / SAE / "stats.parquet"
@@ -380,7 +391,13 @@ def test_server_binds_localhost_and_serves_the_pages(built):
         port = server.server_address[1]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/{SAE}/{feature_href(BRIDGE)}", timeout=10) as r:
             assert r.status == 200 and b"SAECORE_FEATURE" in r.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/{SAE}/", timeout=10) as r:
+            assert r.status == 200 and r.read().startswith(b"<!")  # the SAE's index.html
+        (built.run / "pages" / "stray").mkdir(exist_ok=True)  # a folder with no index.html is not listed
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/stray/", timeout=10)
     finally:
+        (built.run / "pages" / "stray").rmdir()
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)

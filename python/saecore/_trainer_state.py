@@ -94,7 +94,7 @@ def load_state(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - a safetensors handle, not a dict
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CorruptDataError(f"{path}: not a saecore trainer state (unreadable safetensors: {e}); "
                                "delete it to restart the run") from e

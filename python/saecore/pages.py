@@ -679,6 +679,8 @@ def build_pages(
     if not names:
         raise FileNotFoundError(f"{layout.index_root}: no SAE index found; run 'saecore index' first")
     for name in names:
+        if not name or Path(name).name != name or name.startswith("."):
+            raise ValueError(f"{name!r} is not an SAE name (a folder name under {layout.index_root})")
         if not layout.index(name).is_dir():
             raise FileNotFoundError(f"{layout.index(name)}: no index for SAE {name!r} "
                                     f"(have: {', '.join(layout.indexed_saes()) or 'none'})")
@@ -719,6 +721,12 @@ def make_server(pages: Path, port: int = 0) -> http.server.ThreadingHTTPServer:
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+    def list_directory(self, path: str | os.PathLike[str]) -> Any:
+        # Only folders with an index.html are pages (served by the base class before it gets here);
+        # a listing would expose whatever else lies in pages/.
+        self.send_error(404, "No page here")
+        return None
 
 
 # --------------------------------------------------------------------------------------------------

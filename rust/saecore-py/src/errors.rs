@@ -5,8 +5,9 @@
 //! saecore error shares the root `SaecoreError` while generic `ValueError` handlers still catch it. The
 //! class is imported when the first corrupt-data error is raised (not at module init), so
 //! `saecore.errors` never has to import `_native`: no import cycle.
+//! A refused input-sized allocation → MemoryError (its message names the size and where it came from).
 
-use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyValueError};
+use pyo3::exceptions::{PyFileNotFoundError, PyMemoryError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
@@ -40,6 +41,7 @@ impl From<CoreError> for PyErr {
             saecore::Error::Io { .. } => PyOSError::new_err(message),
             saecore::Error::Invalid(_) => PyValueError::new_err(message),
             saecore::Error::Corrupt(_) => corrupt_data_error(message),
+            saecore::Error::OutOfMemory { .. } => PyMemoryError::new_err(message),
         }
     }
 }

@@ -20,6 +20,18 @@ pub enum Error {
     /// Data on disk fails its checksum, is truncated, or does not parse; the message names it.
     #[error("corrupt data: {0}")]
     Corrupt(String),
+    /// An allocation whose size comes from input (a manifest field, an argument) was refused
+    /// before it could abort the process: larger than the machine's memory, overflowing, or
+    /// refused by the allocator (e.g. under `ulimit -v`). The message says how much and for what.
+    #[error("cannot allocate {} for {what}: {reason}", crate::memory::human_bytes(*bytes))]
+    OutOfMemory {
+        /// Bytes asked for (`u128`, so an overflowing request can still be reported).
+        bytes: u128,
+        /// What the memory was for, naming the file or argument its size came from.
+        what: String,
+        /// Why it was refused.
+        reason: String,
+    },
 }
 
 /// Result alias for the core crate.

@@ -5,6 +5,7 @@
 #![deny(missing_docs)]
 
 pub mod error;
+pub mod memory;
 pub mod mining;
 pub mod neighbours;
 pub mod parallel;

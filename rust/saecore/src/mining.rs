@@ -36,6 +36,7 @@ use exact_sum::ExactSum;
 pub use partial::{Extrema, Pass1Partial, Pass2Partial};
 
 use crate::error::{Error, Result};
+use crate::memory::{check_bytes, try_vec};
 use crate::parallel;
 use crate::store::{FeatureStore, Scratch, Shard};
 
@@ -182,22 +183,27 @@ struct Pass1 {
     buf: Vec<RankKey>,
 }
 
+/// `vec![fill; n]` for a per-feature array, an error naming the array when it cannot be had.
+fn per_feature<T: Clone>(n: usize, fill: T, what: &str) -> Result<Vec<T>> {
+    try_vec(n, fill, || format!("mining: {what} ({n} entries)"))
+}
+
 impl Pass1 {
-    fn new(d: usize, k: usize) -> Self {
+    fn new(d: usize, k: usize) -> Result<Self> {
         let cap = if k == 0 { 0 } else { 2 * k };
-        Pass1 {
+        Ok(Pass1 {
             k,
             cap,
             hot: vec![EMPTY_HOT; d],
             exact_sum: vec![ExactSum::default(); d],
             flushed_count: vec![0; d],
             rows_since_flush: 0,
-            max_without_top: if k == 0 { vec![f32::NEG_INFINITY; d] } else { Vec::new() },
-            threshold: vec![f32::NEG_INFINITY; d],
-            worst: vec![RankKey(0); d],
-            len: vec![0; d],
-            buf: vec![RankKey(0); d * cap],
-        }
+            max_without_top: if k == 0 { per_feature(d, f32::NEG_INFINITY, "per-feature maxima")? } else { Vec::new() },
+            threshold: per_feature(d, f32::NEG_INFINITY, "top-k thresholds")?,
+            worst: per_feature(d, RankKey(0), "top-k thresholds")?,
+            len: per_feature(d, 0, "top-k lengths")?,
+            buf: per_feature(d.saturating_mul(cap), RankKey(0), "top-k candidate buffers")?,
+        })
     }
 
     fn d(&self) -> usize {
@@ -376,17 +382,17 @@ struct Edges {
 }
 
 impl Edges {
-    fn new(extrema: &Extrema, hist_bins: usize, sample_bins: usize) -> Self {
+    fn new(extrema: &Extrema, hist_bins: usize, sample_bins: usize) -> Result<Self> {
         let d = extrema.min.len();
         let (hb, sb) = (hist_bins, sample_bins);
         let mut e = Edges {
             hist_bins: hb,
             sample_bins: sb,
-            hist: vec![0.0; d * (hb + 1)],
-            sample: vec![0.0; d * (sb + 1)],
-            log2_min: vec![0.0; d],
-            hist_scale: vec![0.0; d],
-            sample_scale: vec![0.0; d],
+            hist: per_feature(d.saturating_mul(hb + 1), 0.0, "histogram edges")?,
+            sample: per_feature(d.saturating_mul(sb + 1), 0.0, "sample-bin edges")?,
+            log2_min: per_feature(d, 0.0, "histogram scales")?,
+            hist_scale: per_feature(d, 0.0, "histogram scales")?,
+            sample_scale: per_feature(d, 0.0, "sample-bin scales")?,
         };
         for f in 0..d {
             if !extrema.fired(f) {
@@ -410,7 +416,7 @@ impl Edges {
             e.hist_scale[f] = if hi > lo { hb as f64 / (hi.log2() - lo.log2()) } else { 0.0 };
             e.sample_scale[f] = sb as f64 / hi;
         }
-        e
+        Ok(e)
     }
 }
 
@@ -436,19 +442,19 @@ fn locate(edges: &[f32], x: f32, guess: f64) -> usize {
 }
 
 impl<'a> Pass2<'a> {
-    fn new(edges: &'a Edges, seed_mix: &'a [u64], s: usize) -> Self {
+    fn new(edges: &'a Edges, seed_mix: &'a [u64], s: usize) -> Result<Self> {
         let d = seed_mix.len();
-        let slots = d * edges.sample_bins;
-        Pass2 {
+        let slots = d.saturating_mul(edges.sample_bins);
+        Ok(Pass2 {
             edges,
             seed_mix,
-            hist: vec![0; d * edges.hist_bins],
+            hist: per_feature(d.saturating_mul(edges.hist_bins), 0, "histogram counts")?,
             s,
-            slot_len: vec![0; slots],
-            slot_worst: vec![u64::MAX; slots],
-            slots: vec![Drawn::default(); slots * s],
+            slot_len: per_feature(slots, 0, "sample reservoirs")?,
+            slot_worst: per_feature(slots, u64::MAX, "sample reservoirs")?,
+            slots: per_feature(slots.saturating_mul(s), Drawn::default(), "sample reservoirs")?,
             by_feature: ByFeature::default(),
-        }
+        })
     }
 
     /// Keep the `s` smallest keys of a slot in a max-heap on (key, row).
@@ -593,7 +599,7 @@ pub(crate) fn fold_shards<A: Send>(
     shards: Range<usize>,
     with_values: bool,
     progress: &AtomicU64,
-    make: impl Fn() -> A + Sync,
+    make: impl Fn() -> Result<A> + Sync,
     step: impl Fn(&mut A, &Shard) + Sync,
     merge: impl Fn(&mut A, A),
 ) -> Result<A> {
@@ -606,7 +612,14 @@ pub(crate) fn fold_shards<A: Send>(
     rayon::scope(|scope| {
         for _ in 0..workers {
             scope.spawn(|_| {
-                let mut acc = make();
+                let mut acc = match make() {
+                    Ok(acc) => acc,
+                    Err(e) => {
+                        stop.store(true, Ordering::Relaxed);
+                        failure.lock().expect("failure lock").get_or_insert(e);
+                        return;
+                    }
+                };
                 let (mut scratch, mut shard) = (Scratch::default(), Shard::default());
                 while !stop.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -630,7 +643,10 @@ pub(crate) fn fold_shards<A: Send>(
         return Err(e);
     }
     let mut parts = finished.into_inner().expect("accumulator lock").into_iter();
-    let mut total = parts.next().unwrap_or_else(&make);
+    let mut total = match parts.next() {
+        Some(first) => first,
+        None => make()?,
+    };
     for part in parts {
         merge(&mut total, part);
     }
@@ -674,7 +690,7 @@ pub fn mine_pass2(
     if extrema.min.len() != d || extrema.max.len() != d {
         return Err(Error::Invalid(format!("extrema cover {} features but {} has d_sae = {d}", extrema.min.len(), store.path().display())));
     }
-    let edges = Edges::new(extrema, o.hist_bins, o.sample_bins);
+    let edges = Edges::new(extrema, o.hist_bins, o.sample_bins)?;
     let seed_mix: Vec<u64> = (0..d as u32).map(|f| mix64(o.seed ^ u64::from(f))).collect();
     let s = o.samples_per_bin;
     let fold = || fold_shards(store, shards.clone(), true, progress, || Pass2::new(&edges, &seed_mix, s), Pass2::add_shard, Pass2::merge);
@@ -685,6 +701,7 @@ pub fn mine_pass2(
 fn check_range(store: &FeatureStore, shards: &Range<usize>, o: &MineOptions) -> Result<()> {
     store.require_complete()?;
     check_options(o)?;
+    check_mining_memory(store, o)?;
     if shards.start > shards.end || shards.end > store.num_shards() {
         return Err(Error::Invalid(format!(
             "{}: shard range {}..{} outside 0..{}",
@@ -701,16 +718,34 @@ fn check_range(store: &FeatureStore, shards: &Range<usize>, o: &MineOptions) -> 
 }
 
 fn check_options(o: &MineOptions) -> Result<()> {
-    if o.k > usize::from(u16::MAX) || o.hist_bins > usize::from(u16::MAX) || o.sample_bins > usize::from(u16::MAX) {
+    let limit = usize::from(u16::MAX);
+    if o.k > limit || o.hist_bins > limit || o.sample_bins > limit || o.samples_per_bin > limit {
         return Err(Error::Invalid(format!(
-            "k ({}), hist_bins ({}) and sample_bins ({}) must be at most 65535",
-            o.k, o.hist_bins, o.sample_bins
+            "k ({}), hist_bins ({}), sample_bins ({}) and samples_per_bin ({}) must be at most 65535",
+            o.k, o.hist_bins, o.sample_bins, o.samples_per_bin
         )));
     }
     if o.samples_per_bin > usize::from(u16::MAX) {
         return Err(Error::Invalid(format!("samples_per_bin ({}) must be at most 65535", o.samples_per_bin)));
     }
     Ok(())
+}
+
+/// Refuse up front what the per-thread accumulators (module docs: `d_sae × (48 + 32·k + 8·hist_bins
+/// + sample_bins·(16 + 24·s))` bytes each) cannot get, before any is allocated: `d_sae` comes from
+/// the store's manifest, the rest from arguments, and a lie in either is a clear error, not an abort.
+fn check_mining_memory(store: &FeatureStore, o: &MineOptions) -> Result<()> {
+    let d = u128::from(store.d_sae());
+    let (k, hb, sb, s) = (o.k as u128, o.hist_bins as u128, o.sample_bins as u128, o.samples_per_bin as u128);
+    let per_feature = 48 + 32 * k + 8 * hb + sb * (16 + 24 * s);
+    let threads = parallel::num_threads().min(store.num_shards().max(1)) as u128;
+    check_bytes(threads * d * per_feature, || {
+        format!(
+            "mining {}: {threads} thread(s) × d_sae = {d} features (from its manifest) × {per_feature} bytes \
+             (k = {k}, hist_bins = {hb}, sample_bins = {sb}, samples_per_bin = {s})",
+            store.path().display()
+        )
+    })
 }
 
 /// Histogram of log10 firing density across features.
@@ -733,6 +768,8 @@ pub fn density_histogram(count: &[u64], n_rows: u64, n_bins: usize) -> Result<De
     if let Some(bad) = count.iter().position(|&c| c > n_rows) {
         return Err(Error::Invalid(format!("feature {bad} fires {} times in {n_rows} rows", count[bad])));
     }
+    // n_bins is an argument: refuse a size no machine holds before building edges and counts.
+    crate::memory::elems::<[f64; 3]>(n_bins as u128 + 1, || format!("a density histogram of n_bins = {n_bins} bins"))?;
     let left = (1.0 / n_rows as f64).log10().floor();
     let edges: Vec<f64> = (0..=n_bins).map(|j| left - left * j as f64 / n_bins as f64).collect();
     let mut h = DensityHistogram {
@@ -761,7 +798,7 @@ mod tests {
 
     #[test]
     fn heap_keeps_largest_with_row_tiebreak() {
-        let mut p = Pass1::new(1, 3);
+        let mut p = Pass1::new(1, 3).unwrap();
         for (row, v) in [(5, 1.0), (1, 2.0), (9, 2.0), (3, 2.0), (0, 0.5), (2, 2.0)] {
             p.add(0, v, row);
         }

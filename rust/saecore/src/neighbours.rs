@@ -178,6 +178,10 @@ pub fn top_k(a: &MatrixRef<'_>, b: Option<&MatrixRef<'_>>, k: usize, blocking: B
         return Err(Error::Invalid(format!("k = {k} must be between 1 and {what}")));
     }
     let tile = check_tile(blocking)?;
+    // The lists and the result each hold rows × k (index, cosine) pairs: k is an argument.
+    crate::memory::check_bytes(a.rows as u128 * k as u128 * 16, || {
+        format!("the {k} nearest neighbours of each of the {} rows of {}", a.rows, a.name)
+    })?;
     let an = normalised_rows(a)?;
     let bn = match b {
         Some(b) => Some(normalised_rows(b)?),

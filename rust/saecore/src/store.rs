@@ -124,11 +124,12 @@ impl FeatureStore {
     pub fn read_shard_into(&self, index: usize, with_values: bool, scratch: &mut Scratch, out: &mut Shard) -> Result<()> {
         let entry = self.shard_entry(index)?;
         let name = format!("{}: shard {}", self.root.display(), shard_name(index as u64));
-        let (rows, nnz) = (entry.rows as usize, entry.nnz as usize);
+        // Sizes from the manifest; the decoders check them against each chunk before allocating.
+        let (rows, nnz) = (entry.rows, entry.nnz);
         let path = |array: &str| shard_chunk_path(&self.root, index as u64, array);
         let what = |array: &str| format!("{name} array {array}");
         out.row_start = entry.row_start;
-        decode_verified_into(&path("row_ptr"), entry.row_ptr, &what("row_ptr"), rows + 1, scratch, &mut out.row_ptr, u64::from_le_bytes)?;
+        decode_verified_into(&path("row_ptr"), entry.row_ptr, &what("row_ptr"), rows.saturating_add(1), scratch, &mut out.row_ptr, u64::from_le_bytes)?;
         // The decoders overwrite `out`'s buffers in place (clearing them first would re-zero
         // them for every shard); they are only emptied when this shard has nothing to decode.
         match (entry.feature, entry.value) {
@@ -145,7 +146,8 @@ impl FeatureStore {
                 out.value.clear();
             }
         }
-        check_shard(&name, &out.row_ptr, &out.feature, self.manifest.d_sae, nnz)
+        check_shard(&name, &out.row_ptr, &out.feature, self.manifest.d_sae, nnz)?;
+        check_values(&name, &out.value)
     }
 
     /// Read, verify and decode shard `index`.
@@ -180,11 +182,23 @@ impl FeatureStore {
     }
 }
 
+/// Stored values are finite and positive (the writer refuses the rest and drops zeros); mining's
+/// orderings and log-spaced histograms rely on it, so a chunk that says otherwise is corrupt.
+fn check_values(name: &str, value: &[f32]) -> Result<()> {
+    // `fold` without early exit compiles to a vector loop; the position is looked up only on failure.
+    let all_ok = value.iter().fold(true, |ok, &v| ok & (v > 0.0) & (v < f32::INFINITY));
+    if all_ok {
+        return Ok(());
+    }
+    let (j, v) = value.iter().enumerate().find(|&(_, &v)| !(v > 0.0 && v < f32::INFINITY)).map_or((0, 0.0), |(j, &v)| (j, v));
+    Err(Error::Corrupt(format!("{name}: stored value {j} is {v}, not a finite positive activation")))
+}
+
 /// Structural checks after decoding: a flipped bit that passes the checksum (i.e. a bug, or a file
 /// swapped for another valid one) must still not turn into out-of-range reads.
-fn check_shard(name: &str, row_ptr: &[u64], feature: &[u32], d_sae: u32, nnz: usize) -> Result<()> {
+fn check_shard(name: &str, row_ptr: &[u64], feature: &[u32], d_sae: u32, nnz: u64) -> Result<()> {
     let monotone = row_ptr.first() == Some(&0) && row_ptr.windows(2).all(|w| w[0] <= w[1]);
-    if !monotone || row_ptr.last().copied() != Some(nnz as u64) {
+    if !monotone || row_ptr.last().copied() != Some(nnz) {
         return Err(Error::Corrupt(format!("{name}: row_ptr is not a valid CSR pointer array for {nnz} entries")));
     }
     if let Some(bad) = feature.iter().find(|&&f| f >= d_sae) {

@@ -335,7 +335,8 @@ pub fn token_scores(store: &FeatureStore, keys: &RowKeys<'_>, options: &TokenSco
     check_inputs(store, keys, options)?;
     let d = store.d_sae() as usize;
     let acc = parallel::install(|| {
-        fold_shards(store, true, progress, || Acc::new(d), |a, s| a.add_shard(s, keys, options), Acc::merge)
+        let all = 0..store.num_shards();
+        fold_shards(store, all, true, progress, || Ok(Acc::new(d)), |a, s| a.add_shard(s, keys, options), Acc::merge)
     })?;
     finish(&acc, store.n_rows())
 }

@@ -338,7 +338,7 @@ pub fn finish(
     if p2.d_sae != p1.d_sae || p2.extrema_crc != extrema.crc() {
         return Err(Error::Invalid("the pass-2 partial was not binned with this pass-1 partial's extrema".into()));
     }
-    let edges = Edges::new(&extrema, p2.hist_bins as usize, p2.sample_bins as usize);
+    let edges = Edges::new(&extrema, p2.hist_bins as usize, p2.sample_bins as usize)?;
     r.hist_edges.clone_from(&edges.hist);
     r.sample_edges.clone_from(&edges.sample);
     r.hist_counts.clone_from(&p2.hist);

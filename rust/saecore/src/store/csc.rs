@@ -21,7 +21,7 @@ use super::format::{
     CscEntry, FileEntry, Manifest, ValueDtype,
 };
 use super::zarr_io::{Elem, ZarrArray, ZarrDir};
-use super::{FeatureStore, Shard};
+use super::{FeatureStore, Scratch, Shard};
 use crate::error::{Error, Result};
 use crate::parallel;
 
@@ -48,6 +48,11 @@ pub fn build_csc(path: &Path, options: &CscOptions) -> Result<Manifest> {
     if options.chunk_elems == 0 {
         return Err(Error::Invalid("chunk_elems must be positive".into()));
     }
+    // One padded output chunk (row u64 + value f32) per thread is built in memory.
+    let per_chunk = u128::from(options.chunk_elems) * (BYTES_PER_BUFFERED as u128);
+    crate::memory::check_bytes(per_chunk * parallel::num_threads() as u128, || {
+        format!("building {}'s feature-major copy in chunks of chunk_elems = {}", path.display(), options.chunk_elems)
+    })?;
     let store = FeatureStore::open(path)?;
     store.require_complete()?;
     if store.manifest().csc.is_some() {
@@ -115,28 +120,30 @@ fn commit(store: &FeatureStore, staged: &Path, entry: CscEntry) -> Result<Manife
     Ok(manifest)
 }
 
-/// Activations per feature, from the feature ids alone.
+/// Activations per feature, from the feature ids alone. One count array per thread (`d_sae` comes
+/// from the manifest, so each is allocated fallibly), each thread taking every `threads`-th shard.
 fn count_features(store: &FeatureStore) -> Result<Vec<u64>> {
     let d = store.d_sae() as usize;
-    (0..store.num_shards())
+    let (n, threads) = (store.num_shards(), rayon::current_num_threads().min(store.num_shards()).max(1));
+    let what = || format!("{}: counting the activations of d_sae = {d} features (from its manifest)", store.path().display());
+    let parts: Vec<Vec<u64>> = (0..threads)
         .into_par_iter()
-        .try_fold(
-            || vec![0u64; d],
-            |mut acc, i| {
-                let shard = store.read_shard_parts(i, false)?;
-                for &f in &shard.feature {
-                    acc[f as usize] += 1;
-                }
-                Ok(acc)
-            },
-        )
-        .try_reduce(
-            || vec![0u64; d],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                Ok(a)
-            },
-        )
+        .map(|t| {
+            let mut acc = crate::memory::try_vec(d, 0u64, what)?;
+            let (mut scratch, mut shard) = (Scratch::default(), Shard::default());
+            for i in (t..n).step_by(threads) {
+                store.read_shard_into(i, false, &mut scratch, &mut shard)?;
+                shard.feature.iter().for_each(|&f| acc[f as usize] += 1);
+            }
+            Ok(acc)
+        })
+        .collect::<Result<_>>()?;
+    let mut parts = parts.into_iter();
+    let mut total = parts.next().unwrap_or_default();
+    for part in parts {
+        total.iter_mut().zip(&part).for_each(|(x, y)| *x += y);
+    }
+    Ok(total)
 }
 
 /// Consecutive feature ranges `[f0, f1)` with at most `budget` activations each (a lone feature
@@ -168,8 +175,9 @@ pub fn plan_blocks(counts: &[u64], budget: u64) -> Vec<(usize, usize)> {
 fn fill_block(store: &FeatureStore, f0: usize, f1: usize, col_ptr: &[u64]) -> Result<(Vec<u64>, Vec<f32>)> {
     let base = col_ptr[f0];
     let n = (col_ptr[f1] - base) as usize;
-    let mut rows = vec![0u64; n];
-    let mut values = vec![0f32; n];
+    let what = || format!("{}: the {n} activations of features {f0}..{f1} of the feature-major copy", store.path().display());
+    let mut rows = crate::memory::try_vec(n, 0u64, what)?;
+    let mut values = crate::memory::try_vec(n, 0f32, what)?;
     let threads = rayon::current_num_threads();
     let mut parts = split_features(&col_ptr[f0..=f1], threads)
         .into_iter()
@@ -328,7 +336,7 @@ fn col_ptr(store: &FeatureStore) -> Result<&[u64]> {
     let entry = csc_entry(store)?;
     let what = format!("{}: csc array col_ptr", store.path().display());
     let raw = read_verified(&csc_chunk_path(store.path(), "col_ptr", 0), entry.col_ptr, &what)?;
-    let n = store.d_sae() as usize + 1;
+    let n = u64::from(store.d_sae()) + 1;
     let ptr = bytes_to_u64(&decode_chunk(&raw, n, 8, &what)?);
     let valid = ptr.first() == Some(&0) && ptr.windows(2).all(|w| w[0] <= w[1]) && ptr.last() == Some(&entry.nnz);
     if !valid {
@@ -338,16 +346,8 @@ fn col_ptr(store: &FeatureStore) -> Result<&[u64]> {
 }
 
 fn read_chunk(store: &FeatureStore, entry: &CscEntry, index: usize) -> Result<(Vec<u64>, Vec<f32>)> {
-    let expected = entry.nnz.div_ceil(entry.chunk_elems) as usize;
-    if entry.row.len() != expected || entry.value.len() != expected {
-        return Err(Error::Corrupt(format!(
-            "{}: manifest lists {} csc chunks, {} activations need {expected}",
-            store.path().display(),
-            entry.row.len(),
-            entry.nnz
-        )));
-    }
-    let n = entry.chunk_elems as usize;
+    // The chunk count was checked against nnz / chunk_elems when the manifest was parsed.
+    let n = entry.chunk_elems;
     let dtype = store.manifest().value_dtype;
     let decode = |array: &str, file: FileEntry, elem: usize| -> Result<Vec<u8>> {
         let what = format!("{}: csc array {array} chunk {index}", store.path().display());
@@ -367,8 +367,10 @@ pub fn feature_activations(store: &FeatureStore, feature: u32) -> Result<(Vec<u6
     let entry = csc_entry(store)?;
     let ptr = col_ptr(store)?;
     let (start, end) = (ptr[feature as usize], ptr[feature as usize + 1]);
-    let mut rows = Vec::with_capacity((end - start) as usize);
-    let mut values = Vec::with_capacity((end - start) as usize);
+    let what = || format!("{}: the {} activations of feature {feature}", store.path().display(), end - start);
+    let len = crate::memory::elems::<u64>(end - start, what)?;
+    let mut rows = crate::memory::try_with_capacity(len, what)?;
+    let mut values = crate::memory::try_with_capacity(len, what)?;
     if start == end {
         return Ok((rows, values));
     }

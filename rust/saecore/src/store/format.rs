@@ -23,6 +23,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Map, Value};
 
 use crate::error::{Error, Result};
+use crate::memory::{check_bytes, try_reserve_total, try_resize, try_vec};
 
 /// Format tag stored in the manifest; readers refuse anything else.
 pub const FORMAT: &str = "saecore.features/1";
@@ -150,7 +151,8 @@ impl Manifest {
 
     /// Activations in the committed shards.
     pub fn nnz_committed(&self) -> u64 {
-        self.shards.iter().map(|s| s.nnz).sum()
+        // Saturating: a crafted manifest must not overflow (it is refused later, not here).
+        self.shards.iter().fold(0u64, |total, s| total.saturating_add(s.nnz))
     }
 
     /// The manifest as the JSON object stored in the root group's attributes.
@@ -208,6 +210,9 @@ impl Manifest {
         let d_sae = u32::try_from(u64_field("d_sae")?).map_err(|_| bad("d_sae"))?;
         let value_dtype = ValueDtype::parse(obj.get("value_dtype").and_then(Value::as_str).ok_or_else(|| bad("value_dtype"))?)?;
         let shard_rows = u64_field("shard_rows")?;
+        if d_sae == 0 || shard_rows == 0 {
+            return Err(bad(if d_sae == 0 { "d_sae (0)" } else { "shard_rows (0)" }));
+        }
         let complete = obj.get("complete").and_then(Value::as_bool).ok_or_else(|| bad("complete"))?;
         let spec = obj.get("spec").cloned().unwrap_or(Value::Null);
         let shards = obj
@@ -218,12 +223,16 @@ impl Manifest {
             .enumerate()
             .map(|(i, s)| parse_shard(s, i, path))
             .collect::<Result<Vec<_>>>()?;
-        check_contiguous(&shards, path)?;
+        check_shard_layout(&shards, shard_rows, d_sae, path)?;
         let csc = match obj.get("csc") {
             None | Some(Value::Null) => None,
             Some(c) => Some(parse_csc(c, path)?),
         };
-        Ok(Manifest { d_sae, value_dtype, shard_rows, spec, shards, complete, csc })
+        let manifest = Manifest { d_sae, value_dtype, shard_rows, spec, shards, complete, csc };
+        if let Some(c) = &manifest.csc {
+            check_csc_entry(c, manifest.nnz_committed(), path)?;
+        }
+        Ok(manifest)
     }
 }
 
@@ -250,18 +259,46 @@ fn parse_shard(v: &Value, index: usize, path: &Path) -> Result<ShardEntry> {
     Ok(entry)
 }
 
-fn check_contiguous(shards: &[ShardEntry], path: &Path) -> Result<()> {
-    let mut next = 0;
+/// The manifest's promise that shard `i` covers rows `[i * shard_rows, ...)`, that every shard but
+/// the last holds exactly `shard_rows` rows and none more, and that no shard holds more activations
+/// than `rows × d_sae`. Readers index shards by `row / shard_rows`, so a manifest that breaks this
+/// (a hand-edited `shard_rows`, say) would silently read the wrong rows; the sizes are then checked
+/// once more against each chunk's own data when it is decoded.
+fn check_shard_layout(shards: &[ShardEntry], shard_rows: u64, d_sae: u32, path: &Path) -> Result<()> {
+    let lie = |i: usize, what: String| {
+        Error::Corrupt(format!("{}: manifest shard {} {what}", path.display(), shard_name(i as u64)))
+    };
+    let mut next = 0u64;
     for (i, s) in shards.iter().enumerate() {
         if s.row_start != next {
-            return Err(Error::Corrupt(format!(
-                "{}: manifest shard {} starts at row {}, expected {next}",
-                path.display(),
-                shard_name(i as u64),
-                s.row_start
-            )));
+            return Err(lie(i, format!("starts at row {}, expected {next}", s.row_start)));
         }
-        next += s.rows;
+        let last = i + 1 == shards.len();
+        if s.rows == 0 || s.rows > shard_rows || (!last && s.rows != shard_rows) {
+            return Err(lie(i, format!("holds {} rows, but shards hold {shard_rows} rows (the last one 1..={shard_rows})", s.rows)));
+        }
+        if u128::from(s.nnz) > u128::from(s.rows) * u128::from(d_sae) {
+            return Err(lie(i, format!("claims {} activations, more than its {} rows × {d_sae} features", s.nnz, s.rows)));
+        }
+        next = next.checked_add(s.rows).ok_or_else(|| lie(i, "ends past row 2^64".into()))?;
+    }
+    Ok(())
+}
+
+/// The feature-major copy must hold exactly the shards' activations, in exactly as many chunks as
+/// `nnz / chunk_elems` needs.
+fn check_csc_entry(c: &CscEntry, shard_nnz: u64, path: &Path) -> Result<()> {
+    let chunks = c.nnz.div_ceil(c.chunk_elems);
+    if c.nnz != shard_nnz || c.row.len() as u64 != chunks || c.value.len() as u64 != chunks {
+        return Err(Error::Corrupt(format!(
+            "{}: manifest csc lists {} activations in {} row / {} value chunks of {}, but the shards hold {shard_nnz} (needing {} chunks)",
+            path.display(),
+            c.nnz,
+            c.row.len(),
+            c.value.len(),
+            c.chunk_elems,
+            shard_nnz.div_ceil(c.chunk_elems)
+        )));
     }
     Ok(())
 }
@@ -393,12 +430,45 @@ pub struct Scratch {
     halves: Vec<u16>,
 }
 
+/// The most bytes `compressed` bytes of zstd can decode to: a block decodes to at most 128 KiB and
+/// takes at least 4 bytes (an RLE block: 3-byte header and the byte to repeat).
+fn zstd_max_decoded(compressed: usize) -> u128 {
+    (compressed as u128 / 4 + 1) * (128 << 10)
+}
+
+/// Bytes that `n` elements of `elem` bytes take, checked against the verified chunk `raw` before any
+/// buffer is sized from `n` (which comes from the manifest): the zstd frame header's content size
+/// when it has one (saecore's writer always records it), and the most `raw` could decode to in any
+/// case. A manifest whose `rows`/`nnz`/`d_sae` lies about a chunk is thus corruption, never a
+/// multi-terabyte allocation.
+pub fn checked_decoded_len(raw: &[u8], n: u64, elem: usize, what: &str) -> Result<usize> {
+    let bytes = u128::from(n) * elem as u128;
+    match zstd::zstd_safe::get_frame_content_size(raw) {
+        Ok(Some(size)) if u128::from(size) != bytes => {
+            return Err(Error::Corrupt(format!(
+                "{what}: the chunk holds {size} bytes but the manifest's sizes need {bytes} ({n} elements of {elem} bytes)"
+            )))
+        }
+        Ok(_) => {}
+        Err(_) => return Err(Error::Corrupt(format!("{what}: the chunk is not a zstd frame"))),
+    }
+    if bytes > zstd_max_decoded(raw.len()) {
+        return Err(Error::Corrupt(format!(
+            "{what}: the manifest's sizes need {bytes} bytes ({n} elements), more than its {} compressed bytes can hold",
+            raw.len()
+        )));
+    }
+    check_bytes(bytes + 1, || format!("decoding {what}"))?;
+    usize::try_from(bytes).map_err(|_| Error::Corrupt(format!("{what}: {bytes} bytes exceed the address space")))
+}
+
 /// Read, verify and decode a chunk of `n` elements of `E` bytes into `out`, reusing `scratch`.
+/// `n` comes from the manifest and is checked against the chunk before anything is allocated.
 pub fn decode_verified_into<T, const E: usize>(
     path: &Path,
     expected: FileEntry,
     what: &str,
-    n: usize,
+    n: u64,
     scratch: &mut Scratch,
     out: &mut Vec<T>,
     from_le: impl Fn([u8; E]) -> T,
@@ -414,21 +484,24 @@ pub fn decode_verified_into<T, const E: usize>(
         Err(e) => return Err(Error::io(path, e)),
     }
     check_entry(&scratch.raw, path, expected, what)?;
+    let len = checked_decoded_len(&scratch.raw, n, E, what)?;
+    let n = len / E;
     // One spare byte: a stream that decodes to more than expected then shows up as a length error.
     // The buffer only ever grows (shrinking and regrowing would zero it again for every array).
-    if scratch.plain.len() < n * E + 1 {
-        scratch.plain.resize(n * E + 1, 0);
+    if scratch.plain.len() < len + 1 {
+        try_resize(&mut scratch.plain, len + 1, 0, || format!("decoding {what}"))?;
     }
-    let written = zstd::bulk::decompress_to_buffer(&scratch.raw, &mut scratch.plain[..n * E + 1])
+    let written = zstd::bulk::decompress_to_buffer(&scratch.raw, &mut scratch.plain[..len + 1])
         .map_err(|e| Error::Corrupt(format!("{what}: zstd stream does not decode ({e})")))?;
-    if written != n * E {
-        return Err(Error::Corrupt(format!("{what}: decodes to {written} bytes, expected {}", n * E)));
+    if written != len {
+        return Err(Error::Corrupt(format!("{what}: decodes to {written} bytes, expected {len}")));
     }
     // Byte planes as slices of exactly `n` and an output slice of exactly `n`: the gather below
     // has no bounds checks or capacity checks left, so it compiles to a vectorised byte interleave.
     let planes: [&[u8]; E] = std::array::from_fn(|j| &scratch.plain[j * n..(j + 1) * n]);
     // Every element is overwritten below, so only growth needs filling.
     out.truncate(n);
+    try_reserve_total(out, n, || format!("the decoded {what}"))?;
     out.resize_with(n, || from_le([0; E]));
     for (i, slot) in out.iter_mut().enumerate() {
         *slot = from_le(std::array::from_fn(|j| planes[j][i]));
@@ -441,7 +514,7 @@ pub fn decode_values_into(
     path: &Path,
     expected: FileEntry,
     what: &str,
-    n: usize,
+    n: u64,
     dtype: ValueDtype,
     scratch: &mut Scratch,
     out: &mut Vec<f32>,
@@ -452,13 +525,14 @@ pub fn decode_values_into(
             use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
             let mut halves = std::mem::take(&mut scratch.halves);
             let result = decode_verified_into(path, expected, what, n, scratch, &mut halves, u16::from_le_bytes);
-            if result.is_ok() {
-                out.truncate(n);
-                out.resize(n, 0.0);
+            let widened = result.and_then(|()| {
+                out.truncate(halves.len());
+                try_resize(out, halves.len(), 0.0, || format!("the decoded {what}"))?;
                 halves.reinterpret_cast::<half::f16>().convert_to_f32_slice(out);
-            }
+                Ok(())
+            });
             scratch.halves = halves;
-            result
+            widened
         }
     }
 }
@@ -483,14 +557,17 @@ fn check_entry(bytes: &[u8], path: &Path, expected: FileEntry, what: &str) -> Re
     Ok(())
 }
 
-/// Decode a chunk written as `bytes → shuffle(E) → zstd` into `n` little-endian elements of `E` bytes.
-pub fn decode_chunk(encoded: &[u8], n: usize, elem_size: usize, what: &str) -> Result<Vec<u8>> {
-    let expected = n * elem_size;
-    let shuffled = zstd::bulk::decompress(encoded, expected)
+/// Decode a chunk written as `bytes → shuffle(E) → zstd` into `n` little-endian elements of `E` bytes
+/// (`n` is checked against the chunk before anything is allocated).
+pub fn decode_chunk(encoded: &[u8], n: u64, elem_size: usize, what: &str) -> Result<Vec<u8>> {
+    let expected = checked_decoded_len(encoded, n, elem_size, what)?;
+    let mut shuffled = try_vec(expected + 1, 0u8, || format!("decoding {what}"))?;
+    let written = zstd::bulk::decompress_to_buffer(encoded, &mut shuffled)
         .map_err(|e| Error::Corrupt(format!("{what}: zstd stream does not decode ({e})")))?;
-    if shuffled.len() != expected {
-        return Err(Error::Corrupt(format!("{what}: decodes to {} bytes, expected {expected}", shuffled.len())));
+    if written != expected {
+        return Err(Error::Corrupt(format!("{what}: decodes to {written} bytes, expected {expected}")));
     }
+    shuffled.truncate(expected);
     Ok(unshuffle(&shuffled, elem_size))
 }
 

@@ -20,6 +20,14 @@ use super::format::{
 };
 use super::zarr_io::{Elem, ZarrDir};
 use crate::error::{Error, Result};
+use crate::memory::check_bytes;
+
+/// Most token rows per shard: mining indexes rows and activations within a shard with `u32`.
+pub const MAX_SHARD_ROWS: u64 = u32::MAX as u64 - 1;
+/// Writer threads allowed per available core: compression saturates well before this; more is a typo.
+pub const THREADS_PER_CORE: usize = 4;
+/// Rows a fresh shard buffer reserves up front (it grows, fallibly, from there).
+const INITIAL_ROWS: u64 = 1 << 16;
 
 /// Row pointers handed in by a caller (NumPy's int64 from `cumsum`, or uint64).
 #[derive(Clone, Copy, Debug)]
@@ -122,8 +130,9 @@ struct ShardBuf {
 }
 
 impl ShardBuf {
-    fn new(capacity_rows: usize) -> Self {
-        let mut row_ptr = Vec::with_capacity(capacity_rows + 1);
+    fn new(shard_rows: u64) -> Self {
+        // Small and fixed: `shard_rows` is an argument, and the buffer grows fallibly in `append`.
+        let mut row_ptr = Vec::with_capacity(shard_rows.min(INITIAL_ROWS) as usize + 1);
         row_ptr.push(0);
         ShardBuf { row_ptr, feature: Vec::new(), value: Vec::new() }
     }
@@ -178,12 +187,7 @@ pub struct ShardWriter {
 impl ShardWriter {
     /// Create the store at `path`, or resume it if it holds a store made with the same options.
     pub fn open(path: &Path, options: WriterOptions) -> Result<Self> {
-        if options.shard_rows == 0 || options.threads == 0 || options.d_sae == 0 {
-            return Err(Error::Invalid(format!(
-                "shard_rows ({}), threads ({}) and d_sae ({}) must all be positive",
-                options.shard_rows, options.threads, options.d_sae
-            )));
-        }
+        check_writer_options(path, &options)?;
         let manifest = if path.join("zarr.json").exists() {
             let manifest = read_manifest(path)?;
             check_same_options(path, &manifest, &options)?;
@@ -216,7 +220,7 @@ impl ShardWriter {
             .collect::<Result<Vec<_>>>()?;
         Ok(ShardWriter {
             root: path.to_path_buf(),
-            buf: ShardBuf::new(options.shard_rows as usize),
+            buf: ShardBuf::new(options.shard_rows),
             options,
             committer,
             failure,
@@ -279,13 +283,36 @@ impl ShardWriter {
             )));
         }
         validate_batch(row_ptr, feature, value, &self.options, self.rows_written)?;
-        for local in 0..rows {
-            self.push_row(local, row_ptr, feature, value);
+        let mut local = 0;
+        while local < rows {
+            // The rows that fit in the shard being filled: room for them is reserved fallibly first.
+            let take = (self.options.shard_rows - self.buf.rows()).min((rows - local) as u64) as usize;
+            self.reserve_rows(row_ptr, local, local + take)?;
+            for r in local..local + take {
+                self.push_row(r, row_ptr, feature, value);
+            }
+            local += take;
             if self.buf.rows() == self.options.shard_rows {
                 self.dispatch()?;
             }
         }
         Ok(())
+    }
+
+    /// Grow the shard buffer for batch rows `lo..hi` (amortised, like `push`, but an error rather
+    /// than an abort when memory runs out).
+    fn reserve_rows(&mut self, row_ptr: RowPtrIn<'_>, lo: usize, hi: usize) -> Result<()> {
+        let nnz = (row_ptr.get(hi).unwrap_or(0) - row_ptr.get(lo).unwrap_or(0)) as usize;
+        let value_bytes = nnz.saturating_mul(self.options.value_dtype.size());
+        let what = format!("{}: buffering shard {} ({} rows so far)", self.root.display(), self.next_index, self.buf.rows());
+        let refused = |bytes: usize, e: std::collections::TryReserveError| Error::OutOfMemory {
+            bytes: bytes as u128,
+            what: what.clone(),
+            reason: format!("the allocator refused ({e}); lower shard_rows or free memory"),
+        };
+        self.buf.row_ptr.try_reserve(hi - lo).map_err(|e| refused((hi - lo) * 8, e))?;
+        self.buf.feature.try_reserve(nnz).map_err(|e| refused(nnz * 4, e))?;
+        self.buf.value.try_reserve(value_bytes).map_err(|e| refused(value_bytes, e))
     }
 
     fn last_shard_is_partial(&self) -> bool {
@@ -324,7 +351,7 @@ impl ShardWriter {
     }
 
     fn dispatch(&mut self) -> Result<()> {
-        let buf = std::mem::replace(&mut self.buf, ShardBuf::new(self.options.shard_rows as usize));
+        let buf = std::mem::replace(&mut self.buf, ShardBuf::new(self.options.shard_rows));
         let job = Job { index: self.next_index, row_start: self.next_index * self.options.shard_rows, buf };
         self.next_index += 1;
         let sender = self.sender.as_ref().ok_or_else(|| Error::Invalid("writer is closed".into()))?;
@@ -376,6 +403,42 @@ impl Drop for ShardWriter {
     fn drop(&mut self) {
         self.join_workers();
     }
+}
+
+/// Refuse sizes that no data can justify before anything is allocated or spawned: a shard beyond
+/// what mining can index, a thread count far beyond the cores, or shard buffers beyond the machine.
+fn check_writer_options(path: &Path, o: &WriterOptions) -> Result<()> {
+    if o.shard_rows == 0 || o.threads == 0 || o.d_sae == 0 {
+        return Err(Error::Invalid(format!(
+            "shard_rows ({}), threads ({}) and d_sae ({}) must all be positive",
+            o.shard_rows, o.threads, o.d_sae
+        )));
+    }
+    if o.shard_rows > MAX_SHARD_ROWS {
+        return Err(Error::Invalid(format!(
+            "shard_rows = {} is too large: a shard holds at most {MAX_SHARD_ROWS} rows (rows within a shard are 32-bit)",
+            o.shard_rows
+        )));
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if o.threads > THREADS_PER_CORE * cores {
+        return Err(Error::Invalid(format!(
+            "threads = {} writer threads is too many for {cores} cores (at most {})",
+            o.threads,
+            THREADS_PER_CORE * cores
+        )));
+    }
+    // The filling shard plus up to 2 × threads queued or in flight, each at least its row pointers.
+    let in_memory = (2 * o.threads as u128 + 1) * (u128::from(o.shard_rows) + 1) * 8;
+    check_bytes(in_memory, || {
+        format!(
+            "{}: row pointers of the {} shards of shard_rows = {} rows a writer with {} threads may hold",
+            path.display(),
+            2 * o.threads + 1,
+            o.shard_rows,
+            o.threads
+        )
+    })
 }
 
 fn feature_display(feature: FeaturesIn<'_>, j: usize) -> String {
