@@ -37,7 +37,7 @@ import torch
 from ._atomic import atomic_target
 from .activations import ActivationStore
 from .errors import SaecoreError, StoreError
-from .sae import ARCHITECTURES, SAE, SAEConfig, default_device
+from .sae import ARCHITECTURES, AUXK_FAMILY, SAE, SAEConfig, check_matryoshka_groups, default_device
 
 STATE_FILENAME = "trainer_state.pt"
 STATE_FORMAT = "saecore.trainer/1"
@@ -55,13 +55,16 @@ class TrainConfig:
     """Everything that determines a training run (the store and output folder aside)."""
 
     architecture: str = "relu"
-    """SAE architecture: ``relu`` | ``topk`` | ``batchtopk`` | ``jumprelu`` (see :mod:`saecore.sae`)."""
+    """SAE architecture: ``relu`` | ``topk`` | ``batchtopk`` | ``jumprelu`` | ``matryoshka`` (see :mod:`saecore.sae`)."""
 
     d_sae: int = 4096
     """Number of latents."""
 
     k: int = 32
-    """Active latents per token (topk) or per token on average (batchtopk)."""
+    """Active latents per token (topk) or per token on average (batchtopk, matryoshka)."""
+
+    matryoshka_groups: list[int] = field(default_factory=list)
+    """matryoshka: nested group sizes summing to d_sae; empty → d/16, d/16, d/8, d/4, d/2 (Bussmann et al.)."""
 
     l1_coefficient: float = 5.0
     """λ of the relu loss MSE + λ·Σ fᵢ‖W_dec,i‖ (Anthropic: 5 at their input scaling)."""
@@ -142,8 +145,12 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.grad_clip must be positive, got {self.grad_clip}")
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"TrainConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
-        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
+        if self.architecture in AUXK_FAMILY and self.k > self.d_sae:
             raise ValueError(f"TrainConfig.k={self.k} exceeds d_sae={self.d_sae}")
+        if self.architecture == "matryoshka":
+            self.matryoshka_groups = check_matryoshka_groups(self.matryoshka_groups, self.d_sae, "TrainConfig")
+        elif self.matryoshka_groups:
+            raise ValueError(f"TrainConfig.matryoshka_groups is set but architecture is {self.architecture!r}")
 
     @property
     def effective_lr(self) -> float:
@@ -229,11 +236,12 @@ def sae_step(
     dead_mask: torch.Tensor | None,
     grad_clip: float,
 ) -> tuple[torch.Tensor, Any]:
-    """One optimisation step on a batch of raw activations: loss = MSE + λ·sparsity + α·AuxK; backward;
+    """One optimisation step on a batch of raw activations: loss = MSE (matryoshka: the mean of its nested
+    prefixes' MSEs) + λ·sparsity + α·AuxK; backward;
     project decoder gradients (unit-norm architectures); clip; Adam; renormalise. Returns (loss, SAEOutput)."""
     use_dead = dead_mask is not None and bool(dead_mask.any())
     out = sae(x, dead_mask=dead_mask if use_dead else None)
-    loss = out.mse + sparsity_coefficient * out.sparsity_loss + aux_coefficient * out.aux_loss
+    loss = out.reconstruction_loss + sparsity_coefficient * out.sparsity_loss + aux_coefficient * out.aux_loss
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {float(loss.detach())}")
     opt.zero_grad(set_to_none=True)
@@ -360,6 +368,7 @@ class Trainer:
             jumprelu_bandwidth=self.cfg.jumprelu_bandwidth,
             jumprelu_init_threshold=self.cfg.jumprelu_init_threshold,
             aux_k=self.cfg.aux_k,
+            matryoshka_groups=list(self.cfg.matryoshka_groups),
         )
 
     def _build(self) -> None:
@@ -499,7 +508,7 @@ class Trainer:
             group["lr"] = self.lr_at(step)
         lam = self.sparsity_coefficient_at(step)
         arch = self.cfg.architecture
-        dead = self.dead_mask() if arch in ("topk", "batchtopk") else None
+        dead = self.dead_mask() if arch in AUXK_FAMILY else None
         try:
             loss, out = sae_step(self.sae, self.opt, x, lam, self.cfg.aux_coefficient, dead, self.cfg.grad_clip)
         except FloatingPointError as e:
@@ -597,8 +606,10 @@ def train(
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The TrainConfig options as flags (shared with ``saecore sweep``)."""
     d = TrainConfig()
-    parser.add_argument("--architecture", "--arch", default=d.architecture, choices=["relu", "topk", "batchtopk", "jumprelu"])
-    parser.add_argument("--k", type=int, default=d.k, help="active latents per token (topk, batchtopk)")
+    parser.add_argument("--architecture", "--arch", default=d.architecture, choices=list(ARCHITECTURES))
+    parser.add_argument("--k", type=int, default=d.k, help="active latents per token (topk, batchtopk, matryoshka)")
+    parser.add_argument("--matryoshka-groups", type=int, nargs="+", default=[], metavar="SIZE",
+                        help="matryoshka: nested group sizes summing to --d-sae (default d/16 d/16 d/8 d/4 d/2)")
     parser.add_argument("--l1-coefficient", type=float, default=d.l1_coefficient, help="relu sparsity λ")
     parser.add_argument("--l0-coefficient", type=float, default=d.l0_coefficient, help="jumprelu sparsity λ")
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate (0: 2e-4/sqrt(d_sae/16384))")
@@ -614,7 +625,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     return TrainConfig(
-        architecture=args.architecture, k=args.k, l1_coefficient=args.l1_coefficient,
+        architecture=args.architecture, k=args.k, matryoshka_groups=list(args.matryoshka_groups),
+        l1_coefficient=args.l1_coefficient,
         l0_coefficient=args.l0_coefficient, lr=args.lr, batch_size=args.batch_size, hook=args.hook, seed=args.seed,
         shuffle_buffer_rows=args.shuffle_buffer_rows, dead_window_tokens=args.dead_window_tokens,
         checkpoint_every_steps=args.checkpoint_every_steps, device=args.device, progress=not args.no_progress,
