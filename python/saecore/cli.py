@@ -26,6 +26,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("saecore.distributed", "train a sparse autoencoder on an activation store"),
     "eval": ("saecore.evaluate", "evaluate an SAE: L0, explained variance, dead fraction, CE-loss recovered"),
     "sweep": ("saecore.sweep", "scaling-law sweep over dictionary size x training tokens"),
+    "bench-synth": ("saecore.bench_synth", "train SAEs on SynthSAEBench-style synthetic data; MCC, F1 vs ground truth"),
     "encode": ("saecore.encode", "encode an activation store through an SAE into a sparse feature store"),
     "index": ("saecore.index", "per-feature statistics, histograms, top-k and quantile samples"),
     "neighbours": ("saecore.geometry", "cosine neighbours of decoder directions within and across SAEs"),

@@ -73,6 +73,7 @@ MAP_PLOT = "map.png"
 SPLITTING_FILE = "splitting.parquet"
 SPLITTING_FAMILIES_FILE = "splitting_families.parquet"
 SPLITTING_PLOT = "splitting.png"
+BENCH_SYNTH_FILE = "bench_synth.json"
 # Experiment verbs (under experiments/NAME/).
 XOR_TOY_FILE = "xor_toy.parquet"
 XOR_TOY_PLOT = "xor_toy.png"

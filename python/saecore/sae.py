@@ -9,6 +9,10 @@
                inference a learned global threshold (EMA of the smallest kept activation) replaces it.
 ``jumprelu``   Rajamanoharan et al. 2024: f = z·H(z − θ) with a learned per-latent θ, trained with
                straight-through estimators (rectangle kernel) and an L0 penalty.
+``matryoshka`` Bussmann et al. 2025 / Nabeshima 2024: BatchTopK whose latents form nested groups
+               (``matryoshka_groups``); the reconstruction loss is the mean over the nested prefixes
+               m₁ < m₂ < … < d_sae of ‖x − (b_dec + Σ_{i<m} fᵢ·W_dec,i)‖², so each prefix must
+               reconstruct on its own. Inference as batchtopk (learned global threshold).
 =============  ===================================================================================
 
 Parameters follow SAELens: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``,
@@ -31,9 +35,10 @@ matrix times W_dec, autograd throughout); tests hold the two to each other.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -46,7 +51,18 @@ from ._digest import file_sha256
 from .run import CFG_FILE, WEIGHTS_FILE
 from .saelens import WEIGHTS_SHA256_KEY, read_checkpoint, saelens_config
 
-ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
+# Architectures that keep a batch top-(B·k) while training and a learned global threshold at inference.
+BATCH_TOPK_FAMILY = ("batchtopk", "matryoshka")
+# Architectures with the AuxK loss on dead latents.
+AUXK_FAMILY = ("topk", "batchtopk", "matryoshka")
+
+
+def default_matryoshka_groups(d_sae: int) -> list[int]:
+    """Bussmann et al.'s group sizes: d/16, d/16, d/8, d/4, d/2 (remainder to the last), so the nested
+    prefixes are d/16, d/8, d/4, d/2, d. Groups that would be empty (tiny d_sae) are dropped."""
+    prefixes = sorted({max(1, d_sae // q) for q in (16, 8, 4, 2)} | {d_sae})
+    return [b - a for a, b in zip([0, *prefixes[:-1]], prefixes)]
 
 
 @dataclass
@@ -54,7 +70,7 @@ class SAEConfig:
     """Shape and architecture of one SAE (everything needed to rebuild it from its weights)."""
 
     architecture: str
-    """One of ``relu`` | ``topk`` | ``batchtopk`` | ``jumprelu``."""
+    """One of ``relu`` | ``topk`` | ``batchtopk`` | ``jumprelu`` | ``matryoshka``."""
 
     d_in: int
     """Width of the hook activations the SAE reads."""
@@ -91,13 +107,17 @@ class SAEConfig:
     """Initial norm of each decoder row; 0 → 0.1 for relu (Anthropic: small), 1.0 for the others
     (their decoder rows are kept at unit norm)."""
 
+    matryoshka_groups: list[int] = field(default_factory=list)
+    """matryoshka: sizes of the nested latent groups, in order, summing to d_sae (prefix i is the first
+    group_1 + … + group_i latents); empty → :func:`default_matryoshka_groups`. Unused otherwise."""
+
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"SAEConfig.architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
         for name in ("d_in", "d_sae"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"SAEConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.architecture in ("topk", "batchtopk") and not (1 <= self.k <= self.d_sae):
+        if self.architecture in AUXK_FAMILY and not (1 <= self.k <= self.d_sae):
             raise ValueError(f"SAEConfig.k must be in 1..d_sae={self.d_sae} for {self.architecture}, got {self.k}")
         if not (math.isfinite(self.input_scale) and self.input_scale > 0):
             raise ValueError(f"SAEConfig.input_scale must be a positive finite number, got {self.input_scale}")
@@ -109,6 +129,15 @@ class SAEConfig:
             raise ValueError("SAEConfig.batchtopk_threshold_momentum must be in (0, 1]")
         if self.dec_init_norm < 0:
             raise ValueError(f"SAEConfig.dec_init_norm must be >= 0, got {self.dec_init_norm}")
+        if self.architecture == "matryoshka":
+            self.matryoshka_groups = check_matryoshka_groups(self.matryoshka_groups, self.d_sae, "SAEConfig")
+        elif self.matryoshka_groups:
+            raise ValueError(f"SAEConfig.matryoshka_groups is set but architecture is {self.architecture!r}")
+
+    @property
+    def matryoshka_prefixes(self) -> list[int]:
+        """Widths of the nested prefixes (cumulative group sizes; the last is d_sae)."""
+        return list(itertools.accumulate(self.matryoshka_groups))
 
     @property
     def unit_norm_decoder(self) -> bool:
@@ -127,6 +156,17 @@ class SAEConfig:
     def from_dict(cls, data: dict[str, Any]) -> SAEConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def check_matryoshka_groups(groups: list[int] | tuple[int, ...], d_sae: int, owner: str) -> list[int]:
+    """Validated group sizes (default when empty): positive integers summing to d_sae."""
+    groups = [int(g) for g in groups] or default_matryoshka_groups(d_sae)
+    if any(g < 1 for g in groups) or sum(groups) != d_sae:
+        raise ValueError(
+            f"{owner}.matryoshka_groups must be positive group sizes summing to d_sae={d_sae}, got {groups} "
+            f"(sum {sum(groups)})"
+        )
+    return groups
 
 
 class SAEOutput(NamedTuple):
@@ -152,6 +192,15 @@ class SAEOutput(NamedTuple):
     """Scalar: mean number of active latents per row."""
     fired: Tensor
     """[d_sae] bool: latents active on at least one row."""
+    prefix_mses: Tensor | None = None
+    """matryoshka: [n_prefixes] mean over rows of ‖s·x − s·x̂_m‖² using only the first m latents (plus
+    b_dec), one per nested prefix (the last equals ``mse``); None for the other architectures."""
+
+    @property
+    def reconstruction_loss(self) -> Tensor:
+        """The reconstruction term of the training loss: the MSE, or for matryoshka the mean of the
+        nested prefixes' MSEs (Bussmann et al. 2025 average the prefix losses)."""
+        return self.mse if self.prefix_mses is None else self.prefix_mses.mean()
 
 
 # --- autograd pieces ----------------------------------------------------------------------------
@@ -305,7 +354,7 @@ class SAE(nn.Module):
         self.b_dec = nn.Parameter(torch.zeros(d_in))
         if cfg.architecture == "jumprelu":
             self.threshold = nn.Parameter(torch.full((d_sae,), float(cfg.jumprelu_init_threshold)))
-        elif cfg.architecture == "batchtopk":
+        elif cfg.architecture in BATCH_TOPK_FAMILY:
             # Not trained by gradient: an EMA updated in forward (training mode), used in eval mode.
             self.register_buffer("threshold", torch.zeros(d_sae))
         self.reset_parameters(seed)
@@ -363,13 +412,13 @@ class SAE(nn.Module):
         arch = self.cfg.architecture
         if arch == "relu" and self.fast:
             out = self._forward_relu_adaptive(xs)
-        elif arch == "relu" or (arch == "batchtopk" and not self.training):
+        elif arch == "relu" or (arch in BATCH_TOPK_FAMILY and not self.training):
             out = self._forward_dense(xs)
         elif arch == "jumprelu":
             out = self._forward_jumprelu(xs)
         else:
             out = self._forward_selected(xs)
-        if dead_mask is not None and arch in ("topk", "batchtopk"):
+        if dead_mask is not None and arch in AUXK_FAMILY:
             aux = self._aux_loss(xs, out[0], dead_mask)
             out = out._replace(aux_loss=aux)
         return out._replace(x_hat=out.x_hat / self.cfg.input_scale)
@@ -466,9 +515,32 @@ class SAE(nn.Module):
             pre_ref = xs @ self.W_enc + self.b_enc
             vals = F.relu(pre_ref[rows, latents])
             xs_hat = dense_decode(rows, latents, vals, self.W_dec, B) + self.b_dec
-        if self.training and self.cfg.architecture == "batchtopk":
+        if self.training and self.cfg.architecture in BATCH_TOPK_FAMILY:
             self._update_threshold(vals.detach())
-        return self._finish(xs, xs_hat, None, (rows, latents, vals), xs.new_zeros(()))
+        out = self._finish(xs, xs_hat, None, (rows, latents, vals), xs.new_zeros(()))
+        if self.cfg.architecture == "matryoshka":
+            out = out._replace(prefix_mses=self._prefix_mses(xs, rows, latents, vals))
+        return out
+
+    def _prefix_mses(self, xs: Tensor, rows: Tensor, latents: Tensor, vals: Tensor) -> Tensor:
+        """[n_prefixes] MSE of each nested prefix's reconstruction b_dec + Σ_{latent < m} f·W_dec.
+
+        Each group's entries are decoded on their own and the partial sums accumulated, so the whole
+        costs one pass over the selected entries (O(nnz·d_in)) plus a [B, d_in] add per group."""
+        B = xs.shape[0]
+        recon = self.b_dec.expand(B, -1)
+        mses = []
+        start = 0
+        for width in self.cfg.matryoshka_prefixes:
+            in_group = (latents >= start) & (latents < width)  # keeps rows ascending
+            r, lat, v = rows[in_group], latents[in_group], vals[in_group]
+            if self.fast:
+                recon = recon + sparse_decode(r, lat, v, self.W_dec, B)
+            else:
+                recon = recon + dense_decode(r, lat, v, self.W_dec, B)
+            mses.append((recon - xs).pow(2).sum(-1).mean())
+            start = width
+        return torch.stack(mses)
 
     @torch.no_grad()
     def _update_threshold(self, vals: Tensor) -> None:

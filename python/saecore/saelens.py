@@ -3,8 +3,11 @@
 A checkpoint is a folder with ``cfg.json`` and ``sae_weights.safetensors`` (SAELens ≥ 6 layout):
 
 * tensors ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, plus
-  ``threshold [d_sae]`` for ``jumprelu`` (saecore's batchtopk is saved as a jumprelu whose thresholds
-  all equal the learned global one, exactly as SAELens saves its BatchTopK);
+  ``threshold [d_sae]`` for ``jumprelu`` (saecore's batchtopk and matryoshka are saved as a jumprelu whose
+  thresholds all equal the learned global one, exactly as SAELens saves its BatchTopK and
+  MatryoshkaBatchTopK: SAELens has ``matryoshka_batchtopk`` only as a training architecture, whose
+  inference form is ``jumprelu``; the nested groups live on in ``metadata.saecore``, so saecore reloads
+  its own checkpoint as matryoshka, and a SAELens-trained one — saved as jumprelu — as jumprelu);
 * ``cfg.json``: ``architecture`` (``standard`` | ``topk`` | ``jumprelu``), ``d_in``, ``d_sae``, ``k``
   (topk), ``apply_b_dec_to_input = false`` (Anthropic's encoder does not subtract b_dec),
   ``normalize_activations = "none"`` (saecore folds its input scale into the weights on save),
@@ -32,8 +35,15 @@ from .run import CFG_FILE, WEIGHTS_FILE
 
 # SAELens treats configs without a version as pre-6.0 and rewrites them; we write its 6.x layout.
 SAELENS_FORMAT_VERSION = "6.0.0"
-_TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu"}
-_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+_TO_SAELENS = {"relu": "standard", "topk": "topk", "batchtopk": "jumprelu", "jumprelu": "jumprelu",
+               "matryoshka": "jumprelu"}
+# Architectures saved with a per-latent ``threshold`` tensor.
+_WITH_THRESHOLD = ("jumprelu", "batchtopk", "matryoshka")
+# SAELens' batchtopk / matryoshka_batchtopk appear only in training checkpoints (cfg.json of a training
+# SAE, a scalar ``topk_threshold`` buffer); their saved inference form is jumprelu.
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "batchtopk": "batchtopk",
+                 "matryoshka_batchtopk": "matryoshka"}
+_SAELENS_TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
 # normalize_activations values that are the identity on a saved (inference) SAE.
 _IDENTITY_NORMALISATION = (None, False, "none", "expected_average_only_in")
 WEIGHTS_SHA256_KEY = "weights_sha256"
@@ -46,7 +56,7 @@ def saelens_config(sae: Any, extra_metadata: dict[str, Any]) -> tuple[dict[str, 
     if cfg.input_scale != 1.0:
         raise ValueError("saelens_config needs a folded SAE (input_scale = 1); call SAE.folded() first")
     tensors = {"W_enc": sae.W_enc, "b_enc": sae.b_enc, "W_dec": sae.W_dec, "b_dec": sae.b_dec}
-    if cfg.architecture in ("jumprelu", "batchtopk"):
+    if cfg.architecture in _WITH_THRESHOLD:
         tensors["threshold"] = sae.threshold
     out: dict[str, Any] = {
         "architecture": _TO_SAELENS[cfg.architecture],
@@ -69,6 +79,9 @@ def saelens_config(sae: Any, extra_metadata: dict[str, Any]) -> tuple[dict[str, 
     if cfg.architecture == "topk":
         out["k"] = cfg.k
         out["rescale_acts_by_decoder_norm"] = False
+    if cfg.architecture == "matryoshka":
+        # Not read by SAELens' jumprelu; recorded so the nesting is visible without saecore's metadata.
+        out["metadata"]["matryoshka_widths"] = _groups_to_widths(cfg.matryoshka_groups)
     return {k: v.detach().float() for k, v in tensors.items()}, out
 
 
@@ -111,6 +124,8 @@ def _foreign_config(data: dict[str, Any], directory: Path) -> tuple[dict[str, An
     if data.get("reshape_activations", "none") != "none" or data.get("hook_head_index", meta.get("hook_head_index")) is not None:
         raise ValueError(f"{directory}: per-head (hook_z) SAEs are not supported")
     k = data.get("k") or (data.get("activation_fn_kwargs") or {}).get("k") or 32
+    if float(k) != int(k):
+        raise ValueError(f"{directory}: k={k} is not a whole number; saecore's (batch)topk needs an integer k")
     fields = {
         "architecture": _FROM_SAELENS[arch],
         "d_in": int(data["d_in"]),
@@ -119,11 +134,31 @@ def _foreign_config(data: dict[str, Any], directory: Path) -> tuple[dict[str, An
         "hook_name": meta.get("hook_name") or data.get("hook_name") or data.get("hook_point") or "",
         "model_name": meta.get("model_name") or data.get("model_name") or "",
     }
+    if arch == "matryoshka_batchtopk":
+        fields["matryoshka_groups"] = _groups_from_widths(data.get("matryoshka_widths") or [], int(data["d_sae"]))
     fold = {
         "apply_b_dec_to_input": bool(data.get("apply_b_dec_to_input", True)),
-        "rescale_acts_by_decoder_norm": arch == "topk" and bool(data.get("rescale_acts_by_decoder_norm", False)),
+        "rescale_acts_by_decoder_norm": arch in _SAELENS_TOPK_FAMILY
+        and bool(data.get("rescale_acts_by_decoder_norm", False)),
     }
     return fields, fold
+
+
+def _groups_from_widths(widths: list[int], d_sae: int) -> list[int]:
+    """SAELens' ``matryoshka_widths`` (prefix widths; it appends d_sae when missing) → group sizes."""
+    widths = [int(w) for w in widths]
+    if not widths or widths[-1] != d_sae:
+        widths.append(d_sae)
+    return [b - a for a, b in zip([0, *widths[:-1]], widths)]
+
+
+def _groups_to_widths(groups: list[int]) -> list[int]:
+    """saecore group sizes → SAELens ``matryoshka_widths`` (cumulative)."""
+    out, total = [], 0
+    for g in groups:
+        total += g
+        out.append(total)
+    return out
 
 
 def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -141,9 +176,10 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
         fold["rescale_acts_by_decoder_norm"] = bool(data.get("rescale_acts_by_decoder_norm", False))
     else:
         fields, fold = _foreign_config(data, directory)
+    if "threshold" not in weights and "topk_threshold" in weights:  # a SAELens (Matryoshka)BatchTopK training SAE
+        weights["threshold"] = weights.pop("topk_threshold").reshape(()).expand(int(fields["d_sae"])).clone()
     _check_shapes(weights, fields, directory)
-    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if fields["architecture"] in ("jumprelu", "batchtopk")
-                                                    else [])
+    names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if fields["architecture"] in _WITH_THRESHOLD else [])
     tensors = {name: weights[name] for name in names}
     with torch.no_grad():
         if fold["rescale_acts_by_decoder_norm"]:
@@ -165,7 +201,7 @@ def _check_shapes(weights: dict[str, torch.Tensor], fields: dict[str, Any], dire
         "W_dec": (d_sae, d_in),
         "b_dec": (d_in,),
     }
-    if fields["architecture"] in ("jumprelu", "batchtopk"):
+    if fields["architecture"] in _WITH_THRESHOLD:
         expected["threshold"] = (d_sae,)
     for name, shape in expected.items():
         if name not in weights:

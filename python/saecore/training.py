@@ -42,7 +42,7 @@ from .config import add_arguments, from_args, option, validate
 from .devices import default_device
 from .errors import CorruptDataError, SaecoreError, StoreError
 from .run import LEGACY_TRAINER_STATE_FILE, TRAINER_STATE_FILE, store_path
-from .sae import SAE, SAEConfig
+from .sae import AUXK_FAMILY, SAE, SAEConfig, check_matryoshka_groups
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -62,14 +62,17 @@ class ConfigMismatchError(SaecoreError):
 class TrainConfig:
     """Everything that determines a training run (the store and output folder aside)."""
 
-    architecture: Literal["relu", "topk", "batchtopk", "jumprelu"] = option("relu", aliases=("--arch",))
-    """SAE architecture: ``relu`` | ``topk`` | ``batchtopk`` | ``jumprelu`` (see :mod:`saecore.sae`)."""
+    architecture: Literal["relu", "topk", "batchtopk", "jumprelu", "matryoshka"] = option("relu", aliases=("--arch",))
+    """SAE architecture: ``relu`` | ``topk`` | ``batchtopk`` | ``jumprelu`` | ``matryoshka`` (see :mod:`saecore.sae`)."""
 
     d_sae: int = option(4096, ge=1, le=1 << 24)
     """Number of latents."""
 
     k: int = option(32, ge=1, le=1 << 24)
-    """Active latents per token (topk) or per token on average (batchtopk)."""
+    """Active latents per token (topk) or per token on average (batchtopk, matryoshka)."""
+
+    matryoshka_groups: list[int] = option(default_factory=list, ge=1, le=1 << 24, metavar="SIZE")
+    """matryoshka: nested group sizes summing to d_sae; empty → d/16, d/16, d/8, d/4, d/2 (Bussmann et al.)."""
 
     l1_coefficient: float = option(5.0, ge=0)
     """λ of the relu loss MSE + λ·Σ fᵢ‖W_dec,i‖ (Anthropic: 5 at their input scaling)."""
@@ -137,8 +140,12 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         validate(self)  # the declared ranges and choices above
-        if self.architecture in ("topk", "batchtopk") and self.k > self.d_sae:
+        if self.architecture in AUXK_FAMILY and self.k > self.d_sae:
             raise ValueError(f"TrainConfig.k={self.k} exceeds d_sae={self.d_sae}")
+        if self.architecture == "matryoshka":
+            self.matryoshka_groups = check_matryoshka_groups(self.matryoshka_groups, self.d_sae, "TrainConfig")
+        elif self.matryoshka_groups:
+            raise ValueError(f"TrainConfig.matryoshka_groups is set but architecture is {self.architecture!r}")
 
     @property
     def effective_lr(self) -> float:
@@ -224,11 +231,12 @@ def sae_step(
     dead_mask: torch.Tensor | None,
     grad_clip: float,
 ) -> tuple[torch.Tensor, Any]:
-    """One optimisation step on a batch of raw activations: loss = MSE + λ·sparsity + α·AuxK; backward;
+    """One optimisation step on a batch of raw activations: loss = MSE (matryoshka: the mean of its nested
+    prefixes' MSEs) + λ·sparsity + α·AuxK; backward;
     project decoder gradients (unit-norm architectures); clip; Adam; renormalise. Returns (loss, SAEOutput)."""
     use_dead = dead_mask is not None and bool(dead_mask.any())
     out = sae(x, dead_mask=dead_mask if use_dead else None)
-    loss = out.mse + sparsity_coefficient * out.sparsity_loss + aux_coefficient * out.aux_loss
+    loss = out.reconstruction_loss + sparsity_coefficient * out.sparsity_loss + aux_coefficient * out.aux_loss
     if not torch.isfinite(loss):
         raise FloatingPointError(f"loss became {float(loss.detach())}")
     opt.zero_grad(set_to_none=True)
@@ -348,6 +356,7 @@ class Trainer:
             jumprelu_bandwidth=self.cfg.jumprelu_bandwidth,
             jumprelu_init_threshold=self.cfg.jumprelu_init_threshold,
             aux_k=self.cfg.aux_k,
+            matryoshka_groups=list(self.cfg.matryoshka_groups),
         )
 
     def _build(self) -> None:
@@ -492,7 +501,7 @@ class Trainer:
             group["lr"] = self.lr_at(step)
         lam = self.sparsity_coefficient_at(step)
         arch = self.cfg.architecture
-        dead = self.dead_mask() if arch in ("topk", "batchtopk") else None
+        dead = self.dead_mask() if arch in AUXK_FAMILY else None
         try:
             loss, out = sae_step(self.sae, self.opt, x, lam, self.cfg.aux_coefficient, dead, self.cfg.grad_clip)
         except FloatingPointError as e:
