@@ -1,5 +1,6 @@
 """The package imports, the native module loads, and the CLI describes every verb."""
 
+import os
 import subprocess
 import sys
 
@@ -35,10 +36,12 @@ def test_every_verb_describes_its_options():
         assert "--" in text, f"{verb} documents no options"
 
 
-def test_type_stubs_match_the_native_module():
+def test_type_stubs_match_the_native_module(tmp_path):
     """_native.pyi is written by hand; stubtest compares it with the compiled module's signatures."""
+    # A private mypy cache: a shared one can be left half-written by another run (sqlite "malformed").
+    env = {**os.environ, "MYPY_CACHE_DIR": str(tmp_path / "mypy-cache")}
     run = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "saecore._native"], capture_output=True, text=True, timeout=600,
-        check=False,
+        check=False, env=env,
     )
     assert run.returncode == 0, run.stdout + run.stderr

@@ -149,7 +149,7 @@ def run_bench(cfg: BenchSynthConfig) -> dict[str, Any]:
         metrics = evaluate_synth(sae, model, cfg.resolved("eval_samples"), block=1)
         results[arch] = {**metrics, "train_seconds": round(time.time() - t0, 1)}
     report = {
-        "config": {**asdict(cfg), "width": width, "k": k, "lr": cfg.resolved("lr"),
+        "config": {**asdict(cfg), "out": str(cfg.out), "width": width, "k": k, "lr": cfg.resolved("lr"),
                    "train_samples": cfg.resolved("train_samples"), "eval_samples": cfg.resolved("eval_samples")},
         "synth_model": model.cfg.to_dict(),
         "true_l0_top_width": measured_l0,
