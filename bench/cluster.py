@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from index import saecore_write, synth  # noqa: E402  (bench/index.py's generator and writer)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # for bench/index.py's generator and writer
+from index import saecore_write, synth
 
 PARAMS = {"k": 20, "hist_bins": 32, "sample_bins": 10, "samples_per_bin": 10, "seed": 0}
 

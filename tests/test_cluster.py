@@ -5,6 +5,7 @@ missing Ray give one clear error."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -27,7 +28,7 @@ from saecore.sae import SAE, SAEConfig
 from saecore.toy import ToyConfig, write_toy_store
 
 ray = pytest.importorskip("ray")
-from saecore import cluster as distributed  # noqa: E402  (after the skip: it is only useful with ray)
+from saecore import cluster as distributed  # after the skip: it is only useful with ray
 
 TABLES = ["stats", "histograms", "topk", "samples", "density_histogram"]
 PARAMS = {"k": 5, "hist_bins": 8, "sample_bins": 4, "samples_per_bin": 3, "seed": 7}
@@ -111,7 +112,7 @@ def _merge_grouped(parts, order, cuts):
     """Merge ``parts`` taken in ``order``, first in groups split at ``cuts``, then the groups."""
     taken = [parts[i] for i in order]
     edges = [0, *sorted(set(cuts)), len(taken)]
-    groups = [_native.merge_partials(taken[a:b]) for a, b in zip(edges, edges[1:]) if b > a]
+    groups = [_native.merge_partials(taken[a:b]) for a, b in itertools.pairwise(edges) if b > a]
     return _native.merge_partials(groups[::-1])
 
 
@@ -129,7 +130,7 @@ def test_merge_in_any_grouping_equals_the_one_pass_result(features, shard_partia
 
 def test_merge_refuses_overlap_and_incomplete_coverage(features, shard_partials):
     fs, _ = features
-    p1, p2, _ = shard_partials
+    p1, _p2, _ = shard_partials
     with pytest.raises(ValueError, match="covered twice"):
         _native.merge_partials([p1[0], p1[0]])
     with pytest.raises(ValueError, match="not all of 0..10"):
@@ -161,7 +162,7 @@ def test_worker_killed_mid_task_is_retried_with_the_same_tables(ray_cluster, fea
     def run():
         try:
             index(fs, out, **PARAMS, progress=False, ray="local", shards_per_task=2)
-        except BaseException as e:  # re-raised below
+        except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append(e)
 
     thread = threading.Thread(target=run)
@@ -169,7 +170,7 @@ def test_worker_killed_mid_task_is_retried_with_the_same_tables(ray_cluster, fea
     deadline = time.time() + 120
     while not list(hold_dir.glob("task-*")) and time.time() < deadline:
         time.sleep(0.05)
-    marker = sorted(hold_dir.glob("task-*"))[0]
+    marker = min(hold_dir.glob("task-*"))
     time.sleep(0.1)  # the PID is written before the marker is visible to glob, but be safe
     pid = int(marker.read_text())
     os.kill(pid, signal.SIGKILL)
@@ -187,7 +188,8 @@ def _cli(args, *, hide_ray=False):
     if hide_ray:
         code = "import sys; sys.modules['ray'] = None; " + code
     env = {k: v for k, v in os.environ.items() if k != distributed.HOLD_DIR_ENV}
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300,
+                          check=False)
 
 
 def test_unreachable_address_and_missing_ray_give_one_clear_error(features):

@@ -33,8 +33,8 @@ TOY = ToyConfig(n_features=48, d=16, mean_active=3, noise=0.01, seed=2)
 
 def small(**kw) -> TrainConfig:
     # dead_window = 2 steps: AuxK (topk family) and relu resampling both run within the 6 steps.
-    base = dict(d_sae=128, k=2, batch_size=128, num_tokens=6 * 128, lr=1e-2, progress=False, holdout_fraction=0.0,
-                shuffle_buffer_rows=1024, dead_window_tokens=256, checkpoint_every_steps=1000, l0_coefficient=1e-2)
+    base = {"d_sae": 128, "k": 2, "batch_size": 128, "num_tokens": 6 * 128, "lr": 1e-2, "progress": False, "holdout_fraction": 0.0,
+                "shuffle_buffer_rows": 1024, "dead_window_tokens": 256, "checkpoint_every_steps": 1000, "l0_coefficient": 1e-2}
     return TrainConfig(**{**base, **kw})
 
 

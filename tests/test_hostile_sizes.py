@@ -30,6 +30,10 @@ import sys
 from saecore import _native
 from saecore.features import FeatureStore, build_csc, open_writer
 path = sys.argv[1]
+def mine(path, **given):  # the binding takes every option explicitly; these are `saecore index`'s defaults
+    options = {{"k": 20, "hist_bins": 32, "sample_bins": 10, "samples_per_bin": 10, "seed": 0, "second_pass": True,
+               "progress": None}}
+    return _native.mine(path, **{{**options, **given}})
 try:
     {statement}
 except Exception as e:  # MemoryError, ValueError and CorruptDataError are all Exceptions
@@ -65,7 +69,7 @@ def run_limited(statement: str, path: Path, limit: int = AS_LIMIT) -> subprocess
     if PRLIMIT:
         cmd = [PRLIMIT, f"--as={limit}", "--", *cmd]
     env = {**os.environ, "SAECORE_NUM_THREADS": "2"}
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
 
 
 def assert_clean(result: subprocess.CompletedProcess, error: str, *fragments: str) -> None:
@@ -83,7 +87,7 @@ def set_shard(index: int, **fields):
 
 # (id, store kind, manifest edit, statement, expected exception, message fragments)
 MANIFEST_CASES = [
-    ("d_sae=2^32-1: mining", "plain", lambda m: m.update(d_sae=2**32 - 1), "_native.mine(path)",
+    ("d_sae=2^32-1: mining", "plain", lambda m: m.update(d_sae=2**32 - 1), "mine(path)",
      "MemoryError", ["d_sae = 4294967295", "bytes"]),
     ("d_sae=2^32-1: feature-major build", "plain", lambda m: m.update(d_sae=2**32 - 1), "build_csc(path)",
      "MemoryError", ["d_sae = 4294967295", "bytes"]),
@@ -119,8 +123,8 @@ ARGUMENT_CASES = [
     ("shard buffers beyond the machine", "open_writer(path + '.new', 24, {}, shard_rows=2**32 - 2, threads=2)",
      "MemoryError", ["shard_rows = 4294967294", "row pointers"]),
     ("chunk_elems=10^15", "build_csc(path, chunk_elems=10**15)", "MemoryError", ["chunk_elems = 1000000000000000"]),
-    ("samples_per_bin=10^12", "_native.mine(path, samples_per_bin=10**12)", "ValueError", ["samples_per_bin (1000000000000)"]),
-    ("k, bins and samples at their maxima", "_native.mine(path, k=65535, hist_bins=65535, sample_bins=65535, samples_per_bin=65535)",
+    ("samples_per_bin=10^12", "mine(path, samples_per_bin=10**12)", "ValueError", ["samples_per_bin (1000000000000)"]),
+    ("k, bins and samples at their maxima", "mine(path, k=65535, hist_bins=65535, sample_bins=65535, samples_per_bin=65535)",
      "MemoryError", ["k = 65535", "d_sae = 24"]),
     ("density histogram n_bins=10^15",
      "import numpy as np; _native.density_histogram(np.ones(4, np.uint64), 10, 10**15)", "MemoryError", ["n_bins = 1000000000000000"]),
@@ -154,7 +158,7 @@ def test_huge_arguments_raise_cleanly_under_a_memory_limit(stores, statement, er
 
 def test_the_untouched_store_reads_under_the_same_limit(stores):
     """The limit is not what makes the cases above fail: the real store reads and mines under it."""
-    result = run_limited("s = FeatureStore(path); s.verify(); s.read_csr(); _native.mine(path); raise ValueError('fine')", stores["plain"])
+    result = run_limited("s = FeatureStore(path); s.verify(); s.read_csr(); mine(path); raise ValueError('fine')", stores["plain"])
     assert_clean(result, "ValueError", "fine")
 
 
@@ -189,5 +193,10 @@ def test_encode_with_huge_batch_and_shard_rows_raises_cleanly(tmp_path):
         "encode(path + '/activations.zarr', path + '/sae', path + '/f.zarr', batch_rows=10**12, shard_rows=10**12, "
         "device='cpu', progress=False)"
     )
-    assert_clean(run_limited(statement, tmp_path), "ValueError", "shard_rows = 1000000000000")
+    # EncodeConfig's declared ranges refuse it before any buffer exists ...
+    assert_clean(run_limited(statement, tmp_path), "ValueError", "EncodeConfig.batch_rows must be in")
+    assert not (tmp_path / "f.zarr").exists()
+    # ... and the Rust writer, reached without the config, bounds the shard buffer itself.
+    writer = "open_writer(path + '/f.zarr', 16, {'test': 'hostile'}, shard_rows=10**12)"
+    assert_clean(run_limited(writer, tmp_path), "ValueError", "shard_rows = 1000000000000")
     assert not (tmp_path / "f.zarr").exists()

@@ -23,13 +23,13 @@ EASY_SETTINGS = {
     # BatchTopK hands out exactly the batch's k·B firings, so unlike TopK no latent fires as a filler on rows
     # with fewer than k true features: a direction whose latent is shared with another is only split off
     # by AuxK. Its dead window is 10 batches (Bussmann et al. use 5) and it trains 2 epochs.
-    "batchtopk": dict(k=3, dead_window_tokens=2560, num_tokens=2 * 131072),
-    "jumprelu": dict(l0_coefficient=0.5, jumprelu_bandwidth=2.0, jumprelu_init_threshold=1.0),
+    "batchtopk": {"k": 3, "dead_window_tokens": 2560, "num_tokens": 2 * 131072},
+    "jumprelu": {"l0_coefficient": 0.5, "jumprelu_bandwidth": 2.0, "jumprelu_init_threshold": 1.0},
     # BatchTopK's settings, and a first prefix wider than the number of true directions: these are
     # independent (no hierarchy), so a narrower prefix must merge several into one latent, and the later
     # groups learn corrections to those merges rather than the directions themselves (default groups
     # 8, 8, 16, 32, 64: 0.924; [64, 64]: 0.978; [96, 32]: 0.984).
-    "matryoshka": dict(k=3, dead_window_tokens=2560, num_tokens=2 * 131072, matryoshka_groups=[96, 32]),
+    "matryoshka": {"k": 3, "dead_window_tokens": 2560, "num_tokens": 2 * 131072, "matryoshka_groups": [96, 32]},
 }
 # Hard: 512 directions in 64 dimensions, ~8 active per row, 5% noise; 1024 latents.
 HARD = ToyConfig(n_features=512, d=64, mean_active=8, noise=0.05, seed=0)

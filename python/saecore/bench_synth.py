@@ -19,8 +19,8 @@ import numpy as np
 
 from . import run as layout
 from ._atomic import write_json
-from .config import add_arguments, from_args, option, validate
 from .activations import ActivationStore, ActivationStoreWriter
+from .config import add_arguments, from_args, option, validate
 from .sae import ARCHITECTURES
 from .synth import SynthConfig, SynthModel, evaluate_synth
 from .training import TrainConfig, train
@@ -35,8 +35,8 @@ PUBLISHED = {
 }
 # Per preset: training samples, evaluation samples, SAE width (published: N/4), learning rate.
 PRESET_RUN = {
-    "small": dict(train_samples=1 << 19, eval_samples=1 << 15, width=512, lr=0.0),
-    "16k": dict(train_samples=200_000_000, eval_samples=500_000, width=4096, lr=3e-4),
+    "small": {"train_samples": 1 << 19, "eval_samples": 1 << 15, "width": 512, "lr": 0.0},
+    "16k": {"train_samples": 200_000_000, "eval_samples": 500_000, "width": 4096, "lr": 3e-4},
 }
 HOOK = "synth"
 CHUNK_ROWS = 8192

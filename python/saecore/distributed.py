@@ -46,8 +46,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import training
 from ._atomic import atomic_target, write_json
 from .activations import ActivationStore
+from .config import add_arguments, from_args, option, validate
 from .devices import default_device
 from .errors import StoreError
 from .run import DIST_CHECKPOINT_DIR as DIST_DIR
@@ -55,23 +57,21 @@ from .run import DIST_MANIFEST_FILE as MANIFEST
 from .run import WEIGHTS_FILE
 from .sae import (
     SAE,
-    SAEConfig,
     JumpReLUFunction,
+    SAEConfig,
     SelectedPreacts,
     StepFunction,
     by_latent,
     sparse_decode,
 )
-from . import training
-from .config import add_arguments, from_args, option, validate
 from .training import (
     ConfigMismatchError,
     ShuffledBatches,
+    SigintFlag,
     TrainConfig,
     Trainer,
     describe_differences,
     open_store,
-    SigintFlag,
 )
 
 MANIFEST_FORMAT = "saecore.dist-checkpoint/1"

@@ -50,9 +50,9 @@ import torch
 
 # The SynthSAEBench-16k configuration (SAELens docs, "SynthSAEBench-16k Model").
 PRESETS: dict[str, dict[str, Any]] = {
-    "16k": dict(num_features=16384, hidden_dim=768, hierarchy_roots=128),
+    "16k": {"num_features": 16384, "hidden_dim": 768, "hierarchy_roots": 128},
     # Scaled down for 2 CPU cores: N/8 features, roots N/128 (same share in the hierarchy), N/D = 16.
-    "small": dict(num_features=2048, hidden_dim=128, hierarchy_roots=16),
+    "small": {"num_features": 2048, "hidden_dim": 128, "hierarchy_roots": 16},
 }
 
 
