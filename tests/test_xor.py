@@ -55,6 +55,12 @@ def test_probe_matches_a_closed_form_on_separable_data():
     assert float((((x[1000:] @ w + b) > 0).double() == y[1000:]).double().mean()) > 0.97
 
 
+def test_class_balanced_accuracy_ignores_the_majority_class():
+    y = torch.tensor([0.0] * 90 + [1.0] * 10, dtype=torch.float64)
+    assert xor.class_balanced_accuracy(torch.zeros(100, dtype=torch.float64), y) == 0.5
+    assert xor.class_balanced_accuracy(y.clone(), y) == 1.0
+
+
 def test_bad_config_is_refused():
     with pytest.raises(ValueError, match="ratio"):
         xor.XorConfig(ratios=[0.5])
@@ -88,4 +94,7 @@ def test_verb_runs_the_toy_and_every_layer_of_a_model(tiny_model_dir, small_corp
     assert n_layers >= 2 and len(real) == 4 * n_layers
     for r in real:
         assert 0.0 <= r["accuracy"] <= 1.0
+    # The shuffled-label control reads nothing: class-balanced accuracy near chance at every layer.
+    control = [r["accuracy"] for r in real if r["target"] == "XOR-shuffled"]
+    assert max(control) < 0.72, control
     assert (out / "xor_toy.png").stat().st_size > 0 and (out / "xor_model.png").stat().st_size > 0

@@ -67,8 +67,8 @@ class XorConfig:
     """Real model to probe (default: the run's model; without a run or model only the toy runs)."""
     corpus: str | None = None
     """Corpus for the real-model probes (default: the run's corpus, else the built-in one)."""
-    contexts: int = option(64, ge=2, le=100_000)
-    """Real model: contexts of text probed (half train, half held out, split by context)."""
+    contexts: int = option(128, ge=2, le=100_000)
+    """Real model: contexts of text probed (even ones train, odd ones held out)."""
     context_length: int = option(128, ge=8, le=8192)
     """Real model: tokens per context."""
     device: str | None = None
@@ -140,6 +140,11 @@ def cell_balanced_accuracy(pred: torch.Tensor, y: torch.Tensor, a: torch.Tensor,
     return float(np.mean(accs))
 
 
+def class_balanced_accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean over the label's classes of the accuracy within the class."""
+    return float(np.mean([float((pred[y == c] == c).double().mean()) for c in (0.0, 1.0) if (y == c).any()]))
+
+
 def probe_row(x: torch.Tensor, feats: torch.Tensor, target: str, half: int | None = None, seed: int = 0) -> dict[str, float]:
     """Fit a probe for ``target`` (A, B, XOR, or XOR-shuffled: the control) on rows ``[:half]``, score it
     on the rest (``half`` defaults to the middle)."""
@@ -156,8 +161,10 @@ def probe_row(x: torch.Tensor, feats: torch.Tensor, target: str, half: int | Non
     yt, at, bt = y[half:], a[half:], b[half:]
     margin = logit / w.norm().clamp_min(1e-12)  # signed distance to the probe's boundary
     both, a_only = (at == 1) & (bt == 1), (at == 1) & (bt == 0)
+    # The control's labels are not a function of the (A, B) cell: balance over its two classes instead.
+    accuracy = class_balanced_accuracy(pred, yt) if target == "XOR-shuffled" else cell_balanced_accuracy(pred, yt, at, bt)
     return {
-        "accuracy": cell_balanced_accuracy(pred, yt, at, bt),
+        "accuracy": accuracy,
         "margin_a_and_b": float(margin[both].mean()) if both.any() else float("nan"),
         "margin_a_not_b": float(margin[a_only].mean()) if a_only.any() else float("nan"),
     }
@@ -290,12 +297,14 @@ def model_probes(cfg: XorConfig, model: Any, tokenizer: Any, corpus: Any) -> lis
     contexts = [ids for _, (ids, _) in zip(range(cfg.contexts), iter_contexts(iter(corpus), tokenizer, cfg.context_length))]
     if len(contexts) < 2:
         raise ValueError(f"xor: the corpus has fewer than 2 contexts of {cfg.context_length} tokens")
-    ids = np.stack(contexts)  # (n, T)
+    # Even contexts train, odd ones are held out: the built-in corpus interleaves its sources, so halves
+    # cut by position could put all of one kind of text (Shakespeare, say: no parentheses) on one side.
+    ids = np.concatenate([np.stack(contexts[0::2]), np.stack(contexts[1::2])])  # (n, T)
     boundary = {t for t in (tokenizer.bos_token_id, tokenizer.eos_token_id) if t is not None}
     keep = ~np.isin(ids, list(boundary))
     keep[:, 0] = False  # the first position sees nothing before it
     a, b = token_properties(tokenizer, ids, boundary)
-    half = int(keep[: len(contexts) // 2].sum())
+    half = int(keep[: len(contexts[0::2])].sum())
     acts = layer_activations(model, ids, keep)
     return probe_layers(acts, a[keep], b[keep], half, cfg.seed)
 

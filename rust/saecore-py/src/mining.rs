@@ -110,7 +110,7 @@ fn density_histogram<'py>(
 /// `saecore::mining::partial`). `pass_=1` gives statistics and top-k; `pass_=2` needs `extrema`
 /// (from `mine_extrema` on the merged pass-1 partial) and gives histograms and samples.
 #[pyfunction]
-#[pyo3(signature = (path, first, end, *, pass_, k=20, hist_bins=32, sample_bins=10, samples_per_bin=10, seed=0, extrema=None, progress=None))]
+#[pyo3(signature = (path, first, end, *, pass_, k, hist_bins, sample_bins, samples_per_bin, seed, extrema=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn mine_partial<'py>(
     py: Python<'py>,
