@@ -50,14 +50,39 @@ SPLIT_RULE = (
 )
 
 
+@dataclass(kw_only=True)
+class TokenScoresConfig:
+    """Options of ``saecore token-scores``."""
+
+    features: Path
+    """Feature store written by saecore encode (runs/NAME/features/SAE.zarr)."""
+    activations: Path | None = None
+    """Activation store with the rows' token ids, doc ids and positions (default: the one the encode recorded)."""
+    out: Path | None = None
+    """Folder for token_scores.parquet (default: the run's index/SAE)."""
+    held_out_fraction: float = option(0.5, gt=0, lt=1)
+    """Fraction of documents held out for scoring (split by a hash of the document id)."""
+    seed: int = option(0, ge=0, lt=1 << 63)
+    """Seed of the document hash."""
+    sae: Path | None = None
+    """SAE folder: when given, add the logit-lens skew/kurtosis columns (loads the SAE's model)."""
+    model: str | None = None
+    """Model for the logit lens (default: the SAE's model_name)."""
+    device: str | None = None
+    """Torch device for the logit lens (default: CUDA when present)."""
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
 def score_arrays(
     features: str | os.PathLike[str],
     token_ids: np.ndarray,
     doc_ids: np.ndarray,
     positions: np.ndarray,
     *,
-    held_out_fraction: float = 0.5,
-    seed: int = 0,
+    held_out_fraction: float = TokenScoresConfig.held_out_fraction,
+    seed: int = TokenScoresConfig.seed,
     logit: LogitShape | None = None,
 ) -> pa.Table:
     """Score every feature of the feature store ``features`` given its rows' keys (no file written).
@@ -105,8 +130,8 @@ def token_scores(
     *,
     activations: str | os.PathLike[str] | None = None,
     out: str | os.PathLike[str] | None = None,
-    held_out_fraction: float = 0.5,
-    seed: int = 0,
+    held_out_fraction: float = TokenScoresConfig.held_out_fraction,
+    seed: int = TokenScoresConfig.seed,
     logit: LogitShape | None = None,
 ) -> pa.Table:
     """Score every feature of ``features`` and write ``token_scores.parquet`` (atomically) into ``out``.
@@ -137,31 +162,6 @@ def read_meta(table: pa.Table) -> dict[str, Any]:
 
 
 # --- CLI ----------------------------------------------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class TokenScoresConfig:
-    """Options of ``saecore token-scores``."""
-
-    features: Path
-    """Feature store written by saecore encode (runs/NAME/features/SAE.zarr)."""
-    activations: Path | None = None
-    """Activation store with the rows' token ids, doc ids and positions (default: the one the encode recorded)."""
-    out: Path | None = None
-    """Folder for token_scores.parquet (default: the run's index/SAE)."""
-    held_out_fraction: float = option(0.5, gt=0, lt=1)
-    """Fraction of documents held out for scoring (split by a hash of the document id)."""
-    seed: int = option(0, ge=0, lt=1 << 63)
-    """Seed of the document hash."""
-    sae: Path | None = None
-    """SAE folder: when given, add the logit-lens skew/kurtosis columns (loads the SAE's model)."""
-    model: str | None = None
-    """Model for the logit lens (default: the SAE's model_name)."""
-    device: str | None = None
-    """Torch device for the logit lens (default: CUDA when present)."""
-
-    def __post_init__(self) -> None:
-        validate(self)
 
 
 def cli_configure(parser: Any) -> None:
