@@ -29,7 +29,7 @@ from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .devices import default_device
 from .features import FeatureStore, build_csc, dense_to_csr, open_writer
-from .run import WEIGHTS_FILE
+from .run import WEIGHTS_FILE, record_path
 
 
 def _resolve_hook(store: ActivationStore, sae: Any, hook: str | None) -> str:
@@ -52,10 +52,10 @@ def _spec(store: ActivationStore, sae_dir: Path | None, sae: Any, hook: str, bat
     """Everything that determines the feature store's bytes; a resume must match it exactly."""
     weights = sae_dir / WEIGHTS_FILE if sae_dir is not None else None
     return {
-        "activation_store": str(store.path.resolve()),
+        "activation_store": record_path(store.path),
         "activation_rows": store.num_rows,
         "hook": hook,
-        "sae": str(sae_dir.resolve()) if sae_dir is not None else None,
+        "sae": record_path(sae_dir) if sae_dir is not None else None,
         "sae_weights_sha256": file_sha256(weights) if weights is not None and weights.exists() else None,
         "architecture": sae.cfg.architecture,
         "d_in": sae.cfg.d_in,

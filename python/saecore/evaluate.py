@@ -38,10 +38,16 @@ from ._atomic import write_json
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .devices import default_device
-from .run import CFG_FILE, METRICS_FILE
+from .run import CFG_FILE, METRICS_FILE, record_path, resolve_recorded
 from .sae import SAE
 
 METRICS_FILENAME = METRICS_FILE
+
+
+def _same_path(recorded: object, anchor: Path, path: Path) -> bool:
+    """Whether the store ``cfg.json`` recorded is ``path`` (the held-out rows apply only to that store)."""
+    found = resolve_recorded(recorded, anchor)
+    return found is not None and found.resolve() == Path(path).resolve()
 
 
 def _training_facts(sae_dir: Path) -> dict[str, Any]:
@@ -224,17 +230,17 @@ def evaluate(
     if store is None:
         if "store" not in facts:
             raise ValueError(f"{sae_dir}: no training store recorded; pass store=")
-        store = facts["store"]
+        store = resolve_recorded(facts["store"], sae_dir)
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
     hook = sae.cfg.hook_name if sae.cfg.hook_name in store.hooks else (store.hooks[0] if len(store.hooks) == 1 else None)
     if hook is None:
         raise ValueError(f"{store.path}: holds hooks {store.hooks}, none is the SAE's {sae.cfg.hook_name!r}")
     if rows is None:
         held = facts.get("holdout_rows")
-        rows = tuple(held) if held and held[1] > held[0] and facts.get("store") == str(store.path) else (0, store.num_rows)
+        rows = tuple(held) if held and held[1] > held[0] and _same_path(facts.get("store"), sae_dir, store.path) else (0, store.num_rows)
     metrics: dict[str, Any] = {
-        "sae": str(sae_dir), "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
-        "hook": hook, "store": str(store.path), "rows": list(rows),
+        "sae": record_path(sae_dir), "architecture": sae.cfg.architecture, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+        "hook": hook, "store": record_path(store.path), "rows": list(rows),
         "rows_held_out": rows == tuple(facts.get("holdout_rows") or ()),
     }
     metrics.update(reconstruction_metrics(sae, store, hook, rows[0], rows[1]))

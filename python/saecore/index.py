@@ -42,6 +42,7 @@ from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .features import Activations, FeatureStore, build_csc
 from .run import INDEX_META_FILE as META_FILE
+from .run import record_path, resolve_recorded
 from .tables import INDEX_FORMAT as FORMAT
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def index(
     fs = FeatureStore(fs_path)
     if not fs.complete:
         raise ValueError(f"{fs_path}: the feature store is incomplete; rerun `saecore encode` to finish it")
-    act_path = activations or fs.spec.get("activation_store")
+    act_path = activations or resolve_recorded(fs.spec.get("activation_store"), fs_path)
     store = ActivationStore(act_path) if act_path else None
     if store is not None and store.num_rows != fs.n_rows:
         raise ValueError(f"{act_path} has {store.num_rows} rows but the feature store {fs_path} has {fs.n_rows}")
@@ -209,8 +210,8 @@ def index(
     mined = _tables(r, store, params, density_bins)
     meta = {
         "format": FORMAT,
-        "feature_store": str(fs_path.resolve()),
-        "activation_store": str(Path(act_path).resolve()) if act_path else None,
+        "feature_store": record_path(fs_path),
+        "activation_store": record_path(act_path) if act_path else None,
         "sae": fs.spec.get("sae"),
         "hook": fs.spec.get("hook"),
         "n_tokens": fs.n_rows,
@@ -471,7 +472,7 @@ class FeatureIndex:
         """Every activation of ``feature`` (token rows, values) from the feature-major copy."""
         f = self._check_feature(feature)
         if self._features is None:
-            self._features = FeatureStore(self.meta["feature_store"])
+            self._features = FeatureStore(resolve_recorded(self.meta["feature_store"], self.path))
         return self._features.activations(f)
 
     # -- context decoding -------------------------------------------------------------------------
@@ -479,7 +480,7 @@ class FeatureIndex:
         if self._contexts is None:
             if not self.meta.get("activation_store"):
                 raise ValueError(f"{self.path}: the index records no activation store; contexts are unavailable")
-            self._contexts = ContextReader(ActivationStore(self.meta["activation_store"]), *self.context)
+            self._contexts = ContextReader(ActivationStore(resolve_recorded(self.meta["activation_store"], self.path)), *self.context)
         return self._contexts
 
     def tokenizer(self) -> Any:

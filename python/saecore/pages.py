@@ -49,7 +49,7 @@ from .config import add_arguments, from_args, option, validate
 from .errors import CorruptDataError, SaecoreError
 from .features import FeatureStore
 from .index import ContextReader, Example
-from .run import PAGES_INDEX_FILE, Run
+from .run import PAGES_INDEX_FILE, Run, resolve_recorded
 
 PAGES_FORMAT = "saecore.pages/1"
 SUMMARY_CHUNK = 4096
@@ -186,19 +186,9 @@ def load_tokenizer(model_name: str | None) -> Any | None:
         return None
 
 
-def _resolve(run: Path, recorded: Any) -> Path | None:
-    """A path an index's meta.json records: absolute as is, relative to the run (else the working folder)."""
-    if not isinstance(recorded, str) or not recorded:
-        return None
-    p = Path(recorded)
-    if p.is_absolute():
-        return p
-    return run / p if (run / p).exists() else Path.cwd() / p
-
-
 def open_activation_store(run: Path, meta: dict[str, Any]) -> ActivationStore | None:
     """The activation store the index was built from (else the run's), or None when it cannot be found."""
-    for path in (_resolve(run, meta.get("activation_store")), Run(run).activations):
+    for path in (resolve_recorded(meta.get("activation_store"), run), Run(run).activations):
         if path is not None and path.exists():
             return ActivationStore(path)
     return None
@@ -214,7 +204,7 @@ def feature_activation_lookup(run: Path, index_dir: Path, meta: dict[str, Any]) 
     ``RUN/features/SAE.zarr``), feature-major copy. Without it, pages shade only the activations the
     index recorded.
     """
-    path = next((p for p in (_resolve(run, meta.get("feature_store")), Run(run).features(index_dir.name))
+    path = next((p for p in (resolve_recorded(meta.get("feature_store"), run), Run(run).features(index_dir.name))
                  if p is not None and p.exists()), None)
     if path is None:
         return None, "no feature store found"

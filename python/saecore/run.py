@@ -165,3 +165,26 @@ def store_path(path: str | os.PathLike[str]) -> Path:
     path = Path(path)
     inside = Run(path).activations
     return inside if inside.exists() else path
+
+
+def record_path(path: str | os.PathLike[str]) -> str:
+    """How one run file records another's path: absolute, so it reads the same from any working folder."""
+    return str(Path(path).resolve())
+
+
+def resolve_recorded(recorded: object, anchor: str | os.PathLike[str]) -> Path | None:
+    """A path a run file recorded, or None when it recorded none.
+
+    Absolute paths are taken as they are. A relative one (written by an older saecore) is resolved
+    against ``anchor``, the folder of the file that recorded it or its run, when it exists there;
+    else against the working folder, as it was written.
+    """
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    p = Path(recorded)
+    if p.is_absolute():
+        return p
+    for base in (Path(anchor), *Path(anchor).resolve().parents):
+        if (base / p).exists():
+            return base / p
+    return Path.cwd() / p

@@ -31,7 +31,7 @@ import torch
 from ._atomic import atomic_target, write_text
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
-from .run import CFG_FILE
+from .run import CFG_FILE, record_path
 from .sae import SAE
 from .training import (
     TrainConfig,
@@ -164,7 +164,7 @@ def sweep(
             loss = heldout_loss(sae, store, hook, n_train, store.num_rows, scale, base.l1_coefficient)
             runs.append({"d_sae": d_sae, "tokens": tokens, "compute": d_sae * tokens, "loss": loss, "sae": str(folder)})
     fitted = fit(runs)
-    result = {"architecture": base.architecture, "store": str(store.path), "runs": runs, "fit": fitted,
+    result = {"architecture": base.architecture, "store": record_path(store.path), "runs": runs, "fit": fitted,
               "compute": "d_sae x tokens", "loss": "held-out training objective, scaled units"}
     write_text(out / "sweep.json", json.dumps(result, indent=2))
     rows = [["d_sae", "tokens", "compute", "heldout_loss", "on_frontier"]]

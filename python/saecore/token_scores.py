@@ -40,7 +40,7 @@ from . import _atomic, _native
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .features import FeatureStore
-from .run import TOKEN_SCORES_FILE, features_index_dir
+from .run import TOKEN_SCORES_FILE, features_index_dir, resolve_recorded
 from .taxonomy import THRESHOLDS, LogitShape, input_class, output_class, taxonomy
 
 META_KEY = b"saecore.token_scores"
@@ -143,7 +143,7 @@ def token_scores(
     fs = FeatureStore(features)
     if not fs.complete:
         raise ValueError(f"{features}: the feature store is incomplete; rerun `saecore encode` to finish it")
-    act_path = activations or fs.spec.get("activation_store")
+    act_path = activations or resolve_recorded(fs.spec.get("activation_store"), features)
     if not act_path:
         raise ValueError(f"{features}: the feature store records no activation store; pass activations=")
     store = ActivationStore(act_path)

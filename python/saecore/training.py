@@ -41,7 +41,7 @@ from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .devices import default_device
 from .errors import CorruptDataError, SaecoreError, StoreError
-from .run import LEGACY_TRAINER_STATE_FILE, TRAINER_STATE_FILE, store_path
+from .run import LEGACY_TRAINER_STATE_FILE, TRAINER_STATE_FILE, record_path, store_path
 from .sae import AUXK_FAMILY, SAE, SAEConfig, check_matryoshka_groups
 
 if TYPE_CHECKING:
@@ -420,7 +420,7 @@ class Trainer:
     def _training_facts(self) -> dict[str, Any]:
         return {
             "train_config": self.cfg.to_dict(),
-            "store": str(self.store.path),
+            "store": record_path(self.store.path),
             "train_rows": [0, self.n_train],
             "holdout_rows": [self.n_train, self.store.num_rows],
             "steps": self.step,
