@@ -432,3 +432,15 @@ def test_quickstart_steps_run_once_and_then_skip(tiny_model_dir, small_corpus_di
     assert (cfg.pages / "index.html").exists() and (cfg.index_dir / "topk.parquet").exists()
     assert str(cfg.activations) in second.getvalue() and "rows x 64" in second.getvalue()
     assert ActivationStore(cfg.activations).attrs["max_tokens"] == 1024
+
+
+def test_a_huge_max_tokens_harvests_the_corpus_without_a_huge_allocation(tiny_model, small_corpus, tmp_path):
+    """--max-tokens 2^48 means "everything": the store grows as rows come, so finishing trims a small
+    array, not one sized for 2^48 rows (that ended in a MemoryError, leaving a store every rerun repeated)."""
+    cfg = {**SMALL, "max_tokens": 1 << 48, "batch_size": 16, "chunk_rows": 512}
+    huge = saecore.harvest(model=tiny_model, corpus=small_corpus, out=tmp_path / "huge.zarr", cfg=HarvestConfig(hooks=[HOOK], **cfg))
+    cfg["max_tokens"] = None
+    whole = saecore.harvest(model=tiny_model, corpus=small_corpus, out=tmp_path / "all.zarr", cfg=HarvestConfig(hooks=[HOOK], **cfg))
+    assert huge.num_rows == whole.num_rows > 16 * 32
+    assert zarr.open_group(str(tmp_path / "huge.zarr"), mode="r")["token_ids"].shape[0] == huge.num_rows
+    np.testing.assert_array_equal(huge.read(HOOK, 0, huge.num_rows), whole.read(HOOK, 0, whole.num_rows))

@@ -318,7 +318,7 @@ def _open_writer(out: Path, spec: dict[str, Any], d_model: int, cfg: HarvestConf
         out,
         spec,
         dict.fromkeys(cfg.hooks, d_model),
-        capacity_rows=(cfg.max_contexts or 1024) * cfg.context_length,
+        capacity_rows=min(cfg.max_contexts or 1024, 1024) * cfg.context_length,  # grows by doubling: a huge --max-tokens costs nothing
         chunk_rows=cfg.chunk_rows,
     )
 
