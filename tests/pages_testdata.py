@@ -181,6 +181,8 @@ def write_geometry(index: Path) -> None:
                 for k, v in zip(ll, (f, kind, rank, tid, WORDS[tid], sign * (3.0 - rank))):
                     ll[k].append(v)
     _table(index / "logit_lens.parquet", {k: (v, t) for (k, v), t in zip(ll.items(), (u4, pa.string(), u2, u4, pa.string(), f4))})
+    for spec in (tables.NEIGHBOURS, tables.MAP, tables.ENC_DEC_COSINE, tables.LOGIT_LENS):
+        tables.seal_file(spec.path(index))  # as the verbs that write them do
 
 
 def make_run(root: Path, geometry: bool = True, model: str = "synthetic-words") -> SyntheticRun:

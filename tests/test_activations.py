@@ -19,6 +19,7 @@ from saecore.activations import (
     float_to_bf16_bits,
     remove_store,
 )
+from saecore.errors import CorruptDataError
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -125,7 +126,7 @@ def test_refuses_foreign_folders_and_damaged_stores(tmp_path):
         ActivationStore(path)
     _write(tmp_path / "t.zarr", [_batch(np.random.default_rng(3), 4)])
     zarr.open_group(str(tmp_path / "t.zarr"), mode="r+")["token_ids"].resize((2,))
-    with pytest.raises(StoreError, match="token_ids has 2 rows, metadata says 4"):
+    with pytest.raises(CorruptDataError, match="token_ids/zarr.json: sha256 differs"):  # resized after completion
         ActivationStore(tmp_path / "t.zarr")
     with pytest.raises(FileNotFoundError):
         ActivationStore(tmp_path / "missing.zarr")
@@ -134,7 +135,6 @@ def test_refuses_foreign_folders_and_damaged_stores(tmp_path):
 def test_a_store_claiming_rows_it_never_wrote_is_refused(tmp_path):
     """Metadata, arrays and commit record all saying 10⁹ rows: refused at open (no chunk file for them),
     not read as 10⁹ rows of zeros."""
-    from saecore.errors import CorruptDataError
     from saecore.toy import ToyConfig, write_toy_store
 
     store = write_toy_store(tmp_path / "a.zarr", ToyConfig(n_features=8, d=8, seed=0), rows=1024, chunk_rows=256)
@@ -149,6 +149,10 @@ def test_a_store_claiming_rows_it_never_wrote_is_refused(tmp_path):
     (store.path / "zarr.json").write_text(json.dumps(group))
     commit = json.loads((store.path / "commit.json").read_text())
     commit["rows_committed"] = big
+    (store.path / "commit.json").write_text(json.dumps(commit))
+    with pytest.raises(CorruptDataError, match=r"commit.json: sha256 does not match"):  # its seal
+        ActivationStore(store.path)
+    del commit["sha256"], commit["metadata_sha256"]  # an unsealed record, as older stores have: the chunks still tell
     (store.path / "commit.json").write_text(json.dumps(commit))
     with pytest.raises(CorruptDataError, match=r"acts/toy/c/3906249/0: missing"):
         ActivationStore(store.path)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from saecore import tables
+from saecore import geometry, tables
 from saecore._trainer_state import load_state
 from saecore.activations import ActivationStore
 from saecore.encode import encode
@@ -37,6 +37,10 @@ def built(tmp_path_factory) -> Path:
                                                 shuffle_buffer_rows=1024, dead_window_tokens=1024))
     encode(store, run.sae(SAE_NAME), run.features(SAE_NAME), batch_rows=256, shard_rows=512, progress=False)
     index(run.features(SAE_NAME), run.index(SAE_NAME), progress=False)
+    directions = geometry.load_directions(run.sae(SAE_NAME))  # the tables geometry verbs write beside the index
+    tables.NEIGHBOURS.write(geometry.neighbours_table(directions, [], k=4), tables.NEIGHBOURS.path(run.index(SAE_NAME)))
+    tables.ENC_DEC_COSINE.write(geometry.enc_dec_cosine(directions), tables.ENC_DEC_COSINE.path(run.index(SAE_NAME)))
+    tables.MAP.write(geometry.feature_map([directions], "pca")[0], tables.MAP.path(run.index(SAE_NAME)))
     return run.root
 
 
@@ -60,11 +64,20 @@ def _read_index(run: Run) -> None:
             idx._table(spec)
 
 
+def _read_verb_tables(run: Run) -> None:
+    for spec in (tables.NEIGHBOURS, tables.ENC_DEC_COSINE, tables.MAP):
+        assert spec.read(run.index(SAE_NAME)) is not None
+
+
 # artefact kind → (file inside the run, the reader a command calls)
 ARTEFACTS: dict[str, tuple[str, Callable[[Run], object]]] = {
     "activation chunk": ("activations.zarr/acts/toy/c/2/0", _read_store),
     "activation column chunk": ("activations.zarr/doc_ids/c/1", _read_store),
+    "activation store commit record": ("activations.zarr/commit.json", _read_store),
+    "activation store metadata": ("activations.zarr/zarr.json", _read_store),
+    "activation array metadata": ("activations.zarr/doc_ids/zarr.json", _read_store),
     "SAE weights": (f"saes/{SAE_NAME}/sae_weights.safetensors", lambda run: SAE.load(run.sae(SAE_NAME))),
+    "SAE config": (f"saes/{SAE_NAME}/cfg.json", lambda run: SAE.load(run.sae(SAE_NAME))),
     "trainer state": (f"saes/{SAE_NAME}/trainer_state.safetensors",
                       lambda run: load_state(run.sae(SAE_NAME) / "trainer_state.safetensors")),
     "feature shard": (f"features/{SAE_NAME}.zarr/shards/000001/value/c/0", _read_features),
@@ -72,6 +85,10 @@ ARTEFACTS: dict[str, tuple[str, Callable[[Run], object]]] = {
     "index table (topk)": (f"index/{SAE_NAME}/topk.parquet", _read_index),
     "index table (stats)": (f"index/{SAE_NAME}/stats.parquet", _read_index),
     "index metadata": (f"index/{SAE_NAME}/meta.json", _read_index),
+    "geometry table (neighbours)": (f"index/{SAE_NAME}/neighbours.parquet", _read_verb_tables),
+    "geometry table (enc_dec_cosine)": (f"index/{SAE_NAME}/enc_dec_cosine.parquet", _read_verb_tables),
+    "geometry table (map)": (f"index/{SAE_NAME}/map.parquet", _read_verb_tables),
+    "geometry table checksum": (f"index/{SAE_NAME}/map.parquet.sha256", _read_verb_tables),
 }
 
 

@@ -30,8 +30,9 @@ from saecore.run import Run
 SAE = "s"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "SAECORE_NUM_THREADS": "1",
        "TOKENIZERS_PARALLELISM": "false"}
-# Keys whose values are wall-clock measurements, and the digest of a JSON that holds one.
-VOLATILE = {"mining_seconds", "seconds", "elapsed_seconds", "tokens_per_second", "sha256"}
+# Keys whose values are wall-clock measurements, and digests of JSON that holds one or the run's own path
+# (the JSON itself is compared, scrubbed).
+VOLATILE = {"mining_seconds", "seconds", "elapsed_seconds", "tokens_per_second", "sha256", "metadata_sha256", "cfg_sha256"}
 
 CHILD = r"""
 import os, signal, sys

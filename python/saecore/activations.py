@@ -39,6 +39,7 @@ import numpy as np
 import zarr
 
 from ._atomic import publish_dir, write_json
+from ._digest import file_sha256, json_sha256
 from .errors import CorruptDataError, StoreError, StoreMismatchError
 from .run import STORE_COMMIT_FILE
 
@@ -107,29 +108,57 @@ class CommitState:
     complete: bool = False
     #: Running totals the harvester keeps with each commit (tokens seen, rows excluded and why).
     counters: dict[str, int] = field(default_factory=dict)
+    #: Once complete: sha256 of every ``zarr.json`` (store and array metadata) by path in the store.
+    metadata_sha256: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """The record, sealed with the sha256 of its own canonical form (checked by :meth:`from_file`)."""
+        body = {
             "batches_done": self.batches_done,
             "rows_committed": self.rows_committed,
             "sum_sq_norm": self.sum_sq_norm,
             "complete": self.complete,
             "counters": self.counters,
+            "metadata_sha256": self.metadata_sha256,
         }
+        return {**body, "sha256": json_sha256(body)}
 
     @classmethod
     def from_file(cls, path: Path) -> CommitState:
         try:
             data = json.loads(path.read_text())
+            if "sha256" in data and data.pop("sha256") != json_sha256(data):  # older stores have no seal
+                raise CorruptDataError(f"{path}: sha256 does not match its content; the commit record is corrupt")
             return cls(
                 batches_done=int(data["batches_done"]),
                 rows_committed=int(data["rows_committed"]),
                 sum_sq_norm={k: float(v) for k, v in data["sum_sq_norm"].items()},
                 complete=bool(data.get("complete", False)),
                 counters={k: int(v) for k, v in data.get("counters", {}).items()},
+                metadata_sha256={str(k): str(v) for k, v in data.get("metadata_sha256", {}).items()},
             )
+        except CorruptDataError:
+            raise
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise StoreError(f"{path}: unreadable commit record ({e}); the store is corrupt") from e
+
+
+def _metadata_digests(path: Path, hooks: Iterable[str]) -> dict[str, str]:
+    """sha256 of the store's and each array's ``zarr.json``, final once the store completes."""
+    names = [""] + [hook_array_name(h) for h in hooks] + list(_COLUMNS)
+    rels = [f"{name}/zarr.json".lstrip("/") for name in names]
+    return {rel: file_sha256(path / rel) for rel in rels}
+
+
+def _check_metadata(path: Path, digests: Mapping[str, str]) -> None:
+    """CorruptDataError naming the metadata file that is missing or differs from the commit record."""
+    for rel, want in digests.items():
+        file = path / rel
+        if not file.exists():
+            raise CorruptDataError(f"{file}: missing, though {COMMIT_FILE} records it; the store is corrupt")
+        if file_sha256(file) != want:
+            raise CorruptDataError(f"{file}: sha256 differs from the one {COMMIT_FILE} recorded; the store's "
+                                   "metadata is corrupt")
 
 
 class ActivationStoreWriter:
@@ -326,7 +355,8 @@ class ActivationStoreWriter:
         meta["counters"] = dict(self.state.counters)
         self._group.attrs["saecore"] = meta
         self.state = CommitState(
-            self.state.batches_done, rows, self.state.sum_sq_norm, complete=True, counters=self.state.counters
+            self.state.batches_done, rows, self.state.sum_sq_norm, complete=True, counters=self.state.counters,
+            metadata_sha256=_metadata_digests(self.path, self.hooks),
         )
         write_json(self.path / COMMIT_FILE, self.state.to_json())
         return ActivationStore(self.path)
@@ -345,13 +375,14 @@ class ActivationStore:
             raise FileNotFoundError(f"{self.path}: no activation store here")
         commit_path = self.path / COMMIT_FILE
         if not commit_path.exists():
-            raise StoreError(f"{self.path}: not an activation store (no {COMMIT_FILE})")
+            raise StoreError(f"{commit_path}: missing, so {self.path} is not an activation store (or its commit record was deleted)")
         state = CommitState.from_file(commit_path)
         if not state.complete:
             raise StoreError(
                 f"{self.path}: incomplete activation store ({state.rows_committed} rows from "
                 f"{state.batches_done} batches committed); rerun the same harvest command to finish it"
             )
+        _check_metadata(self.path, state.metadata_sha256)
         try:
             self._group = zarr.open_group(str(self.path), mode="r")
             self.attrs: dict[str, Any] = dict(self._group.attrs["saecore"])

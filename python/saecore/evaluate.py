@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -38,8 +37,9 @@ from ._atomic import write_json
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .devices import default_device
-from .run import CFG_FILE, METRICS_FILE, record_path, resolve_recorded
+from .run import METRICS_FILE, record_path, resolve_recorded
 from .sae import SAE
+from .saelens import read_cfg
 
 METRICS_FILENAME = METRICS_FILE
 
@@ -51,7 +51,7 @@ def _same_path(recorded: object, anchor: Path, path: Path) -> bool:
 
 
 def _training_facts(sae_dir: Path) -> dict[str, Any]:
-    cfg = json.loads((sae_dir / CFG_FILE).read_text())
+    cfg = read_cfg(sae_dir)
     return ((cfg.get("metadata") or {}).get("saecore") or {})
 
 

@@ -371,7 +371,7 @@ def cli_run_neighbours(args: argparse.Namespace) -> int:
                              f"{sae.path} has {sae.decoder.shape[1]}; neighbours need the same hook width")
     table = neighbours_table(sae, others, k=args.k, device=args.device)
     out = args.out or tables.NEIGHBOURS.path(index_dir(sae.path))
-    write_parquet(table, out)
+    tables.NEIGHBOURS.write(table, out)
     print(f"wrote {table.num_rows} rows to {out}")
     return 0
 
@@ -745,7 +745,7 @@ def cli_run_geometry(args: argparse.Namespace) -> int:
     saes = [load_directions(p) for p in args.sae]
     for sae in saes:
         out = index_dir(sae.path)
-        write_parquet(enc_dec_cosine(sae), tables.ENC_DEC_COSINE.path(out))
+        tables.ENC_DEC_COSINE.write(enc_dec_cosine(sae), tables.ENC_DEC_COSINE.path(out))
         store = args.store or default_store(sae.path)
         cov = activation_covariance(store, sae.hook_name or None, args.max_tokens) if store else None
         table = geometry_baselines(sae, cov, seed=args.seed, device=args.device)
@@ -757,7 +757,7 @@ def cli_run_geometry(args: argparse.Namespace) -> int:
     if args.map != "none":
         table, method = feature_map(saes, args.map, seed=args.seed)
         for sae in saes:
-            write_parquet(table, tables.MAP.path(index_dir(sae.path)))
+            tables.MAP.write(table, tables.MAP.path(index_dir(sae.path)))
             plot_map(table, method, index_dir(sae.path) / run.MAP_PLOT)
         print(f"map ({method}) of {table.num_rows} directions written to map.parquet/map.png")
     return 0

@@ -163,7 +163,7 @@ def write_logit_lens(
         total = -(-n_feat // batch_features)
         for chunk, pi, pv, si, sv in tqdm(batches, total=total, desc="logit lens", disable=not progress):
             writer.write_table(_batch_table(chunk, (pi, si), (pv, sv), token_text).cast(schema))
-    return path
+    return tables.seal_file(path)
 
 
 def read_logit_lens(

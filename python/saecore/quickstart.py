@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import tables
-from ._atomic import write_parquet
 from .config import add_arguments, from_args, option, validate
 from .errors import SaecoreError
-from .run import CFG_FILE, METRICS_FILE, PAGES_INDEX_FILE, Run
+from .run import METRICS_FILE, PAGES_INDEX_FILE, Run
+from .saelens import read_cfg
 
 
 @dataclass
@@ -148,10 +148,9 @@ def _harvest_summary(cfg: QuickstartConfig) -> str:
 
 # -- step: train -------------------------------------------------------------------------------------
 def _training_facts(cfg: QuickstartConfig) -> dict:
-    import json
 
     try:
-        meta = json.loads((cfg.sae_dir / CFG_FILE).read_text()).get("metadata") or {}
+        meta = read_cfg(cfg.sae_dir).get("metadata") or {}
     except (OSError, ValueError):
         return {}
     return meta.get("saecore") or {}
@@ -233,11 +232,11 @@ def _index_run(cfg: QuickstartConfig) -> None:
     model, tokenizer = load(cfg.model)
     write_logit_lens(SAE.load(cfg.sae_dir, device="cpu"), model, tokenizer, tables.LOGIT_LENS.path(cfg.index_dir))
     directions = geometry.load_directions(cfg.sae_dir)
-    write_parquet(geometry.neighbours_table(directions, [], k=10), tables.NEIGHBOURS.path(cfg.index_dir))
-    write_parquet(geometry.enc_dec_cosine(directions), tables.ENC_DEC_COSINE.path(cfg.index_dir))
+    tables.NEIGHBOURS.write(geometry.neighbours_table(directions, [], k=10), tables.NEIGHBOURS.path(cfg.index_dir))
+    tables.ENC_DEC_COSINE.write(geometry.enc_dec_cosine(directions), tables.ENC_DEC_COSINE.path(cfg.index_dir))
     table, _method = geometry.feature_map([directions], "umap")
     # Written last: its presence marks the whole step complete.
-    write_parquet(table, tables.MAP.path(cfg.index_dir))
+    tables.MAP.write(table, tables.MAP.path(cfg.index_dir))
 
 
 def _index_summary(cfg: QuickstartConfig) -> str:

@@ -52,6 +52,8 @@ STORE_COMMIT_FILE = "commit.json"
 """The activation store's commit record; a folder without it is not (yet) a store."""
 INDEX_META_FILE = "meta.json"
 """Written last by ``saecore index``: the mined tables of a folder without it are incomplete."""
+CHECKSUM_SUFFIX = ".sha256"
+"""Beside a table a verb writes on its own (not ``saecore index``): ``FILE.sha256`` holds the file's sha256."""
 PAGES_INDEX_FILE = "index.html"
 """The root page of ``pages/``, written after every SAE's folder is in place."""
 

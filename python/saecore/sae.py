@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from ._atomic import atomic_target, write_json
 from ._digest import file_sha256
 from .run import CFG_FILE, WEIGHTS_FILE
-from .saelens import WEIGHTS_SHA256_KEY, read_checkpoint, saelens_config
+from .saelens import WEIGHTS_SHA256_KEY, read_checkpoint, saelens_config, seal_cfg
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 # Architectures that keep a batch top-(B·k) while training and a learned global threshold at inference.
@@ -631,7 +631,7 @@ class SAE(nn.Module):
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
             # Recorded in cfg.json, checked by every load: a flipped byte is an error, not other results.
             cfg["metadata"]["saecore"][WEIGHTS_SHA256_KEY] = file_sha256(tmp)
-        write_json(directory / CFG_FILE, cfg)
+        write_json(directory / CFG_FILE, seal_cfg(cfg))
         return directory
 
     @classmethod

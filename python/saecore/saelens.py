@@ -23,13 +23,14 @@ gated SAEs …) are refused with a message naming them.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ._atomic import read_json_object
-from ._digest import file_sha256
+from ._digest import file_sha256, json_sha256
 from .errors import CorruptDataError, MissingDataError
 from .run import CFG_FILE, WEIGHTS_FILE
 
@@ -47,6 +48,8 @@ _SAELENS_TOPK_FAMILY = ("topk", "batchtopk", "matryoshka_batchtopk")
 # normalize_activations values that are the identity on a saved (inference) SAE.
 _IDENTITY_NORMALISATION = (None, False, "none", "expected_average_only_in")
 WEIGHTS_SHA256_KEY = "weights_sha256"
+CFG_SHA256_KEY = "cfg_sha256"
+"""``metadata.saecore`` key: sha256 of the rest of ``cfg.json`` in canonical form (:func:`seal_cfg`)."""
 """Key under cfg.json's ``metadata.saecore``: sha256 of sae_weights.safetensors, checked on load."""
 
 
@@ -85,11 +88,30 @@ def saelens_config(sae: Any, extra_metadata: dict[str, Any]) -> tuple[dict[str, 
     return {k: v.detach().float() for k, v in tensors.items()}, out
 
 
-def _read_cfg(directory: Path) -> dict[str, Any]:
-    path = directory / CFG_FILE
+def seal_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` (saecore's metadata in it) with the digest :func:`read_cfg` checks."""
+    meta = cfg["metadata"]["saecore"]
+    meta.pop(CFG_SHA256_KEY, None)
+    meta[CFG_SHA256_KEY] = json_sha256(cfg)
+    return cfg
+
+
+def read_cfg(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """An SAE folder's ``cfg.json``; CorruptDataError naming it when saecore sealed it and it changed since.
+
+    A foreign (SAELens) config, or one an older saecore wrote, has no seal and is read as it is.
+    """
+    path = Path(directory) / CFG_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no SAE config here (expected cfg.json + sae_weights.safetensors)")
-    return read_json_object(path)
+        raise MissingDataError(f"{path}: no SAE config here (expected cfg.json + sae_weights.safetensors)")
+    data = read_json_object(path)
+    meta = (data.get("metadata") or {}).get("saecore")
+    if isinstance(meta, dict) and CFG_SHA256_KEY in meta:
+        want = meta.pop(CFG_SHA256_KEY)
+        if json_sha256(data) != want:
+            raise CorruptDataError(f"{path}: sha256 does not match its content; the SAE config is corrupt or was edited")
+        meta[CFG_SHA256_KEY] = want
+    return data
 
 
 def _read_weights(directory: Path, sha256: str | None) -> dict[str, torch.Tensor]:
@@ -167,7 +189,7 @@ def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Te
     The SAELens options are folded into the tensors here (see the module docstring), so
     :meth:`saecore.sae.SAE.load` only builds the module and copies them in.
     """
-    data = _read_cfg(directory)
+    data = read_cfg(directory)
     saecore_meta = (data.get("metadata") or {}).get("saecore") or {}
     weights = _read_weights(directory, saecore_meta.get(WEIGHTS_SHA256_KEY))
     own = saecore_meta.get("config")

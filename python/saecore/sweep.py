@@ -31,8 +31,9 @@ import torch
 from ._atomic import atomic_target, write_text
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
-from .run import CFG_FILE, record_path
+from .run import record_path
 from .sae import SAE
+from .saelens import read_cfg
 from .training import (
     TrainConfig,
     open_store,
@@ -160,7 +161,7 @@ def sweep(
             run_cfg = TrainConfig(**{**base.to_dict(), "d_sae": d_sae, "num_tokens": tokens})
             folder = out / f"{base.architecture}-{d_sae}-{tokens}"
             sae = train(store, folder, run_cfg)
-            scale = json.loads((folder / CFG_FILE).read_text())["metadata"]["saecore"]["input_scale"]
+            scale = read_cfg(folder)["metadata"]["saecore"]["input_scale"]
             loss = heldout_loss(sae, store, hook, n_train, store.num_rows, scale, base.l1_coefficient)
             runs.append({"d_sae": d_sae, "tokens": tokens, "compute": d_sae * tokens, "loss": loss, "sae": str(folder)})
     fitted = fit(runs)

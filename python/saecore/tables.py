@@ -12,7 +12,8 @@ tables it mines (stats, histograms, topk, samples, density_histogram) are read o
 ``meta.json``, which records each one's sha256 (``tables``) and its own (``sha256``, over the rest of
 the JSON); every read checks both and reports a mismatch as :class:`CorruptDataError` naming the file.
 The other tables are written by their own verbs, each atomically (aside, then renamed), so a present
-file is complete.
+file is complete, with its sha256 in ``FILE.sha256`` beside it (:meth:`TableSpec.write`,
+:func:`seal_file`); every read checks it, so a damaged or unsealed table is reported, never read.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import _atomic
 from . import run as layout
 from ._atomic import read_json_object
 from ._digest import file_sha256, json_sha256
@@ -67,6 +69,14 @@ class TableSpec:
             raise ValueError(f"{self.name} table: missing column(s) {missing}")
         return pa.table({c: columns[c] for c in self.schema.names}).cast(self.schema)
 
+    def write(self, table: pa.Table, path: str | os.PathLike[str]) -> Path:
+        """Write a table of this kind (not a mined one: ``saecore index`` seals those in ``meta.json``)
+        atomically, with its sha256 beside it."""
+        if table.schema.remove_metadata() != self.schema:
+            raise ValueError(f"{path}: a {self.name} table has schema {self.schema}, not {table.schema}")
+        _atomic.write_parquet(table, path)
+        return seal_file(path)
+
     def read(self, index_dir: str | os.PathLike[str]) -> pa.Table | None:
         """The table in ``index_dir`` (declared columns, declared types), or None when it is absent.
 
@@ -79,6 +89,9 @@ class TableSpec:
                 and not verify_table(index_dir, path)):
             return None
         if not path.exists():
+            if not self.mined and _seal_path(path).exists():
+                raise CorruptDataError(f"{path}: missing, though its checksum {_seal_path(path)} is there; "
+                                       "rerun the verb that writes it")
             return None
         return self.read_file(path)
 
@@ -87,6 +100,8 @@ class TableSpec:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path}: no {self.name} table here")
+        if not self.mined:
+            check_sealed(path)
         try:
             table = pq.read_table(path, columns=self.schema.names)
         except (pa.ArrowInvalid, OSError) as e:
@@ -209,6 +224,33 @@ def verify_table(index_dir: str | os.PathLike[str], path: str | os.PathLike[str]
         raise CorruptDataError(f"{path}: sha256 differs from the one {layout.INDEX_META_FILE} recorded; "
                                "the table is corrupt (rerun `saecore index`)")
     return True
+
+
+def seal_file(path: str | os.PathLike[str]) -> Path:
+    """Record ``path``'s sha256 in ``path.sha256`` (atomically), as :func:`check_sealed` checks it."""
+    path = Path(path)
+    _atomic.write_text(_seal_path(path), file_sha256(path) + "\n")
+    return path
+
+
+def check_sealed(path: str | os.PathLike[str]) -> None:
+    """CorruptDataError naming ``path`` when its ``.sha256`` is missing, damaged, or differs from its content."""
+    path = Path(path)
+    seal = _seal_path(path)
+    try:
+        want = seal.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise CorruptDataError(f"{path}: its checksum {seal} is missing (written by an older saecore, or interrupted); "
+                               "rerun the verb that writes it") from None
+    except (UnicodeDecodeError, OSError) as e:
+        raise CorruptDataError(f"{seal}: unreadable ({e})") from e
+    if file_sha256(path) != want:
+        raise CorruptDataError(f"{path}: sha256 differs from the one {seal} records; the table or its checksum is "
+                               "corrupt (rerun the verb that writes it)")
+
+
+def _seal_path(path: Path) -> Path:
+    return path.with_name(path.name + layout.CHECKSUM_SUFFIX)
 
 
 def feature_rows(table: pa.Table, feature: int) -> pa.Table:

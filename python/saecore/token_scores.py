@@ -41,6 +41,7 @@ from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .features import FeatureStore
 from .run import TOKEN_SCORES_FILE, features_index_dir, resolve_recorded
+from .tables import seal_file
 from .taxonomy import THRESHOLDS, LogitShape, input_class, output_class, taxonomy
 
 META_KEY = b"saecore.token_scores"
@@ -153,6 +154,7 @@ def token_scores(
     table = score_arrays(features, *keys, held_out_fraction=held_out_fraction, seed=seed, logit=logit)
     target = Path(out) if out is not None else features_index_dir(features)
     _atomic.write_parquet(table, target / TOKEN_SCORES_FILE)
+    seal_file(target / TOKEN_SCORES_FILE)
     return table
 
 
