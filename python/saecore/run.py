@@ -57,6 +57,10 @@ PAGES_INDEX_FILE = "index.html"
 RAY_PARTS_DIR = ".ray-parts"
 """Inside a store being written with ``--ray``: the parts workers computed and the driver has not
 committed yet (one folder per part, named by :func:`ray_part_dir`); removed when the store completes."""
+ZARR_NODE_FILE = "zarr.json"
+"""Zarr v3's metadata document of a group or array; a feature store keeps its manifest in the root's."""
+FEATURE_SHARDS_DIR = "shards"
+"""The feature store's token-major shards, ``shards/NNNNNN/{row_ptr,feature,value}/c/0``."""
 RAY_PART_FILE = "part.json"
 """Written last into a staged part: its batches or shards, counters and each file's CRC-32C."""
 
@@ -168,6 +172,12 @@ def sae_activation_store(sae_dir: str | os.PathLike[str]) -> Path | None:
 def ray_part_dir(store: str | os.PathLike[str], key: int) -> Path:
     """The staging folder of part ``key`` (its first batch or shard) of a store written with ``--ray``."""
     return Path(store) / RAY_PARTS_DIR / f"part-{key:09d}"
+
+
+def feature_store_staging(store: str | os.PathLike[str]) -> Path:
+    """The hidden sibling folder where the Rust writer assembles a feature store's new shards."""
+    store = Path(store)
+    return store.with_name(f".{store.name}.staging")
 
 
 def store_path(path: str | os.PathLike[str]) -> Path:
