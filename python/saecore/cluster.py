@@ -41,7 +41,8 @@ TASK_RETRIES = 3
 
 HOLD_DIR_ENV = "SAECORE_TEST_HOLD_DIR"
 """Test hook (fault tests only): while ``$SAECORE_TEST_HOLD_DIR/armed`` exists, the first attempt of each
-map task writes its PID to a marker file there and waits, so a test can SIGKILL a worker mid-task."""
+map task (and each part) writes its PID to a marker file ``task-TAG`` there and waits — until ``armed``
+goes or ``release-TAG`` appears — so a test can SIGKILL a worker, or the driver, mid-run."""
 
 
 class RayUnavailableError(SaecoreError):
@@ -103,7 +104,7 @@ def _hold_if_armed(tag: str) -> None:
         return
     marker.write_text(str(os.getpid()))
     deadline = time.time() + 120
-    while (Path(hold) / "armed").exists() and time.time() < deadline:
+    while (Path(hold) / "armed").exists() and not (Path(hold) / f"release-{tag}").exists() and time.time() < deadline:
         time.sleep(0.05)
 
 
