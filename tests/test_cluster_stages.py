@@ -209,3 +209,24 @@ def test_harvest_and_encode_refuse_an_unreachable_cluster_in_one_line(encode_inp
         assert p.stderr.strip().splitlines() == [f"saecore {verb}: error: cannot reach the Ray cluster at 127.0.0.1:1: "
                                                  + p.stderr.split("127.0.0.1:1: ", 1)[1].strip()]
     assert not (tmp_path / "f.zarr").exists() and not (tmp_path / "a.zarr").exists()
+
+
+# -- pages ---------------------------------------------------------------------------------------------
+def test_pages_on_ray_equal_the_serial_pages(ray_cluster, tmp_path):
+    import shutil
+
+    from pages_testdata import N_FEATURES, SAE, make_run, word_tokenizer
+    from saecore import features
+    from saecore.pages import build_pages
+
+    data = make_run(tmp_path / "serial", geometry=True)
+    path = data.run / "features" / f"{SAE}.zarr"
+    writer = features.open_writer(path, N_FEATURES, {"test": "pages"}, value_dtype="float32", shard_rows=32)
+    writer.append(*features.dense_to_csr(data.acts))
+    writer.finish()
+    features.build_csc(path)
+    shutil.copytree(data.run, tmp_path / "ray")
+    build_pages(data.run, tokenizer=word_tokenizer(), progress=False)
+    build_pages(tmp_path / "ray", tokenizer=word_tokenizer(), progress=False, ray="local")
+    assert len(list((data.run / "pages").rglob("f/*/*.html"))) >= N_FEATURES
+    assert_same_tree(data.run / "pages", tmp_path / "ray" / "pages")

@@ -333,3 +333,15 @@ def worker_error(what: str, error: Exception) -> Exception:
         return cause
     lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
     return SaecoreError(f"{what}: {lines[-1].strip() if lines else type(error).__name__}")
+
+
+def gather(ray: Any, refs: dict[Any, Any]) -> Any:
+    """Yield the results of task ``refs`` as they finish (any order); a failed task raises here."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=None)
+        for ref in done:
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise worker_error("a task failed", e) from None
