@@ -345,7 +345,7 @@ def _encode_on_ray(store: ActivationStore, sae: Any, out: Path, cfg: EncodeConfi
     if isinstance(sae, torch.nn.Module):
         raise TypeError("--ray needs the SAE's folder (every worker loads it), not an SAE object")
     ray = cluster.connect(None if cfg.ray == "local" else cfg.ray)  # refuse a bad address before writing
-    sae_dir = Path(sae)
+    sae_dir, out = Path(sae).resolve(), out.resolve()  # workers may run in another folder, or machine
     loaded = SAE.load(sae_dir, device="cpu")
     hook = _resolve_hook(store, loaded, cfg.hook)
     spec = _spec(store, sae_dir, loaded, hook, cfg.batch_rows)
@@ -356,7 +356,7 @@ def _encode_on_ray(store: ActivationStore, sae: Any, out: Path, cfg: EncodeConfi
     if complete:
         return
     parts = _encode_parts(committed, -(-store.num_rows // cfg.shard_rows), cfg.shards_per_part, out)
-    actors = cluster.start_workers(ray, EncodeWorker, (str(store.path), str(sae_dir), hook, spec, cfg), cfg.ray_workers)
+    actors = cluster.start_workers(ray, EncodeWorker, (str(store.path.resolve()), str(sae_dir), hook, spec, cfg), cfg.ray_workers)
     with tqdm(total=parts[-1].end, initial=committed, unit="shard", desc="encode (ray)", disable=not cfg.progress,
               file=sys.stderr) as bar:
 

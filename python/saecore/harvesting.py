@@ -573,12 +573,10 @@ def _parts(batches: Iterator[Batch], per_part: int, done: int, store: Path) -> I
             yield HarvestPart(chunk[0].index, chunk, ray_part_dir(store, chunk[0].index))
 
 
-def _start_harvest_workers(model: Any, cfg: HarvestConfig, first: Batch) -> tuple[Any, list[Any], dict[str, Any]]:
+def _start_harvest_workers(model: str, cfg: HarvestConfig, first: Batch) -> tuple[Any, list[Any], dict[str, Any]]:
     """Join or start the cluster, start the workers (each loads the model) and ask one what it loaded."""
-    if not isinstance(model, (str, os.PathLike)):
-        raise TypeError("--ray needs a model name or a folder every worker can load, not a model object")
     ray = cluster.connect(None if cfg.ray == "local" else cfg.ray)
-    actors = cluster.start_workers(ray, HarvestWorker, (str(model), cfg, first), cfg.ray_workers)
+    actors = cluster.start_workers(ray, HarvestWorker, (model, cfg, first), cfg.ray_workers)
     try:
         info = ray.get(actors[0].describe.remote())
     except ray.exceptions.RayError as e:
@@ -588,7 +586,12 @@ def _start_harvest_workers(model: Any, cfg: HarvestConfig, first: Batch) -> tupl
 
 def _harvest_on_ray(model: Any, corp: corpus_mod.Corpus, out: Path, cfg: HarvestConfig) -> ActivationStore:
     """:func:`harvest` with the forward passes on Ray workers; the same store, byte for byte."""
-    tok = models.load_tokenizer(model) if isinstance(model, (str, os.PathLike)) else None
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError("--ray needs a model name or a folder every worker can load, not a model object")
+    folder = Path(model).expanduser()
+    model = str(folder.resolve()) if folder.is_dir() else str(model)  # workers may run elsewhere
+    out = out.resolve()
+    tok = models.load_tokenizer(model)
     first, batches = _first_batch(corp, tok, cfg)
     ray, actors, info = _start_harvest_workers(model, cfg, first)
     spec = _store_spec(cfg, info["model_dtype"], info["model"], corp)

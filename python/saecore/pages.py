@@ -582,8 +582,8 @@ class SaeBuild:
         tasks = max(1, min(len(features), 4 * int(ray.cluster_resources().get("CPU", 1))))
         batches = [b for b in np.array_split(features, tasks) if len(b)]
         remote = ray.remote(num_cpus=1, max_retries=cluster.TASK_RETRIES)(_feature_pages_task)
-        build = (str(self.run), self.sae, self.tokens.tokenizer, self.lookup_mode, self.linkable_saes)
-        refs = {remote.remote(build, str(out), b, n_features): len(b) for b in batches}
+        build = (str(self.run.resolve()), self.sae, self.tokens.tokenizer, self.lookup_mode, self.linkable_saes)
+        refs = {remote.remote(build, str(out.resolve()), b, n_features): len(b) for b in batches}
         with tqdm(total=len(features), desc=f"pages {self.sae} (ray)", unit="feature", disable=not progress) as bar:
             for top_tokens, done in cluster.gather(ray, refs):
                 self.summary_top_tokens.update(top_tokens)
