@@ -143,8 +143,8 @@ def test_encode_on_ray_survives_a_killed_worker_with_the_same_bytes(ray_cluster,
     out = tmp_path / "ray.zarr"
     thread, errors = _in_thread(lambda: encode(store, root / "sae", out, **ENCODE, ray="local", ray_workers=2,
                                                 shards_per_part=2))
-    _wait_for(lambda: any(p.stat().st_size for p in hold.glob("task-part-*")), "a worker to hold a part")
-    pid = int(min(hold.glob("task-part-*")).read_text())
+    _wait_for(lambda: _held_pids(hold), "a worker to hold a part")
+    pid = _held_pids(hold)[0]
     os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     (hold / "armed").unlink()
@@ -173,6 +173,8 @@ def test_killed_driver_resumes_from_the_committed_parts(ray_cluster, encode_inpu
     inode = first_shard.stat().st_ino
     driver.send_signal(signal.SIGKILL)
     driver.wait(60)
+    # Ray ends a dead driver's workers; only then may the held parts go (else they would run on).
+    _wait_for(lambda: not any(_alive(pid) for pid in _held_pids(hold)), "the killed driver's workers to end", 120)
     (hold / "armed").unlink()
     rerun = subprocess.run(_encode_cli(store, root, out, address), capture_output=True, text=True, timeout=300,
                            check=False)
@@ -181,6 +183,19 @@ def test_killed_driver_resumes_from_the_committed_parts(ray_cluster, encode_inpu
     assert "parts: 4 computed, 0 reused from an earlier run, 0 refused and redone" in rerun.stderr
     assert first_shard.stat().st_ino == inode  # the committed shard was not written again
     assert_same_tree(root / "one.zarr", out)
+
+
+def _held_pids(hold: Path) -> list[int]:
+    """PIDs of the workers holding a part (markers whose PID is written), in part order."""
+    return [int(text) for p in sorted(hold.glob("task-part-*")) if (text := p.read_text().strip())]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _committed(store: Path) -> int:
