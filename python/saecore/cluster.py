@@ -1,4 +1,10 @@
-"""Scale the index out on a Ray cluster (``saecore index --ray [ADDRESS]``).
+"""The data stages on a Ray cluster (``--ray [ADDRESS]`` on index, harvest, encode and pages).
+
+Two engines live here. The index's two-round map-reduce of Rust partials (below), and
+:func:`run_parts`: long-lived worker actors (one per GPU, else per CPU) compute ordered *parts* into
+checksummed files on the shared path and the driver commits them in order, used by ``harvest``
+and ``encode`` (their part workers and commit functions live in their own modules). ``pages`` uses
+plain tasks and :func:`gather`.
 
 The index is a mergeable reduction (see ``rust/saecore/src/mining/partial.rs``): a task mines a range
 of shards into a *partial* (compact little-endian bytes with a CRC-32C), partials are merged in a tree
@@ -270,6 +276,7 @@ class _Slot:
     part: Any
     staged: bool = False
     ref: Any = None
+    refusals: int = 0
 
 
 def run_parts(ray: Any, actors: list[Any], parts: Any, staged: Any, commit: Any, bar: Any) -> PartStats:
@@ -298,8 +305,11 @@ def run_parts(ray: Any, actors: list[Any], parts: Any, staged: Any, commit: Any,
             try:
                 commit(window[0].part)
             except PartRefused as e:
+                window[0].staged, window[0].refusals = False, window[0].refusals + 1
+                if window[0].refusals > ACTOR_RESTARTS:
+                    raise CorruptDataError(f"{e}, {window[0].refusals} times in a row; giving up") from e
                 print(f"saecore: {e}; computing the part again", file=sys.stderr)
-                window[0].staged, stats.redone = False, stats.redone + 1
+                stats.redone += 1
                 break
             window.popleft()
             bar.set_postfix_str(f"workers {len(actors)}, restarts {stats.restarts}", refresh=False)
