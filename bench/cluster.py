@@ -34,7 +34,7 @@ from saecore import _native
 path, mode, workers, per_task, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 params = json.loads(sys.argv[6])
 if mode == "inproc":
-    t0 = time.perf_counter(); r = _native.mine(path, **params); t = time.perf_counter() - t0; startup = 0.0
+    t0 = time.perf_counter(); r = _native.mine(path, **params, second_pass=True, progress=None); t = time.perf_counter() - t0; startup = 0.0
 else:
     import ray
     from saecore import cluster as distributed

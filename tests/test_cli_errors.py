@@ -72,6 +72,8 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("sweep", "negative", ["{store}", "{out}/sweep", "--d-sae", "-4"]),
     ("sweep", "NaN", ["{store}", "{out}/sweep", "--holdout-fraction", "nan"]),
     ("encode", "bad path", ["--store", "{missing}", "--sae", "{sae}", "--out", "{out}/f.zarr"]),
+    ("encode", "zero parts", ["--store", "{store}", "--sae", "{sae}", "--out", "{out}/f.zarr", "--ray", "--shards-per-part", "0"]),
+    ("harvest", "zero workers", ["--model", "{model}", "--ray", "--ray-workers", "0", "--out", "{out}/a.zarr"]),
     ("encode", "bad SAE path", ["--store", "{store}", "--sae", "{missing}", "--out", "{out}/f.zarr"]),
     ("encode", "zero", ["--store", "{store}", "--sae", "{sae}", "--out", "{out}/f.zarr", "--batch-rows", "0"]),
     ("encode", "huge", ["--store", "{store}", "--sae", "{sae}", "--out", "{out}/f.zarr", "--shard-rows", "10" + "0" * 12]),

@@ -1,4 +1,10 @@
-"""Scale the index out on a Ray cluster (``saecore index --ray [ADDRESS]``).
+"""The data stages on a Ray cluster (``--ray [ADDRESS]`` on index, harvest, encode and pages).
+
+Two engines live here. The index's two-round map-reduce of Rust partials (below), and
+:func:`run_parts`: long-lived worker actors (one per GPU, else per CPU) compute ordered *parts* into
+checksummed files on the shared path and the driver commits them in order, used by ``harvest``
+and ``encode`` (their part workers and commit functions live in their own modules). ``pages`` uses
+plain tasks and :func:`gather`.
 
 The index is a mergeable reduction (see ``rust/saecore/src/mining/partial.rs``): a task mines a range
 of shards into a *partial* (compact little-endian bytes with a CRC-32C), partials are merged in a tree
@@ -25,6 +31,8 @@ import os
 import socket
 import sys
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +47,8 @@ TASK_RETRIES = 3
 
 HOLD_DIR_ENV = "SAECORE_TEST_HOLD_DIR"
 """Test hook (fault tests only): while ``$SAECORE_TEST_HOLD_DIR/armed`` exists, the first attempt of each
-map task writes its PID to a marker file there and waits, so a test can SIGKILL a worker mid-task."""
+map task (and each part) writes its PID to a marker file ``task-TAG`` there and waits — until ``armed``
+goes or ``release-TAG`` appears — so a test can SIGKILL a worker, or the driver, mid-run."""
 
 
 class RayUnavailableError(SaecoreError):
@@ -101,7 +110,7 @@ def _hold_if_armed(tag: str) -> None:
         return
     marker.write_text(str(os.getpid()))
     deadline = time.time() + 120
-    while (Path(hold) / "armed").exists() and time.time() < deadline:
+    while (Path(hold) / "armed").exists() and not (Path(hold) / f"release-{tag}").exists() and time.time() < deadline:
         time.sleep(0.05)
 
 
@@ -202,3 +211,147 @@ def mine(
     if redone1 + redone2:
         print(f"saecore: {redone1 + redone2} partial(s) failed their checksum and were recomputed", file=sys.stderr)
     return _native.finish_partials(path, pass1, pass2)
+
+
+# --- long-lived workers over ordered parts (harvest, encode) ------------------------------------
+#
+# A stage that loads something expensive (a model, an SAE) runs as one Ray actor per worker (a GPU
+# each when the cluster has GPUs, else a CPU): the actor loads it once and then computes *parts*
+# (contiguous ranges of the stage's work) into files on the shared path, returning only a receipt.
+# The driver commits the parts strictly in order, so the result equals a one-process run. A part
+# already staged on disk by an earlier (killed) driver is committed without being computed again; a
+# part that fails its checksum when the driver reads it is deleted and computed again, never merged.
+
+ACTOR_RESTARTS = 3
+"""Ray restarts a worker actor this often when its process dies, and retries the part it was running."""
+
+
+class PartRefused(Exception):
+    """Raised by a stage's commit function: the staged part is damaged (deleted; it will be redone)."""
+
+
+@dataclass
+class PartStats:
+    """What a parts run did: parts computed by workers, found staged by an earlier run, refused and redone."""
+
+    computed: int = 0
+    reused: int = 0
+    redone: int = 0
+    restarts: int = 0
+
+    def summary(self) -> str:
+        return (f"parts: {self.computed} computed, {self.reused} reused from an earlier run, "
+                f"{self.redone} refused and redone, {self.restarts} worker restart(s)")
+
+
+class _PartWorker:
+    """The actor: builds the stage's worker once (``factory(*args)``), then runs parts on it."""
+
+    def __init__(self, factory: Any, args: tuple[Any, ...]):
+        self.impl = factory(*args)
+
+    def describe(self) -> Any:
+        """What the stage's worker reports about itself (e.g. the model it loaded)."""
+        return self.impl.describe()
+
+    def run(self, part: Any) -> int:
+        """Compute ``part`` into its staged files; returns this process's PID (a new one after a restart)."""
+        _hold_if_armed(f"part-{part.key}")
+        self.impl.run(part)
+        return os.getpid()
+
+
+def start_workers(ray: Any, factory: Any, args: tuple[Any, ...], workers: int | None) -> list[Any]:
+    """One actor per GPU of the cluster (or per CPU without GPUs), or ``workers`` of them."""
+    resources = ray.cluster_resources()
+    gpus = int(resources.get("GPU", 0))
+    per_actor = {"num_gpus": 1, "num_cpus": 0} if gpus else {"num_cpus": 1}
+    count = workers or gpus or max(1, int(resources.get("CPU", 1)))
+    cls = ray.remote(max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS, **per_actor)(_PartWorker)
+    return [cls.remote(factory, args) for _ in range(count)]
+
+
+@dataclass
+class _Slot:
+    part: Any
+    staged: bool = False
+    ref: Any = None
+    refusals: int = 0
+
+
+def run_parts(ray: Any, actors: list[Any], parts: Any, staged: Any, commit: Any, bar: Any) -> PartStats:
+    """Compute ``parts`` (an iterable of objects with a ``key``) on ``actors`` and ``commit`` them in order.
+
+    ``staged(part)`` says whether a part's files are already on disk (an earlier run computed them);
+    ``commit(part)`` reads, verifies and merges them, raising :class:`PartRefused` when they are
+    damaged. At most ``4 × actors`` parts are outstanding, so staged files stay bounded.
+    """
+    stats, window, busy, pids = PartStats(), deque[_Slot](), {}, {}
+    idle, source, exhausted = list(actors), iter(parts), False
+    while True:
+        while not exhausted and len(window) < 4 * len(actors):
+            part = next(source, None)
+            if part is None:
+                exhausted = True
+            else:
+                window.append(_Slot(part, staged=staged(part)))
+                stats.reused += window[-1].staged
+        for slot in window:
+            if idle and not slot.staged and slot.ref is None:
+                actor = idle.pop()
+                slot.ref = actor.run.remote(slot.part)
+                busy[slot.ref] = (slot, actor)
+        while window and window[0].staged:
+            try:
+                commit(window[0].part)
+            except PartRefused as e:
+                window[0].staged, window[0].refusals = False, window[0].refusals + 1
+                if window[0].refusals > ACTOR_RESTARTS:
+                    raise CorruptDataError(f"{e}, {window[0].refusals} times in a row; giving up") from e
+                print(f"saecore: {e}; computing the part again", file=sys.stderr)
+                stats.redone += 1
+                break
+            window.popleft()
+            bar.set_postfix_str(f"workers {len(actors)}, restarts {stats.restarts}", refresh=False)
+        if not window and exhausted:
+            return stats
+        if busy:
+            _collect(ray, busy, idle, pids, stats)
+
+
+def _collect(ray: Any, busy: dict[Any, Any], idle: list[Any], pids: dict[Any, int], stats: PartStats) -> None:
+    """Wait for at least one running part; mark finished ones staged (a failed part raises here)."""
+    done, _ = ray.wait(list(busy), num_returns=1, timeout=None)
+    for ref in done:
+        slot, actor = busy.pop(ref)
+        idle.append(actor)
+        try:
+            pid = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            raise worker_error(f"part {slot.part.key} failed", e) from None
+        stats.restarts += actor in pids and pids[actor] != pid
+        pids[actor] = pid
+        slot.ref, slot.staged = None, True
+        stats.computed += 1
+
+
+def worker_error(what: str, error: Exception) -> Exception:
+    """A worker's failure as the driver reports it: the worker's own saecore error or ValueError when
+    there is one (its one-line message), else a :class:`SaecoreError` with the last line of Ray's."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, (SaecoreError, ValueError, KeyError, FileNotFoundError)):
+        return cause
+    lines = [ln for ln in str(error).strip().splitlines() if ln.strip()]
+    return SaecoreError(f"{what}: {lines[-1].strip() if lines else type(error).__name__}")
+
+
+def gather(ray: Any, refs: dict[Any, Any]) -> Any:
+    """Yield the results of task ``refs`` as they finish (any order); a failed task raises here."""
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=None)
+        for ref in done:
+            try:
+                yield ray.get(ref)
+            except ray.exceptions.RayError as e:
+                raise worker_error("a task failed", e) from None

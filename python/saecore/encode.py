@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import json
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,13 +26,23 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from . import features
+from . import cluster, features
+from ._atomic import publish_dir, read_json_object, write_text
 from ._digest import file_sha256
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .devices import default_device
+from .errors import CorruptDataError
 from .features import FeatureStore, build_csc, dense_to_csr, open_writer
-from .run import WEIGHTS_FILE, record_path
+from .run import (
+    FEATURE_SHARDS_DIR,
+    RAY_PARTS_DIR,
+    WEIGHTS_FILE,
+    ZARR_NODE_FILE,
+    feature_store_staging,
+    ray_part_dir,
+    record_path,
+)
 
 
 def _resolve_hook(store: ActivationStore, sae: Any, hook: str | None) -> str:
@@ -94,6 +107,15 @@ class EncodeConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    ray: str | None = option(None, const="local", metavar="ADDRESS")
+    """Encode on a Ray cluster: join ADDRESS (HOST:PORT, auto, ray://…), or start a local one when no address is given."""
+
+    ray_workers: int | None = option(None, ge=1, le=1 << 16)
+    """With --ray: SAE-holding workers (default: one per GPU of the cluster, else one per CPU)."""
+
+    shards_per_part: int = option(4, ge=1, le=1 << 20)
+    """With --ray: shards per part, the unit a worker writes and the driver commits."""
+
     def __post_init__(self) -> None:
         validate(self)
         if self.shard_rows % self.batch_rows:
@@ -119,6 +141,11 @@ def encode(
 
     cfg = dataclasses.replace(cfg or EncodeConfig(), **overrides)
     store = store if isinstance(store, ActivationStore) else ActivationStore(store)
+    if cfg.ray is not None:
+        _encode_on_ray(store, sae, Path(out), cfg)
+        if cfg.csc:
+            build_csc(out, mem_budget_bytes=cfg.csc_mem_budget_bytes)
+        return FeatureStore(out)
     dev = default_device(cfg.device)
     sae_dir = None
     if not isinstance(sae, torch.nn.Module):
@@ -142,13 +169,14 @@ def encode(
 
 
 def _encode_rows(
-    store: ActivationStore, sae: Any, hook: str, writer: Any, batch_rows: int, dev: torch.device, progress: bool
+    store: ActivationStore, sae: Any, hook: str, writer: Any, batch_rows: int, dev: torch.device, progress: bool,
+    stop: int | None = None,
 ) -> None:
-    """Encode rows from the first uncommitted shard to the end, reading the next block from Zarr on a
-    helper thread while the current one is encoded."""
+    """Encode rows from the first uncommitted shard to ``stop`` (default: the end), reading the next block
+    from Zarr on a helper thread while the current one is encoded."""
     from tqdm.auto import tqdm
 
-    start, n = writer.rows_at_open, store.num_rows
+    start, n = writer.rows_at_open, store.num_rows if stop is None else stop
     starts = list(range(start, n, batch_rows))
     bar = tqdm(total=n, initial=start, unit="tok", desc="encode", disable=not progress, file=sys.stderr)
     read = lambda a: store.read(hook, a, min(a + batch_rows, n))  # a tiny closure for the prefetcher
@@ -161,6 +189,186 @@ def _encode_rows(
             writer.append(*dense_to_csr(latents))
             bar.update(len(block))
     bar.close()
+
+
+# --- on a Ray cluster (--ray) -------------------------------------------------------------------
+# Shard i always holds rows [i*shard_rows, (i+1)*shard_rows) and its files do not depend on any other
+# shard, so workers (Ray actors holding the SAE) can write disjoint shard ranges. Each part is a
+# complete sub-store under STORE/.ray-parts/part-<first shard>/ whose manifest starts with
+# placeholder entries for shards 0..first: the Rust writer, opened on it, resumes at shard `first`
+# and writes shards with their final index and rows (so the same bytes), committing each with its
+# CRC-32C. The driver checks every chunk of a finished part against those CRCs, hard-links its shard
+# folders into the store and appends their entries to the store's manifest (an atomic rewrite, the
+# same JSON the Rust committer writes). A killed worker's part resumes in the next attempt at its
+# first missing shard; a killed driver's rerun commits the parts it finds finished.
+
+
+@dataclass
+class EncodePart:
+    """Shards ``key .. end`` (``last``: the store's final part), written by one worker into ``folder``."""
+
+    key: int
+    end: int
+    last: bool
+    folder: Path
+    store: Path
+
+
+class EncodeWorker:
+    """What each Ray actor holds: the activation store and the SAE, opened once; :meth:`run` writes a part."""
+
+    def __init__(self, store: str, sae_dir: str, hook: str, spec: dict[str, Any], cfg: EncodeConfig):
+        from .sae import SAE
+
+        self.store, self.dev = ActivationStore(store), default_device(cfg.device)
+        self.sae = SAE.load(Path(sae_dir), device=self.dev).to(self.dev).eval()
+        self.hook, self.spec, self.cfg = hook, spec, cfg
+
+    def describe(self) -> dict[str, Any]:
+        return {"device": str(self.dev)}
+
+    def run(self, part: EncodePart) -> None:
+        cfg = self.cfg
+        if not (part.folder / ZARR_NODE_FILE).exists():
+            _seed_part_store(part.store, part.folder, part.key)
+        writer = open_writer(part.folder, self.sae.cfg.d_sae, self.spec, value_dtype=cfg.value_dtype,
+                             shard_rows=cfg.shard_rows, threads=cfg.writer_threads)
+        try:
+            stop = min(part.end * cfg.shard_rows, self.store.num_rows)
+            if writer.rows_at_open < stop:
+                _encode_rows(self.store, self.sae, self.hook, writer, cfg.batch_rows, self.dev, False, stop)
+            if part.last and not writer.complete:
+                writer.finish()
+        finally:
+            writer.close()
+
+
+def _manifest_doc(store: Path) -> dict[str, Any]:
+    """The root ``zarr.json`` of a feature store (its manifest under ``attributes.saecore``)."""
+    return read_json_object(store / ZARR_NODE_FILE)
+
+
+def _write_manifest_doc(store: Path, doc: dict[str, Any]) -> None:
+    """Rewrite the manifest atomically, as the Rust committer does (compact JSON, keys sorted)."""
+    m = doc["attributes"]["saecore"]
+    m["n_rows"] = m["shards"][-1]["row_start"] + m["shards"][-1]["rows"] if m["shards"] else 0
+    m["nnz"] = sum(s["nnz"] for s in m["shards"])
+    write_text(store / ZARR_NODE_FILE, json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+
+
+def _seed_part_store(store: Path, folder: Path, first: int) -> None:
+    """An empty sub-store whose manifest claims shards ``0..first`` (placeholders, never read), so a
+    writer opened on it starts at shard ``first``."""
+    doc = _manifest_doc(store)
+    m = doc["attributes"]["saecore"]
+    rows = int(m["shard_rows"])
+    m["shards"] = [{"row_start": i * rows, "rows": rows, "nnz": 0, "row_ptr": [0, 0], "feature": None, "value": None}
+                   for i in range(first)]
+    m["complete"], m["csc"] = False, None
+    with publish_dir(folder) as staging:
+        (staging / FEATURE_SHARDS_DIR).mkdir()
+        shutil.copyfile(store / FEATURE_SHARDS_DIR / ZARR_NODE_FILE, staging / FEATURE_SHARDS_DIR / ZARR_NODE_FILE)
+        _write_manifest_doc(staging, doc)
+
+
+def _part_finished(part: EncodePart) -> bool:
+    """Whether a worker (this run's or a killed one's) committed every shard of ``part``."""
+    try:
+        m = _manifest_doc(part.folder)["attributes"]["saecore"]
+    except (OSError, ValueError, KeyError, CorruptDataError):
+        return False
+    return len(m["shards"]) >= part.end and (m["complete"] or not part.last)
+
+
+def _verified_entries(part: EncodePart) -> list[dict[str, Any]]:
+    """The manifest entries of ``part``'s shards, each chunk file checked against its size and CRC-32C;
+    a damaged part is deleted and refused (so it is written again, never merged)."""
+    import google_crc32c
+
+    try:
+        entries = _manifest_doc(part.folder)["attributes"]["saecore"]["shards"][part.key:part.end]
+        if len(entries) != part.end - part.key:
+            raise CorruptDataError(f"{len(entries)} shards committed, expected {part.end - part.key}")
+        for index, entry in enumerate(entries, start=part.key):
+            for array in ("row_ptr", "feature", "value"):
+                if entry[array] is None:
+                    continue
+                chunk = _shard_dir(part.folder, index) / array / "c" / "0"
+                data = chunk.read_bytes()
+                if [len(data), google_crc32c.value(data)] != entry[array]:
+                    raise CorruptDataError(f"{chunk} does not match its size and CRC-32C in the manifest")
+        return entries
+    except (OSError, ValueError, KeyError, TypeError, CorruptDataError) as e:
+        shutil.rmtree(part.folder, ignore_errors=True)
+        raise cluster.PartRefused(f"staged part {part.folder.name} refused ({e})") from e
+
+
+def _shard_dir(store: Path, index: int) -> Path:
+    return store / FEATURE_SHARDS_DIR / f"{index:06d}"
+
+
+def _commit_part(part: EncodePart) -> None:
+    """Hard-link ``part``'s verified shards into the store and append them to its manifest."""
+    entries = _verified_entries(part)
+    for index in range(part.key, part.end):
+        target = _shard_dir(part.store, index)
+        shutil.rmtree(target, ignore_errors=True)  # linked by a driver killed before it committed
+        shutil.copytree(_shard_dir(part.folder, index), target, copy_function=_link_or_copy)
+    doc = _manifest_doc(part.store)
+    m = doc["attributes"]["saecore"]
+    if len(m["shards"]) != part.key:
+        raise CorruptDataError(f"{part.store}: {len(m['shards'])} shards committed, part starts at {part.key}")
+    m["shards"].extend(entries)
+    m["complete"] = part.last
+    _write_manifest_doc(part.store, doc)
+    shutil.rmtree(part.folder, ignore_errors=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # chunk files are never rewritten in place, so sharing them is safe
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _encode_parts(committed: int, n_shards: int, per_part: int, out: Path) -> list[EncodePart]:
+    """The shards after the committed ones, cut at multiples of ``per_part``."""
+    edges = sorted({committed, *range(per_part * (committed // per_part + 1), n_shards, per_part), n_shards})
+    return [EncodePart(a, b, b == n_shards, ray_part_dir(out, a), out) for a, b in itertools.pairwise(edges)]
+
+
+def _encode_on_ray(store: ActivationStore, sae: Any, out: Path, cfg: EncodeConfig) -> None:
+    """:func:`encode`'s token-major shards written by Ray workers; the same bytes as one process."""
+    from tqdm.auto import tqdm
+
+    from .sae import SAE
+
+    if isinstance(sae, torch.nn.Module):
+        raise TypeError("--ray needs the SAE's folder (every worker loads it), not an SAE object")
+    ray = cluster.connect(None if cfg.ray == "local" else cfg.ray)  # refuse a bad address before writing
+    sae_dir, out = Path(sae).resolve(), out.resolve()  # workers may run in another folder, or machine
+    loaded = SAE.load(sae_dir, device="cpu")
+    hook = _resolve_hook(store, loaded, cfg.hook)
+    spec = _spec(store, sae_dir, loaded, hook, cfg.batch_rows)
+    writer = open_writer(out, loaded.cfg.d_sae, spec, value_dtype=cfg.value_dtype, shard_rows=cfg.shard_rows,
+                         threads=1)  # creates the store (or checks a resumed one's arguments); writes nothing
+    committed, complete = writer.shards_committed, writer.complete
+    writer.close()
+    if complete:
+        return
+    parts = _encode_parts(committed, -(-store.num_rows // cfg.shard_rows), cfg.shards_per_part, out)
+    actors = cluster.start_workers(ray, EncodeWorker, (str(store.path.resolve()), str(sae_dir), hook, spec, cfg), cfg.ray_workers)
+    with tqdm(total=parts[-1].end, initial=committed, unit="shard", desc="encode (ray)", disable=not cfg.progress,
+              file=sys.stderr) as bar:
+
+        def commit(part: EncodePart) -> None:
+            _commit_part(part)
+            bar.update(part.end - part.key)
+
+        stats = cluster.run_parts(ray, actors, parts, _part_finished, commit, bar)
+    shutil.rmtree(out / RAY_PARTS_DIR, ignore_errors=True)
+    shutil.rmtree(feature_store_staging(out), ignore_errors=True)
+    print(f"saecore encode: {stats.summary()}", file=sys.stderr)
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -14,7 +14,10 @@ why the grid never changes). Memory holds one batch of activations plus one stor
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -25,13 +28,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from . import cluster, models
 from . import corpus as corpus_mod
 from . import hooks as hooks_mod
-from . import models
+from ._atomic import publish_dir, read_json_object, write_json
 from .activations import ActivationStore, ActivationStoreWriter, remove_store
 from .config import add_arguments, from_args, option, validate
-from .errors import StoreError
-from .run import STORE_COMMIT_FILE
+from .errors import CorruptDataError, StoreError
+from .run import RAY_PART_FILE, RAY_PARTS_DIR, STORE_COMMIT_FILE, ray_part_dir
 
 DEFAULT_HOOK = "blocks.6.hook_resid_post"
 
@@ -234,6 +238,15 @@ class HarvestConfig:
     progress: bool = True
     """Show a progress bar."""
 
+    ray: str | None = option(None, const="local", metavar="ADDRESS")
+    """Harvest on a Ray cluster: join ADDRESS (HOST:PORT, auto, ray://…), or start a local one when no address is given."""
+
+    ray_workers: int | None = option(None, ge=1, le=1 << 16)
+    """With --ray: model-holding workers (default: one per GPU of the cluster, else one per CPU)."""
+
+    batches_per_part: int = option(8, ge=1, le=1 << 20)
+    """With --ray: batches per part, the unit a worker computes and the driver commits."""
+
     def __post_init__(self) -> None:
         self.hooks = list(dict.fromkeys(self.hooks))
         if not self.hooks:
@@ -266,17 +279,14 @@ def harvest(
     _check_output(out)
     corp = corpus if isinstance(corpus, corpus_mod.Corpus) else corpus_mod.load(corpus, text_field=cfg.text_field)
     corp.check_nonempty()
+    if cfg.ray is not None:
+        return _harvest_on_ray(model, corp, out, cfg)
     m, tok, model_name = _load_model(model, cfg.device, cfg.model_dtype)
     points = [hooks_mod.resolve(m, h) for h in cfg.hooks]
     # Tokenize the first batch before creating anything, so a too-short corpus leaves no store behind.
-    batches = iter_batches(iter_contexts(iter(corp), tok, cfg.context_length), cfg.batch_size, cfg.max_contexts)
-    first = next(batches, None)
-    if first is None:
-        raise corpus_mod.CorpusError(
-            f"corpus {corp.name!r} is too short: it does not fill one context of {cfg.context_length} tokens"
-        )
+    first, batches = _first_batch(corp, tok, cfg)
     created = not (out / STORE_COMMIT_FILE).exists()
-    writer = _open_writer(out, _store_spec(cfg, m, model_name, corp), int(m.config.hidden_size), cfg)
+    writer = _open_writer(out, _store_spec(cfg, _model_dtype(m), model_name, corp), int(m.config.hidden_size), cfg)
     if writer.state.complete:
         return ActivationStore(out)
     exclusions = Exclusions(
@@ -287,18 +297,33 @@ def harvest(
         forward(first)  # a resumed run recomputes batch 0's thresholds (the grid makes them identical)
     try:
         _run_batches(writer, forward, exclusions, _chain_first(first, batches), cfg)
-        return writer.finish(_store_attrs(corp, exclusions, forward.medians, points, tok))
+        return writer.finish(_store_attrs(corp, exclusions, forward.medians, {p.name: p.layer for p in points}, tok))
     except StoreError:
         if created and writer.state.rows_committed == 0:
             remove_store(out)  # nothing was harvested; leave no empty store behind
         raise
 
 
-def _store_spec(cfg: HarvestConfig, model: Any, model_name: str, corp: corpus_mod.Corpus) -> dict[str, Any]:
+def _first_batch(corp: corpus_mod.Corpus, tok: Any, cfg: HarvestConfig) -> tuple[Batch, Iterator[Batch]]:
+    """Batch 0 and the rest: tokenized before anything is created, so a too-short corpus leaves no store."""
+    batches = iter_batches(iter_contexts(iter(corp), tok, cfg.context_length), cfg.batch_size, cfg.max_contexts)
+    first = next(batches, None)
+    if first is None:
+        raise corpus_mod.CorpusError(
+            f"corpus {corp.name!r} is too short: it does not fill one context of {cfg.context_length} tokens"
+        )
+    return first, batches
+
+
+def _model_dtype(model: Any) -> str:
+    return str(next(model.parameters()).dtype).replace("torch.", "")
+
+
+def _store_spec(cfg: HarvestConfig, model_dtype: str, model_name: str, corp: corpus_mod.Corpus) -> dict[str, Any]:
     """Everything that determines the store's content; a rerun must match it to resume."""
     return {
         "model": model_name,
-        "model_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "model_dtype": model_dtype,
         "hooks": cfg.hooks,
         "corpus_fingerprint": corp.fingerprint,
         "context_length": cfg.context_length,
@@ -345,7 +370,8 @@ class _Forward:
 
 
 def _store_attrs(
-    corp: corpus_mod.Corpus, exclusions: Exclusions, medians: dict[str, float] | None, points: list, tok: Any
+    corp: corpus_mod.Corpus, exclusions: Exclusions, medians: dict[str, float] | None, hook_layers: dict[str, int],
+    tok: Any,
 ) -> dict[str, Any]:
     """Metadata recorded when the store completes (beyond the spec): sources, exclusions, layers, tokens."""
     return {
@@ -359,7 +385,7 @@ def _store_attrs(
             "norm_threshold": exclusions.norm_threshold,
             "norm_reference": "median token norm over batch 0 after BOS/special exclusion" if medians else None,
         },
-        "hook_layers": {p.name: p.layer for p in points},
+        "hook_layers": hook_layers,
         "bos_token_id": tok.bos_token_id,
         "separator_token_id": tok.eos_token_id,
     }
@@ -373,41 +399,216 @@ def _run_batches(
     cfg: HarvestConfig,
 ) -> None:
     """Forward, filter and append every batch not yet committed."""
+    done = writer.batches_done
+    with _token_bar(cfg, done, "harvest") as bar:
+        for batch in batches:
+            if batch.index < done:
+                continue  # committed by an earlier, interrupted run
+            kept, counts = _kept_rows(batch, forward(batch), exclusions)
+            writer.append(*kept, counters=counts)
+            bar.update(batch.input_ids.size)
+    writer.flush()
+
+
+def _token_bar(cfg: HarvestConfig, done: int, desc: str) -> Any:
+    """The driver's progress bar in tokens, starting at the ``done`` batches committed earlier."""
     from tqdm.auto import tqdm
 
-    done, context_length = writer.batches_done, cfg.context_length
-    total = None if cfg.max_contexts is None else cfg.max_contexts * context_length
-    bar = tqdm(
+    total = None if cfg.max_contexts is None else cfg.max_contexts * cfg.context_length
+    return tqdm(
         total=total,
-        initial=min(done * cfg.batch_size * context_length, total or 10**18),
+        initial=min(done * cfg.batch_size * cfg.context_length, total or 10**18),
         unit="tok",
         unit_scale=True,
-        desc="harvest",
+        desc=desc,
         disable=not cfg.progress,
         file=sys.stderr,
         dynamic_ncols=True,
     )
-    with bar:
-        for batch in batches:
-            if batch.index < done:
-                continue  # committed by an earlier, interrupted run
-            acts = forward(batch)
-            keep, counts = exclusions.keep_mask(batch, acts)
-            positions = np.tile(np.arange(context_length, dtype=np.int32), batch.input_ids.shape[0])
-            writer.append(
-                {h: a[keep] for h, a in acts.items()},
-                batch.input_ids.reshape(-1)[keep].astype(np.int32),
-                batch.doc_ids.reshape(-1)[keep],
-                positions[keep],
-                counters=counts,
-            )
-            bar.update(batch.input_ids.size)
-    writer.flush()
+
+
+def _kept_rows(
+    batch: Batch, acts: dict[str, np.ndarray], exclusions: Exclusions
+) -> tuple[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray], dict[str, int]]:
+    """``((acts, token ids, doc ids, positions), counters)`` of the rows of ``batch`` the exclusions keep."""
+    keep, counts = exclusions.keep_mask(batch, acts)
+    positions = np.tile(np.arange(batch.input_ids.shape[1], dtype=np.int32), batch.input_ids.shape[0])
+    kept = (
+        {h: a[keep] for h, a in acts.items()},
+        batch.input_ids.reshape(-1)[keep].astype(np.int32),
+        batch.doc_ids.reshape(-1)[keep],
+        positions[keep],
+    )
+    return kept, counts
 
 
 def _chain_first(first: Batch, rest: Iterator[Batch]) -> Iterator[Batch]:
     yield first
     yield from rest
+
+
+# -- on a Ray cluster (--ray) --------------------------------------------------------------------------
+# The driver tokenizes (cheap) and cuts the fixed batch grid into parts of ``batches_per_part``
+# batches; each worker (a Ray actor holding the model) forwards a part's batches exactly as the
+# one-process loop does and stages the kept rows as checksummed .npy files under
+# ``STORE/.ray-parts/part-<first batch>/``; the driver appends the parts' batches to the one writer in
+# batch order. The writer then flushes and commits at exactly the rows it would in one process, so the
+# store is the same bytes. A part is deleted once the store's commit record covers its batches, so a
+# killed driver's rerun finds every batch either committed or staged (or still to compute).
+
+
+@dataclass
+class HarvestPart:
+    """Batches ``batches[0].index ..`` of the grid, computed by one worker into ``folder``."""
+
+    key: int
+    batches: list[Batch]
+    folder: Path
+
+
+class HarvestWorker:
+    """What each Ray actor holds: the model, loaded once; :meth:`run` stages one part."""
+
+    def __init__(self, model: str, cfg: HarvestConfig, first: Batch):
+        m, tok, self.model_name = _load_model(model, cfg.device, cfg.model_dtype)
+        self.points = [hooks_mod.resolve(m, h) for h in cfg.hooks]
+        special = _special_ids(tok) if cfg.exclude_special else np.zeros(0, np.int64)
+        self.exclusions = Exclusions(cfg.exclude_bos, special, cfg.norm_outlier_factor)
+        self.forward = _Forward(m, cfg.hooks, int(m.config.hidden_size), self.exclusions)
+        self.hooks, self.dtype = cfg.hooks, _model_dtype(m)
+        if cfg.norm_outlier_factor is not None:
+            self.forward(first)  # batch 0 fixes the thresholds, in every worker as in one process
+
+    def describe(self) -> dict[str, Any]:
+        """What the driver records in the store: model name and dtype, width, layers, norm thresholds."""
+        return {"model": self.model_name, "model_dtype": self.dtype, "d_model": self.forward.d_model,
+                "hook_layers": {p.name: p.layer for p in self.points}, "medians": self.forward.medians,
+                "norm_threshold": self.exclusions.norm_threshold}
+
+    def run(self, part: HarvestPart) -> None:
+        """Forward and filter every batch of ``part``; stage the kept rows (one atomic folder)."""
+        cols: dict[str, list[np.ndarray]] = {name: [] for name in _part_arrays(self.hooks)}
+        rows, counters = [], []
+        for batch in part.batches:
+            (acts, ids, docs, positions), counts = _kept_rows(batch, self.forward(batch), self.exclusions)
+            for name, a in zip(cols, [*(acts[h] for h in self.hooks), ids, docs, positions]):
+                cols[name].append(a)
+            rows.append(len(ids))
+            counters.append(list(counts.items()))  # pairs: the store records them in this order
+        arrays = {name: np.concatenate(parts) for name, parts in cols.items()}
+        meta = {"batches": [b.index for b in part.batches], "rows": rows, "counters": counters}
+        write_part(part.folder, arrays, meta)
+
+
+def _part_arrays(hooks: list[str]) -> list[str]:
+    return [f"acts-{i}" for i in range(len(hooks))] + ["token_ids", "doc_ids", "positions"]
+
+
+def write_part(folder: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Stage ``arrays`` as .npy files with their CRC-32C in ``part.json`` (the folder appears whole)."""
+    import google_crc32c
+
+    with publish_dir(folder) as staging:
+        files = {}
+        for name, a in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, a, allow_pickle=False)
+            (staging / f"{name}.npy").write_bytes(buf.getvalue())
+            files[name] = google_crc32c.value(buf.getvalue())
+        write_json(staging / RAY_PART_FILE, {**meta, "files": files})
+
+
+def read_part(folder: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A staged part's record and arrays, each file checked against its CRC-32C. A damaged part is
+    deleted and :class:`cluster.PartRefused` raised, so it is computed again and never merged."""
+    import google_crc32c
+
+    try:
+        meta = read_json_object(folder / RAY_PART_FILE)
+        arrays = {}
+        for name, crc in meta["files"].items():
+            data = (folder / f"{name}.npy").read_bytes()
+            if google_crc32c.value(data) != crc:
+                raise CorruptDataError(f"{folder / name}.npy fails its CRC-32C")
+            arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+        return meta, arrays
+    except (OSError, ValueError, KeyError, TypeError, CorruptDataError) as e:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise cluster.PartRefused(f"staged part {folder.name} refused ({e})") from e
+
+
+class _PartCommitter:
+    """Appends staged parts to the writer in batch order; deletes a part once its batches are durable."""
+
+    def __init__(self, writer: ActivationStoreWriter, hooks: list[str], bar: Any):
+        self.writer, self.hooks, self.bar = writer, hooks, bar
+        self.appended: list[tuple[int, Path]] = []  # (end batch, folder) of parts not yet deleted
+
+    def __call__(self, part: HarvestPart) -> None:
+        meta, arrays = read_part(part.folder)
+        want = [b.index for b in part.batches]
+        if meta["batches"] != want:
+            shutil.rmtree(part.folder, ignore_errors=True)
+            raise cluster.PartRefused(f"staged part {part.folder.name} holds batches {meta['batches'][:1]}.., not {want[:1]}..")
+        edges = np.cumsum([0, *meta["rows"]])
+        for i, b in enumerate(want):
+            if b < self.writer.batches_done:
+                continue  # committed before a driver was killed
+            rows = slice(int(edges[i]), int(edges[i + 1]))
+            acts = {h: arrays[f"acts-{j}"][rows] for j, h in enumerate(self.hooks)}
+            counts = {str(k): int(v) for k, v in meta["counters"][i]}
+            self.writer.append(acts, *(arrays[n][rows] for n in ("token_ids", "doc_ids", "positions")), counters=counts)
+            self.bar.update(counts["tokens_seen"])
+        self.appended.append((want[-1] + 1, part.folder))
+        durable = self.writer.state.batches_done
+        while self.appended and self.appended[0][0] <= durable:
+            shutil.rmtree(self.appended.pop(0)[1], ignore_errors=True)
+
+
+def _parts(batches: Iterator[Batch], per_part: int, done: int, store: Path) -> Iterator[HarvestPart]:
+    """The grid cut into parts of ``per_part`` batches; parts wholly committed already are skipped."""
+    for _, group in itertools.groupby(batches, key=lambda b: b.index // per_part):
+        chunk = list(group)
+        if chunk[-1].index >= done:
+            yield HarvestPart(chunk[0].index, chunk, ray_part_dir(store, chunk[0].index))
+
+
+def _start_harvest_workers(model: str, cfg: HarvestConfig, first: Batch) -> tuple[Any, list[Any], dict[str, Any]]:
+    """Join or start the cluster, start the workers (each loads the model) and ask one what it loaded."""
+    ray = cluster.connect(None if cfg.ray == "local" else cfg.ray)
+    actors = cluster.start_workers(ray, HarvestWorker, (model, cfg, first), cfg.ray_workers)
+    try:
+        info = ray.get(actors[0].describe.remote())
+    except ray.exceptions.RayError as e:
+        raise cluster.worker_error("a harvest worker could not load the model", e) from None
+    return ray, actors, info
+
+
+def _harvest_on_ray(model: Any, corp: corpus_mod.Corpus, out: Path, cfg: HarvestConfig) -> ActivationStore:
+    """:func:`harvest` with the forward passes on Ray workers; the same store, byte for byte."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError("--ray needs a model name or a folder every worker can load, not a model object")
+    folder = Path(model).expanduser()
+    model = str(folder.resolve()) if folder.is_dir() else str(model)  # workers may run elsewhere
+    out = out.resolve()
+    tok = models.load_tokenizer(model)
+    first, batches = _first_batch(corp, tok, cfg)
+    ray, actors, info = _start_harvest_workers(model, cfg, first)
+    spec = _store_spec(cfg, info["model_dtype"], info["model"], corp)
+    writer = _open_writer(out, spec, info["d_model"], cfg)
+    if writer.state.complete:
+        return ActivationStore(out)
+    special = _special_ids(tok) if cfg.exclude_special else np.zeros(0, np.int64)
+    exclusions = Exclusions(cfg.exclude_bos, special, cfg.norm_outlier_factor, info["norm_threshold"])
+    parts = _parts(_chain_first(first, batches), cfg.batches_per_part, writer.batches_done, out)
+    with _token_bar(cfg, writer.batches_done, "harvest (ray)") as bar:
+        stats = cluster.run_parts(ray, actors, parts, lambda p: (p.folder / RAY_PART_FILE).exists(),
+                                  _PartCommitter(writer, cfg.hooks, bar), bar)
+    writer.flush()
+    store = writer.finish(_store_attrs(corp, exclusions, info["medians"], info["hook_layers"], tok))
+    shutil.rmtree(out / RAY_PARTS_DIR, ignore_errors=True)
+    print(f"saecore harvest: {stats.summary()}", file=sys.stderr)
+    return store
 
 
 # -- CLI ---------------------------------------------------------------------------------------------

@@ -313,6 +313,8 @@ class SaeBuild:
     linkable_saes: set[str]
     model: str = ""
     summary_top_tokens: dict[int, str] = field(default_factory=dict)
+    lookup_mode: Any = "auto"
+    """How ``lookup`` was made (the ``activations`` argument of :func:`build_pages`), for Ray tasks to redo."""
 
     @property
     def sae(self) -> str:
@@ -511,12 +513,16 @@ class SaeBuild:
         return out
 
     # -- the SAE folder ---------------------------------------------------------------------------
-    def write_into(self, out: Path, progress: bool = True) -> dict[str, Any]:
-        """Write this SAE's folder into ``out`` (a fresh staging folder); returns its about.json."""
+    def write_into(self, out: Path, progress: bool = True, ray: str | None = None) -> dict[str, Any]:
+        """Write this SAE's folder into ``out`` (a fresh staging folder); returns its about.json.
+        ``ray``: write the feature pages in parallel batches on a Ray cluster ("local" starts one)."""
         features = self.tables.feature_ids()
         n_features = int(features[-1]) + 1 if len(features) else 0
         (out / "f").mkdir(parents=True)
-        self._write_feature_pages(out, features, n_features, progress)
+        if ray is None:
+            self._write_feature_pages(out, features, n_features, progress)
+        else:
+            self._write_feature_pages_on_ray(out, features, n_features, progress, ray)
         summary_files = self._write_summary(out, features)
         has_map = self._write_map(out)
         about = self._about(features, n_features, has_map)
@@ -553,6 +559,25 @@ class SaeBuild:
                 ), encoding="utf-8")
             bar.update(len(batch))
         bar.close()
+
+    def _write_feature_pages_on_ray(self, out: Path, features: np.ndarray, n_features: int, progress: bool,
+                                    address: str) -> None:
+        """The feature pages written by Ray tasks, a contiguous batch of features each (about four per
+        CPU); each task rebuilds this SAE's tables and readers from the run, so pages are the same bytes."""
+        from tqdm.auto import tqdm
+
+        from . import cluster
+
+        ray = cluster.connect(None if address == "local" else address)
+        tasks = max(1, min(len(features), 4 * int(ray.cluster_resources().get("CPU", 1))))
+        batches = [b for b in np.array_split(features, tasks) if len(b)]
+        remote = ray.remote(num_cpus=1, max_retries=cluster.TASK_RETRIES)(_feature_pages_task)
+        build = (str(self.run.resolve()), self.sae, self.tokens.tokenizer, self.lookup_mode, self.linkable_saes)
+        refs = {remote.remote(build, str(out.resolve()), b, n_features): len(b) for b in batches}
+        with tqdm(total=len(features), desc=f"pages {self.sae} (ray)", unit="feature", disable=not progress) as bar:
+            for top_tokens, done in cluster.gather(ray, refs):
+                self.summary_top_tokens.update(top_tokens)
+                bar.update(done)
 
     def _write_summary(self, out: Path, features: np.ndarray) -> list[str]:
         """Compact rows [feature, count, density, max, mean_nonzero, top tokens] in chunk files."""
@@ -652,6 +677,7 @@ def build_pages(
     load_model_tokenizer: bool = True,
     activations: Callable[[str, int], tuple[np.ndarray, np.ndarray] | None] | None | str = "auto",
     progress: bool = True,
+    ray: str | None = None,
 ) -> Path:
     """Write ``RUN/pages/`` for the SAEs in ``RUN/index/`` (or only ``saes``); returns pages/index.html.
 
@@ -659,7 +685,8 @@ def build_pages(
     model is loaded (``load_model_tokenizer``), and without one the pages show token ids.
     ``activations(sae, feature) -> (rows, values) | None`` gives every activation of a feature, to shade
     each token of an example's window (None: not known for this SAE); "auto" reads the SAE's feature store, None shades only the
-    activations the index tables recorded.
+    activations the index tables recorded. ``ray`` writes the feature pages in parallel batches on a Ray
+    cluster (an address, or "local" to start one); the pages are the same bytes.
     """
     run = Path(run)
     layout = Run(run)
@@ -680,23 +707,39 @@ def build_pages(
     _write_assets(pages)
     token_text: TokenText | None = TokenText(tokenizer) if tokenizer is not None else None
     for name in names:
-        loaded = IndexTables.load(layout.index(name))
-        store = open_activation_store(run, loaded.meta)
-        model = str(store.attrs.get("model", "")) if store is not None else ""
-        if token_text is None:
-            token_text = TokenText(load_tokenizer(model) if (load_model_tokenizer and store is not None) else None)
-        if activations == "auto":
-            lookup, note = feature_activation_lookup(run, layout.index(name), loaded.meta)
-        elif activations is None:
-            lookup, note = None, "no feature store given"
-        else:
-            lookup, note = _bound_lookup(activations, name), ""  # type: ignore[arg-type]
-        build = SaeBuild(run, loaded, token_text, ContextReader(store, CONTEXT_BEFORE, CONTEXT_AFTER), lookup, note,
-                         linkable, model)
+        build = _sae_build(run, name, token_text, load_model_tokenizer, activations, linkable)
+        token_text = build.tokens
         with publish_dir(pages / name) as staging:  # on error the old pages of this SAE stay as they were
-            build.write_into(staging, progress=progress)
+            build.write_into(staging, progress=progress, ray=ray)
     _write_root_index(pages)
     return pages / PAGES_INDEX_FILE
+
+
+def _sae_build(run: Path, name: str, token_text: TokenText | None, load_model_tokenizer: bool, activations: Any,
+               linkable: set[str]) -> SaeBuild:
+    """One SAE's page writer: its index tables, activation store, tokenizer and activation lookup."""
+    layout = Run(run)
+    loaded = IndexTables.load(layout.index(name))
+    store = open_activation_store(run, loaded.meta)
+    model = str(store.attrs.get("model", "")) if store is not None else ""
+    if token_text is None:
+        token_text = TokenText(load_tokenizer(model) if (load_model_tokenizer and store is not None) else None)
+    if activations == "auto":
+        lookup, note = feature_activation_lookup(run, layout.index(name), loaded.meta)
+    elif activations is None:
+        lookup, note = None, "no feature store given"
+    else:
+        lookup, note = _bound_lookup(activations, name), ""
+    return SaeBuild(run, loaded, token_text, ContextReader(store, CONTEXT_BEFORE, CONTEXT_AFTER), lookup, note,
+                    linkable, model, lookup_mode=activations)
+
+
+def _feature_pages_task(build: tuple[Any, ...], out: str, features: np.ndarray, n_features: int) -> tuple[dict[int, str], int]:
+    """A Ray task of ``pages --ray``: one batch of feature pages; returns their summary top tokens."""
+    run, name, tokenizer, activations, linkable = build
+    sae = _sae_build(Path(run), name, TokenText(tokenizer), False, activations, linkable)
+    sae._write_feature_pages(Path(out), features, n_features, progress=False)
+    return sae.summary_top_tokens, len(features)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -732,6 +775,9 @@ class PagesConfig:
     tokenizer: bool = option(True, flag="--no-tokenizer")
     """Load the model's tokenizer to show text (--no-tokenizer shows token ids)."""
 
+    ray: str | None = option(None, const="local", metavar="ADDRESS")
+    """Write the feature pages on a Ray cluster: join ADDRESS (HOST:PORT, auto, ray://…), or start a local one when no address is given."""
+
 
 @dataclass
 class ServeConfig:
@@ -751,7 +797,7 @@ def cli_configure_pages(parser: argparse.ArgumentParser) -> None:
 
 def cli_run_pages(args: argparse.Namespace) -> int:
     cfg = from_args(PagesConfig, args)
-    root = build_pages(args.run, saes=cfg.sae, load_model_tokenizer=cfg.tokenizer)
+    root = build_pages(args.run, saes=cfg.sae, load_model_tokenizer=cfg.tokenizer, ray=cfg.ray)
     print(f"feature pages written; open file://{root.resolve()}")
     return 0
 

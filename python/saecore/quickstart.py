@@ -60,6 +60,8 @@ class QuickstartConfig:
     """Tokens per training step."""
     sae_name: str = "topk-4k"
     """Folder name of the SAE under ``saes/``, ``features/`` and ``index/``."""
+    ray: str | None = option(None, const="local", metavar="ADDRESS")
+    """Run harvest, encode, index and pages on a Ray cluster: join ADDRESS, or start a local one when no address is given."""
 
     def __post_init__(self) -> None:
         self.run = Path(self.run)
@@ -130,6 +132,7 @@ def _harvest_run(cfg: QuickstartConfig) -> None:
         dtype=cfg.dtype,  # type: ignore[arg-type]
         max_tokens=cfg.tokens,
         norm_outlier_factor=cfg.norm_outlier_factor,
+        ray=cfg.ray,
     )
     harvest(cfg.model, cfg.corpus, cfg.activations, harvest_cfg)
 
@@ -210,7 +213,7 @@ def _encode_done(cfg: QuickstartConfig) -> bool:
 def _encode_run(cfg: QuickstartConfig) -> None:
     from .encode import encode
 
-    encode(cfg.activations, cfg.sae_dir, cfg.features)
+    encode(cfg.activations, cfg.sae_dir, cfg.features, ray=cfg.ray)
 
 
 def _encode_summary(cfg: QuickstartConfig) -> str:
@@ -228,7 +231,7 @@ def _index_run(cfg: QuickstartConfig) -> None:
     from .models import load
     from .sae import SAE
 
-    index(cfg.features, cfg.index_dir, activations=cfg.activations)
+    index(cfg.features, cfg.index_dir, activations=cfg.activations, ray=cfg.ray)
     model, tokenizer = load(cfg.model)
     write_logit_lens(SAE.load(cfg.sae_dir, device="cpu"), model, tokenizer, tables.LOGIT_LENS.path(cfg.index_dir))
     directions = geometry.load_directions(cfg.sae_dir)
@@ -253,7 +256,7 @@ def _index_summary(cfg: QuickstartConfig) -> str:
 def _pages_run(cfg: QuickstartConfig) -> None:
     from .pages import build_pages
 
-    build_pages(cfg.run)
+    build_pages(cfg.run, ray=cfg.ray)
 
 
 def _pages_summary(cfg: QuickstartConfig) -> str:
@@ -292,7 +295,7 @@ def run_steps(cfg: QuickstartConfig, steps: list[Step] | None = None, out=sys.st
 
 # -- CLI ---------------------------------------------------------------------------------------------
 # The quick start's command line stays small; the other fields are its fixed recipe.
-CLI_FIELDS = ("run", "tokens", "model", "corpus", "hook")
+CLI_FIELDS = ("run", "tokens", "model", "corpus", "hook", "ray")
 
 
 def cli_configure(parser: argparse.ArgumentParser) -> None:

@@ -56,6 +56,15 @@ CHECKSUM_SUFFIX = ".sha256"
 """Beside a table a verb writes on its own (not ``saecore index``): ``FILE.sha256`` holds the file's sha256."""
 PAGES_INDEX_FILE = "index.html"
 """The root page of ``pages/``, written after every SAE's folder is in place."""
+RAY_PARTS_DIR = ".ray-parts"
+"""Inside a store being written with ``--ray``: the parts workers computed and the driver has not
+committed yet (one folder per part, named by :func:`ray_part_dir`); removed when the store completes."""
+ZARR_NODE_FILE = "zarr.json"
+"""Zarr v3's metadata document of a group or array; a feature store keeps its manifest in the root's."""
+FEATURE_SHARDS_DIR = "shards"
+"""The feature store's token-major shards, ``shards/NNNNNN/{row_ptr,feature,value}/c/0``."""
+RAY_PART_FILE = "part.json"
+"""Written last into a staged part: its batches or shards, counters and each file's CRC-32C."""
 
 # -- index tables (schemas and readers: saecore.tables) ---------------------------------------------
 STATS_FILE = "stats.parquet"
@@ -160,6 +169,17 @@ def sae_activation_store(sae_dir: str | os.PathLike[str]) -> Path | None:
     """The run's activation store for an SAE folder in a run, when it exists; else None."""
     run = Run.of_sae(sae_dir)
     return run.activations if run is not None and run.activations.exists() else None
+
+
+def ray_part_dir(store: str | os.PathLike[str], key: int) -> Path:
+    """The staging folder of part ``key`` (its first batch or shard) of a store written with ``--ray``."""
+    return Path(store) / RAY_PARTS_DIR / f"part-{key:09d}"
+
+
+def feature_store_staging(store: str | os.PathLike[str]) -> Path:
+    """The hidden sibling folder where the Rust writer assembles a feature store's new shards."""
+    store = Path(store)
+    return store.with_name(f".{store.name}.staging")
 
 
 def store_path(path: str | os.PathLike[str]) -> Path:
