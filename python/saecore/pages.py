@@ -43,13 +43,13 @@ import numpy as np
 import pyarrow as pa
 
 from . import index, tables
-from ._atomic import publish_dir, write_text
+from ._atomic import publish_dir, read_json_object, write_text
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .errors import CorruptDataError, SaecoreError
 from .features import FeatureStore
 from .index import ContextReader, Example
-from .run import PAGES_INDEX_FILE, Run
+from .run import PAGES_INDEX_FILE, Run, maximise_dir, maximise_file
 
 PAGES_FORMAT = "saecore.pages/1"
 SUMMARY_CHUNK = 4096
@@ -424,6 +424,7 @@ class SaeBuild:
             "samples": self._samples_json(samples, known, complete) if t.samples is not None else None,
             "logit_lens": self._logit_lens(feature),
             "neighbours": self._neighbours(feature),
+            "maximise": self._maximise(feature),
             "per_token": "all" if complete else "recorded",
             "per_token_note": "" if complete else self.lookup_note,
             "tokens": "text" if self.tokens.available else "ids",
@@ -519,6 +520,25 @@ class SaeBuild:
                 href = None
             out.append({"sae": other, "feature": n, "cosine": _round(c["cosine"][i]), "href": href})
         return out
+
+    def _maximise(self, feature: int) -> dict[str, Any] | None:
+        """The feature's ``saecore maximise`` result when the run has one (synthetic max-activating text)."""
+        path = maximise_dir(Run(self.run).sae(self.sae)) / maximise_file(feature)
+        if not path.exists():
+            return None
+        data = read_json_object(path)
+        try:
+            def seqs(key: str) -> list[dict[str, Any]]:
+                return [{"tokens": [str(t) for t in s["tokens"]], "a": _round(s["activation"]), "pre": _round(s["pre"]),
+                         "retok": _round(s["retokenized_activation"]),
+                         "nll": None if s.get("nll") is None else _round(s["nll"])} for s in data[key]]
+
+            return {"gcg": seqs("gcg"), "random": seqs("random"), "evaluations": int(data["evaluations_per_search"]),
+                    "position": str(data["config"]["position"]), "fluency": float(data["config"]["fluency"]),
+                    "dataset": [{"v": _round(e["value"]), "text": str(e["text"] or "")} for e in data["dataset_top"]],
+                    "dataset_note": str(data.get("dataset_note", ""))}
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptDataError(f"{path}: not a saecore maximise result ({type(e).__name__}: {e})") from e
 
     # -- the SAE folder ---------------------------------------------------------------------------
     def write_into(self, out: Path, progress: bool = True) -> dict[str, Any]:

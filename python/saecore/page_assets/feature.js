@@ -112,6 +112,36 @@
     return c;
   }
 
+  /* saecore maximise: optimised token sequences beside the top dataset examples (text only via textContent). */
+  function synthRows(t, label, rows) {
+    rows.forEach(function (r, i) {
+      var text = el("td", { cls: "tokcell" });
+      r.tokens.forEach(function (tk) { text.appendChild(el("span", { cls: "tok", text: SC.showText(tk), title: JSON.stringify(tk) })); });
+      t.appendChild(el("tr", { cls: "synth-" + label }, el("td", { text: label + " " + (i + 1) }), text,
+        el("td", { cls: "num", text: SC.num(r.a, 4) }), el("td", { cls: "num", text: SC.num(r.retok, 4) }),
+        el("td", { cls: "num", text: maxAct > 0 ? Math.round(100 * r.a / maxAct) + "%" : "–" })));
+    });
+  }
+
+  function synthCard() {
+    var M = F.maximise;
+    if (!M) return null;
+    var c = card("synthetic", "Synthetic max-activating text");
+    c.appendChild(el("div", { cls: "muted small", text: "Token sequences optimised by greedy coordinate gradient (saecore maximise) to maximise this feature at the " +
+      (M.position === "last" ? "last token" : "strongest token") + (M.fluency > 0 ? ", fluency λ = " + M.fluency : "") +
+      "; random search had the same " + SC.int(M.evaluations) + " exact evaluations. 're-tokenized': the activation of the decoded text tokenized again." }));
+    var t = el("table", {}, el("tr", {}, el("th", { text: "search" }), el("th", { text: "tokens" }), el("th", { cls: "num", text: "activation" }),
+      el("th", { cls: "num", text: "re-tokenized" }), el("th", { cls: "num", text: "of dataset max" })));
+    synthRows(t, "GCG", M.gcg);
+    synthRows(t, "random", M.random);
+    c.appendChild(t);
+    var d = el("table", { id: "synthetic-dataset" }, el("tr", {}, el("th", { text: "top dataset examples («activating token»)" }), el("th", { cls: "num", text: "activation" })));
+    M.dataset.forEach(function (e) { d.appendChild(el("tr", {}, el("td", { cls: "tokcell", text: SC.showText(e.text) }), el("td", { cls: "num", text: SC.num(e.v, 4) }))); });
+    if (M.dataset.length) c.appendChild(d);
+    else if (M.dataset_note) c.appendChild(el("div", { cls: "note", text: "No dataset examples: " + M.dataset_note }));
+    return c;
+  }
+
   function neighboursCard() {
     if (!F.neighbours || !F.neighbours.length) return null;
     var c = card("neighbours", "Nearest features by decoder cosine");
@@ -138,7 +168,7 @@
   var charts = el("div", { cls: "grid" });
   [densityCard(), histogramCard()].forEach(function (x) { if (x) charts.appendChild(x); });
   if (charts.childNodes.length) app.appendChild(charts);
-  [topCard(), samplesCard()].forEach(function (x) { if (x) app.appendChild(x); });
+  [topCard(), samplesCard(), synthCard()].forEach(function (x) { if (x) app.appendChild(x); });
   var side = el("div", { cls: "grid" });
   [lensCard(), neighboursCard()].forEach(function (x) { if (x) side.appendChild(x); });
   if (side.childNodes.length) app.appendChild(side);
