@@ -126,6 +126,7 @@ class IndexTables:
     neighbours: Grouped | None = None
     enc_dec_cosine: Grouped | None = None
     logit_lens: Grouped | None = None
+    logit_lens_encoder: Grouped | None = None
     density_histogram: dict[str, np.ndarray] | None = None
     map: dict[str, np.ndarray] | None = None
 
@@ -423,6 +424,7 @@ class SaeBuild:
             "top": self._render_examples(top, known, tables.TOPK.file, complete) if t.topk is not None else None,
             "samples": self._samples_json(samples, known, complete) if t.samples is not None else None,
             "logit_lens": self._logit_lens(feature),
+            "logit_lens_encoder": self._logit_lens(feature, tables.LOGIT_LENS_ENCODER),
             "neighbours": self._neighbours(feature),
             "maximise": self._maximise(feature),
             "per_token": "all" if complete else "recorded",
@@ -487,8 +489,8 @@ class SaeBuild:
             start += len(exs)
         return out
 
-    def _logit_lens(self, feature: int) -> dict[str, list] | None:
-        g = self.tables.logit_lens
+    def _logit_lens(self, feature: int, spec: tables.TableSpec = tables.LOGIT_LENS) -> dict[str, list] | None:
+        g = getattr(self.tables, spec.name)
         if g is None:
             return None
         s = g.slice(feature)
@@ -497,7 +499,7 @@ class SaeBuild:
         for i in range(s.start, s.stop):
             kind = str(c["kind"][i])
             if kind not in out:
-                raise ValueError(f"{tables.LOGIT_LENS.path(self.tables.index_dir)}: kind {kind!r} for feature "
+                raise ValueError(f"{spec.path(self.tables.index_dir)}: kind {kind!r} for feature "
                                  f"{feature}; expected 'promote' or 'suppress'")
             out[kind].append([str(c["token"][i]), int(c["token_id"][i]), _round(c["value"][i])])
         return out

@@ -104,12 +104,27 @@
     return t;
   }
 
+  function lensPair(L) {
+    return el("div", { cls: "lens" }, lensTable("promoted", L.promote, "pos"), lensTable("suppressed", L.suppress, "negv"));
+  }
+
   function lensCard() {
-    var L = F.logit_lens;
-    if (!L || (!L.promote.length && !L.suppress.length)) return null;
-    var c = card("logit-lens", "Logit lens: tokens the decoder direction promotes and suppresses");
-    c.appendChild(el("div", { cls: "lens" }, lensTable("promoted", L.promote, "pos"), lensTable("suppressed", L.suppress, "negv")));
-    return c;
+    var L = F.logit_lens, E = F.logit_lens_encoder;
+    var has = function (x) { return x && (x.promote.length || x.suppress.length); };
+    if (!has(L) && !has(E)) return null;
+    if (!has(E)) {
+      var c = card("logit-lens", "Logit lens: tokens the decoder direction promotes and suppresses");
+      c.appendChild(lensPair(L));
+      return c;
+    }
+    var c2 = card("logit-lens", "Logit lens: the decoder direction (what the feature writes) and the encoder direction (what it reads)");
+    if (F.enc_dec_cosine !== null) c2.appendChild(el("div", { cls: "muted small", id: "lens-cosine", text: "encoder · decoder cosine " + SC.num(F.enc_dec_cosine, 3) +
+      "; the encoder direction is rescaled to the decoder row's norm, so the two lists' logits are on one scale." }));
+    var pair = el("div", { cls: "lens-pair" });
+    if (has(L)) pair.appendChild(el("div", { id: "lens-decoder" }, el("h3", { text: "decoder direction" }), lensPair(L)));
+    pair.appendChild(el("div", { id: "lens-encoder" }, el("h3", { text: "encoder direction" }), lensPair(E)));
+    c2.appendChild(pair);
+    return c2;
   }
 
   /* saecore maximise: optimised token sequences beside the top dataset examples (text only via textContent). */
@@ -170,6 +185,8 @@
   if (charts.childNodes.length) app.appendChild(charts);
   [topCard(), samplesCard(), synthCard()].forEach(function (x) { if (x) app.appendChild(x); });
   var side = el("div", { cls: "grid" });
-  [lensCard(), neighboursCard()].forEach(function (x) { if (x) side.appendChild(x); });
+  var lens = lensCard(), wide = lens && lens.querySelector(".lens-pair");
+  if (wide) app.appendChild(lens);  /* four lists need the full width */
+  [wide ? null : lens, neighboursCard()].forEach(function (x) { if (x) side.appendChild(x); });
   if (side.childNodes.length) app.appendChild(side);
 })();
