@@ -156,3 +156,19 @@ def test_feature_page_shows_both_lenses_and_escapes_synthetic_text(tmp_path):
         assert data["logit_lens_encoder"][kind] == [[t.upper(), i, v] for t, i, v in data["logit_lens"][kind]]
     assert data["maximise"]["gcg"][0]["tokens"][0] == hostile and data["maximise"]["dataset"][0]["text"] == hostile
     assert data["maximise"]["random"][0]["a"] == 1.0
+
+
+def test_cli_steer_by_encoder_direction_names_it(sae, tiny_model_dir, tmp_path, capsys):
+    from saecore.cli import main
+
+    saved, sae.cfg.model_name = sae.cfg.model_name, str(tiny_model_dir)
+    try:
+        sae_dir = sae.save(tmp_path / "saes" / "s")
+    finally:
+        sae.cfg.model_name = saved
+    argv = ["steer", "--sae", str(sae_dir), "--feature", "7", "--value", "60", "--prompt", PROMPT,
+            "--max-new-tokens", "3", "--device", "cpu", "--direction", "encoder"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    cos = float(torch.nn.functional.cosine_similarity(sae.W_enc[:, 7], sae.W_dec[7], dim=0))
+    assert f"direction: encoder columns, rescaled to the decoder rows' norms (cosine with the decoder row: #7 {cos:.3f})" in out

@@ -35,7 +35,11 @@ def _last(model, ids):
 @pytest.fixture(scope="module")
 def planted(tiny_model):
     """``(sae, A, B)``: an 8-feature SAE on the tiny model with features 3 (reads B) and 5 (reads A B) planted."""
-    model, tok = tiny_model
+    return plant(*tiny_model)
+
+
+def plant(model, tok):
+    """The planted SAE (see :func:`planted`)."""
     a = tok.encode(" golden", add_special_tokens=False)[0]
     b = tok.encode(" bridge", add_special_tokens=False)[0]
     gen = torch.Generator().manual_seed(0)

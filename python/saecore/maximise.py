@@ -60,11 +60,11 @@ class MaximiseConfig(SAEModelOptions):
     """Feature id to maximise (repeatable: each gets its own search and file)."""
     length: int = option(8, ge=1, le=512)
     """Tokens optimised (after the BOS token)."""
-    steps: int = option(60, ge=1, le=1_000_000)
+    steps: int = option(50, ge=1, le=1_000_000)
     """GCG steps per restart."""
     top_k: int = option(64, ge=1, le=1 << 20)
     """Candidate tokens per position: the ones with the largest gradient."""
-    candidates: int = option(128, ge=1, le=1 << 16)
+    candidates: int = option(64, ge=1, le=1 << 16)
     """Random single-token swaps evaluated exactly per step."""
     restarts: int = option(2, ge=1, le=10_000)
     """Independent searches from random sequences; the best of each is reported."""
