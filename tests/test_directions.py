@@ -172,3 +172,18 @@ def test_cli_steer_by_encoder_direction_names_it(sae, tiny_model_dir, tmp_path, 
     out = capsys.readouterr().out
     cos = float(torch.nn.functional.cosine_similarity(sae.W_enc[:, 7], sae.W_dec[7], dim=0))
     assert f"direction: encoder columns, rescaled to the decoder rows' norms (cosine with the decoder row: #7 {cos:.3f})" in out
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", '{"gcg": 5}', "{not json"])
+def test_a_damaged_maximise_result_is_named_by_pages(tmp_path, content):
+    from pages_testdata import SAE, make_run, word_tokenizer
+    from saecore.errors import CorruptDataError
+    from saecore.pages import build_pages
+    from saecore.run import Run, maximise_dir, maximise_file
+
+    run = make_run(tmp_path).run
+    path = maximise_dir(Run(run).sae(SAE)) / maximise_file(2)
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.raises(CorruptDataError, match=re.escape(str(path))):
+        build_pages(run, tokenizer=word_tokenizer(), progress=False)

@@ -271,6 +271,9 @@ def dataset_examples(index_dir: Path, feature: int, k: int, tokenizer: Any) -> t
 def maximise_feature(model: Any, tokenizer: Any, sae: Any, feature: int, cfg: MaximiseConfig,
                      index_dir: Path | None = None) -> dict[str, Any]:
     """GCG (and the random baseline) for one feature; the result as the JSON the file holds."""
+    positions = int(getattr(model.config, "max_position_embeddings", 0) or 1 << 62)
+    if cfg.length + 1 > positions:
+        raise ValueError(f"--length {cfg.length} plus the BOS token exceeds the model's {positions} positions")
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     objective = Objective(model, sae, feature, bos, cfg.position, cfg.fluency, cfg.batch_size)
     allowed = allowed_tokens(tokenizer, objective.embed.shape[0])
