@@ -16,6 +16,7 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_HOOK
@@ -41,7 +42,10 @@ def data(tiny_model_dir, tiny_store, tmp_path_factory) -> dict[str, str]:
     index(features, run / "index" / "tiny", progress=False)
     prompts = run / "prompts.txt"
     prompts.write_text("The bridge\n")
+    np.save(run / "nan-direction.npy", np.full(64, np.nan))
+    np.save(run / "wrong-shape-direction.npy", np.zeros((2, 3)))
     return {
+        "nan_direction": str(run / "nan-direction.npy"), "shape_direction": str(run / "wrong-shape-direction.npy"),
         "run": str(run), "sae": str(sae_dir), "wide": str(run / "saes" / "wide"), "store": str(tiny_store.path),
         "features": str(features), "prompts": str(prompts), "model": str(tiny_model_dir), "missing": str(run / "nope"),
     }
@@ -100,6 +104,10 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("steer", "NaN", ["--sae", "{sae}", "--feature", "1", "--value", "nan", "--prompt", "Hi"]),
     ("steer", "infinite", ["--sae", "{sae}", "--feature", "1", "--value", "inf", "--prompt", "Hi"]),
     ("steer", "negative", ["--sae", "{sae}", "--feature", "1", "--max-new-tokens", "-1", "--prompt", "Hi"]),
+    ("steer", "bad direction path", ["--sae", "{sae}", "--feature", "1", "--direction", "{missing}/d.npy", "--prompt", "Hi"]),
+    ("steer", "bad direction shape", ["--sae", "{sae}", "--feature", "1", "--direction", "{shape_direction}", "--prompt",
+                                      "Hi"]),
+    ("steer", "NaN direction", ["--sae", "{sae}", "--feature", "1", "--direction", "{nan_direction}", "--prompt", "Hi"]),
     ("attribute", "bad path", ["--sae", "{missing}", "--prompt", "Hi", "--target", " a", "--baseline", " b"]),
     ("attribute", "zero", ["--sae", "{sae}", "--prompt", "Hi", "--target", " a", "--baseline", " b", "--top", "0"]),
     ("attribute", "negative", ["--sae", "{sae}", "--prompt", "Hi", "--target", " a", "--baseline", " b",
@@ -124,6 +132,11 @@ CASES: list[tuple[str, str, list[str]]] = [
     ("xor", "too small", ["--d", "1", "--out", "{out}/x"]),
     ("xor", "NaN", ["--threshold", "nan", "--out", "{out}/x"]),
     ("xor", "negative", ["--ratio", "-1", "--out", "{out}/x"]),
+    ("maximise", "bad path", ["--sae", "{missing}", "--feature", "1", "--out", "{out}/m"]),
+    ("maximise", "bad feature id", ["--sae", "{sae}", "--feature", str(D_SAE), "--out", "{out}/m", "--device", "cpu"]),
+    ("maximise", "zero", ["--sae", "{sae}", "--feature", "1", "--length", "0", "--out", "{out}/m"]),
+    ("maximise", "NaN", ["--sae", "{sae}", "--feature", "1", "--fluency", "nan", "--out", "{out}/m"]),
+    ("maximise", "bad position", ["--sae", "{sae}", "--feature", "1", "--position", "first", "--out", "{out}/m"]),
     ("pages", "bad path", ["{missing}"]),
     ("pages", "bad SAE name", ["{run}", "--sae", "nope", "--no-tokenizer"]),
     ("serve", "bad path", ["{missing}"]),

@@ -195,3 +195,40 @@ def test_neighbour_links_navigate_within_and_across_saes(browser, site):
         assert not browser.find_elements("id", section)
     assert browser.find_element("id", "per-token-note").is_displayed()
     assert console_problems(browser) == []
+
+
+def test_feature_page_shows_synthetic_text_as_text_and_both_lenses(browser, tmp_path):
+    # saecore maximise's result and the encoder logit lens, drawn by feature.js; the optimised tokens are
+    # data (here markup that would run if inserted as HTML) and must show as text.
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from saecore import tables
+    from saecore.run import Run, maximise_dir, maximise_file
+
+    data = make_run(tmp_path)
+    index = Run(data.run).index(SAE)
+    lens = pq.read_table(tables.LOGIT_LENS.path(index))
+    pq.write_table(lens.set_column(4, "token", pa.array([t.upper() for t in lens["token"].to_pylist()])),
+                   tables.LOGIT_LENS_ENCODER.path(index))
+    hostile = "<img src=x onerror=\"document.title='pwned'\">"
+    seq = {"tokens": [hostile, " bridge"], "activation": 2.5, "pre": 2.5, "retokenized_activation": 2.0, "nll": None}
+    result = {"gcg": [seq], "random": [seq | {"activation": 1.0}], "evaluations_per_search": 10,
+              "config": {"position": "last", "fluency": 0.0}, "dataset_top": [{"value": 3.0, "text": "the «bridge»"}]}
+    folder = maximise_dir(Run(data.run).sae(SAE))
+    folder.mkdir(parents=True)
+    (folder / maximise_file(BRIDGE)).write_text(json.dumps(result))
+    build_pages(data.run, tokenizer=word_tokenizer(), activations=data.activations, progress=False)
+    browser.get((data.run / "pages").joinpath(SAE, feature_href(BRIDGE)).resolve().as_uri())
+    wait_for(browser, lambda d: d.find_elements("css selector", "#synthetic tr.synth-GCG"))
+    assert console_problems(browser) == []
+    row = browser.find_element("css selector", "#synthetic tr.synth-GCG")
+    assert hostile in row.text and not browser.find_elements("css selector", "#synthetic img")
+    assert "pwned" not in browser.title
+    assert browser.find_element("css selector", "#synthetic-dataset").text.count("«bridge»") == 1
+    decoder = browser.find_elements("css selector", "#lens-decoder td.tokcell")
+    encoder = browser.find_elements("css selector", "#lens-encoder td.tokcell")
+    assert decoder and [e.text for e in encoder] == [d.text.upper() for d in decoder]
+    assert "encoder · decoder cosine" in browser.find_element("id", "lens-cosine").text
+    save_screenshot(browser, "pages-feature-synthetic.png")

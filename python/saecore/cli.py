@@ -38,6 +38,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "logit-lens": ("saecore.logit_lens", "the tokens each feature's decoder direction promotes and suppresses"),
     "token-scores": ("saecore.token_scores", "model-free scores of every feature (token simulators, logit shape)"),
     "xor": ("saecore.xor", "experiment: is A XOR B linearly readable because of superposition? (toy + every layer)"),
+    "maximise": ("saecore.maximise", "experiment: synthetic max-activating text for a feature (greedy coordinate gradient)"),
     "pages": ("saecore.pages", "write static HTML feature pages for a run"),
     "serve": ("saecore.pages", "serve a run's feature pages on localhost"),
 }

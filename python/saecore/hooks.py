@@ -118,12 +118,14 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def _capture(model: nn.Module, points: Sequence[HookPoint], stop: bool) -> Iterator[dict[str, torch.Tensor]]:
+def _capture(
+    model: nn.Module, points: Sequence[HookPoint], stop: bool, detach: bool = True
+) -> Iterator[dict[str, torch.Tensor]]:
     captured: dict[str, torch.Tensor] = {}
     wanted = len(points)
 
     def record(name: str, act: torch.Tensor) -> None:
-        captured[name] = act.detach()
+        captured[name] = act.detach() if detach else act
         if stop and len(captured) == wanted:
             raise _StopForward
 
@@ -168,6 +170,26 @@ def run_to_hooks(
     if missing:
         raise RuntimeError(f"hooks {missing} never fired during the forward pass of {type(model).__name__}")
     return {n: captured[n] for n in hook_names}
+
+
+def forward_to_hook(
+    model: nn.Module, hook_name: str, *, input_ids: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None, full: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(activation [B, T, d] at hook_name, logits [B, T, vocab] or None)`` with autograd left on.
+
+    Give ``input_ids`` or ``inputs_embeds`` (to differentiate with respect to the input). The forward
+    stops at the hook unless ``full`` (then the logits come too, e.g. for a likelihood term).
+    """
+    point = resolve(model, hook_name)
+    with _capture(model, [point], stop=not full, detach=False) as captured:
+        try:
+            out = model(input_ids=input_ids, inputs_embeds=inputs_embeds, use_cache=False)
+        except _StopForward:
+            out = None
+    if hook_name not in captured:
+        raise RuntimeError(f"hook {hook_name!r} never fired during the forward pass of {type(model).__name__}")
+    return captured[hook_name], (out.logits if out is not None else None)
 
 
 @contextmanager

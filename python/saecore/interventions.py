@@ -130,6 +130,11 @@ class FeatureEdit:
         """Return the edited copy of f [B, T, d_sae]; ``positions`` [T] are absolute token positions."""
         return f
 
+    def delta(self, f: torch.Tensor, f_edit: torch.Tensor) -> torch.Tensor:
+        """The change to the activation [B, T, d_in]: decode(f') - decode(f), written so that an edit that
+        changes nothing adds exactly 0."""
+        return self.sae.decode(f_edit) - self.sae.decode(f)
+
     def __call__(self, act: torch.Tensor) -> torch.Tensor:
         n = act.shape[1]
         positions = torch.arange(self.offset, self.offset + n, device=act.device)  # [T]
@@ -139,8 +144,7 @@ class FeatureEdit:
             f = self.sae.encode(x)  # [B, T, d_sae]
             self.last_features = f
             f_edit = self.edit_features(f.clone(), positions)
-            # decode(f') + (x - decode(f)), written so that an edit that changes nothing adds exactly 0.
-            delta = self.sae.decode(f_edit) - self.sae.decode(f)  # [B, T, d_in]
+            delta = self.delta(f, f_edit)  # [B, T, d_in]: decode(f') + (x - decode(f)) - x
         return act + delta.to(act.dtype)
 
 
@@ -183,6 +187,71 @@ class ClampEdit(FeatureEdit):
                 idx = torch.tensor(rows, device=f.device)
                 f[:, idx[:, None], feats[None, :]] = vals
         return f
+
+
+class DirectionEdit(ClampEdit):
+    """A clamp that writes its change along other directions than the features' decoder rows.
+
+    Feature j is clamped to c_j as in :class:`ClampEdit`, but the activation moves by
+    ``(c_j - f_j(x)) * u_j`` with ``u_j`` row j of ``directions [n_features, d_in]`` (raw activation
+    space) instead of ``(c_j - f_j(x)) * W_dec[j]``; with ``u_j = W_dec[j]`` it is the same edit.
+    """
+
+    def __init__(self, sae: Any, values: Mapping[int, float], directions: torch.Tensor,
+                 positions: Sequence[int] | None = None, prompt_length: int | None = None) -> None:
+        super().__init__(sae, values, positions, prompt_length)
+        if tuple(directions.shape) != (len(self.features), int(sae.W_dec.shape[1])):
+            raise ValueError(f"directions have shape {tuple(directions.shape)}, expected "
+                             f"({len(self.features)}, {int(sae.W_dec.shape[1])}): one row per clamped feature")
+        self.directions = directions.detach()
+
+    def delta(self, f: torch.Tensor, f_edit: torch.Tensor) -> torch.Tensor:
+        feats = self.features.to(f.device)
+        change = f_edit[..., feats] - f[..., feats]  # [B, T, n]
+        return change @ self.directions.to(f.device, f.dtype)
+
+
+def steering_directions(sae: Any, features: Sequence[int], direction: str | Path) -> torch.Tensor | None:
+    """The rows ``[n, d_in]`` ``steer`` writes along for ``features``: None for ``"decoder"`` (the plain
+    clamp), the encoder columns for ``"encoder"``, or the vectors of a ``.npy`` file (``[d_in]`` for one
+    feature, else ``[n, d_in]``). Encoder and file rows are rescaled to the norm of the feature's decoder
+    row, so a clamp value moves the activation by the same distance whichever direction it takes."""
+    from .logit_lens import feature_directions
+
+    feats = check_features(sae, features)
+    if str(direction) == "decoder":
+        return None
+    dec = feature_directions(sae, "decoder", feats)  # [n, d_in]
+    if str(direction) == "encoder":
+        rows = feature_directions(sae, "encoder", feats)
+        dead = [f for f, r in zip(feats, rows) if not bool(r.any())]
+        if dead:
+            raise ValueError(f"features {dead} have an all-zero encoder column: no encoder direction to steer along")
+        return rows
+    rows = load_direction_file(Path(direction), len(feats), int(dec.shape[1])).to(dec.device, dec.dtype)
+    return rows * (dec.norm(dim=1, keepdim=True) / rows.norm(dim=1, keepdim=True))
+
+
+def load_direction_file(path: Path, n: int, d_in: int) -> torch.Tensor:
+    """Steering vectors from a ``.npy`` file: ``[d_in]`` (one feature) or ``[n, d_in]``, finite, nonzero."""
+    if not path.is_file():
+        raise ValueError(f"--direction {path}: no such file (give decoder, encoder or a .npy file of vectors)")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"--direction {path}: not a NumPy .npy array ({e})") from e
+    if not isinstance(arr, np.ndarray) or not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"--direction {path}: holds {getattr(arr, 'dtype', type(arr))}, expected real numbers")
+    if arr.shape not in ((d_in,), (n, d_in)) or (arr.ndim == 1 and n != 1):
+        raise ValueError(f"--direction {path}: shape {arr.shape}, expected ({d_in},) for one feature or "
+                         f"({n}, {d_in}): one row per --feature")
+    rows = arr.reshape(n, d_in).astype(np.float64)
+    if not np.isfinite(rows).all():
+        raise ValueError(f"--direction {path}: holds NaN or infinite values")
+    zero = [i for i, r in enumerate(rows) if not r.any()]
+    if zero:
+        raise ValueError(f"--direction {path}: row(s) {zero} are all zero: no direction to steer along")
+    return torch.from_numpy(rows)
 
 
 class PointEdit(FeatureEdit):
@@ -342,12 +411,15 @@ def steer(
     max_new_tokens: int = 30,
     max_activations: Mapping[int, float] | None = None,
     index_dir: str | Path | None = None,
+    directions: torch.Tensor | None = None,
 ) -> SteerResult:
     """Greedy completions of ``prompt`` without and with ``features`` clamped.
 
     Clamp to ``value``, or to ``scale`` × max activation (see :func:`resolve_clamp_values`). The
     clamp applies at every position — the prompt's and each generated token's — or only at
-    ``positions`` (absolute; negative counts back from the end of the prompt).
+    ``positions`` (absolute; negative counts back from the end of the prompt). ``directions``
+    ``[n_features, d_in]`` (:func:`steering_directions`) makes the clamp write along those rows instead
+    of the decoder's (:class:`DirectionEdit`).
     """
     feats = check_features(sae, features)
     check_compatible(model, sae)
@@ -355,7 +427,8 @@ def steer(
     clamps, maxes, source = resolve_clamp_values(model, sae, ids, feats, scale, value, max_activations, index_dir)
     eos = getattr(tokenizer, "eos_token_id", None)
     base = greedy_generate(model, ids, max_new_tokens, eos)
-    edit = ClampEdit(sae, clamps, positions=positions, prompt_length=int(ids.shape[1]))
+    edit = (ClampEdit(sae, clamps, positions=positions, prompt_length=int(ids.shape[1])) if directions is None
+            else DirectionEdit(sae, clamps, directions, positions=positions, prompt_length=int(ids.shape[1])))
     with splice(model, sae, edit):
         steered = greedy_generate(model, ids, max_new_tokens, eos)
     return SteerResult(
@@ -692,6 +765,11 @@ class SteerConfig(SAEModelOptions):
     positions: list[int] | None = None
     """Clamp only at these prompt positions (negative: from the end)."""
 
+    direction: str = "decoder"
+    """Steer along the feature's decoder row (decoder), its encoder column (encoder), or the vectors in a
+    .npy file ([d_in] for one --feature, else one row per --feature); encoder and file vectors are
+    rescaled to the decoder row's norm."""
+
     def __post_init__(self) -> None:
         validate(self)
         if self.scale is not None and self.value is not None:
@@ -707,7 +785,8 @@ def cli_run_steer(args: argparse.Namespace) -> int:
     """Run ``saecore steer``: print the baseline and steered completions side by side."""
     args = from_args(SteerConfig, args)  # checked; the same attribute names
     sae = SAE.load(args.sae).eval()
-    check_features(sae, args.feature)  # before the model load: a bad id costs no model load
+    check_features(sae, args.feature)  # before the model load: a bad id or direction costs no model load
+    directions = steering_directions(sae, args.feature, args.direction)
     model, tokenizer = load_model_for(sae, args.model, args.device)
     sae = sae.to(_device(model))
     scale = None if args.value is not None else (args.scale if args.scale is not None else 10.0)
@@ -724,14 +803,27 @@ def cli_run_steer(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         max_activations=maxes,
         index_dir=index_dir_for(args.sae),
+        directions=directions,
     )
     clamp = ", ".join(f"#{f}={v:.4g}" for f, v in res.clamps.items())
     how = f"{scale:g}x max ({res.max_source})" if scale is not None else "absolute value"
     where = "all positions" if res.positions is None else f"positions {res.positions}"
     print(f"prompt: {res.prompt!r}")
-    print(f"clamp: {clamp} ({how}; {where})\n")
+    print(f"clamp: {clamp} ({how}; {where})")
+    print(f"direction: {_describe_direction(sae, args.feature, args.direction, directions)}\n")
     print(_side_by_side("baseline", res.baseline, "steered", res.steered))
     return 0
+
+
+def _describe_direction(sae: Any, features: Sequence[int], direction: str, rows: torch.Tensor | None) -> str:
+    """The steering direction in words, with each row's cosine to the feature's decoder row."""
+    if rows is None:
+        return "decoder rows"
+    dec = sae.W_dec.detach()[list(features)].double()
+    cos = torch.nn.functional.cosine_similarity(rows.to(dec.device).double(), dec, dim=1).tolist()
+    what = "encoder columns" if direction == "encoder" else f"vectors of {direction}"
+    shown = ", ".join(f"#{f} {c:.3f}" for f, c in zip(features, cos))
+    return f"{what}, rescaled to the decoder rows' norms (cosine with the decoder row: {shown})"
 
 
 @dataclass(kw_only=True)
@@ -871,6 +963,7 @@ __all__ = [
     "AttributeReport",
     "Attribution",
     "ClampEdit",
+    "DirectionEdit",
     "FeatureEdit",
     "PointEdit",
     "ProbeRow",
@@ -888,4 +981,5 @@ __all__ = [
     "probe",
     "splice",
     "steer",
+    "steering_directions",
 ]

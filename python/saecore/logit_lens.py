@@ -17,10 +17,17 @@ Table ``index/SAE/logit_lens.parquet`` (one row per feature, direction and rank)
 ``rank 0`` is the most promoted (largest score) or most suppressed (most negative score) token.
 Features are processed ``batch_features`` at a time, so memory is ``batch_features × vocab`` floats
 whatever ``d_sae`` is, and each batch is streamed to the file as a row group.
+
+Encoder directions (``source="encoder"``, table ``index/SAE/logit_lens_encoder.parquet``, same columns):
+the same lens applied to what the feature *reads*, its encoder column ``W_enc[:, i]``, rescaled to the
+norm of its decoder row (:func:`feature_directions`), so that values of the two tables are on one scale.
+Where the encoder and decoder directions differ (cosine well below 1) the two lists show what the
+feature detects beside what it writes.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +44,20 @@ from .sae import SAE
 from .sae_model import load_model_for, model_device
 
 KINDS = ("promote", "suppress")
+SOURCES = ("decoder", "encoder")
+
+
+def feature_directions(sae: Any, source: str = "decoder", features: Any = None) -> torch.Tensor:
+    """Rows ``[n, d_in]`` of the features' directions in raw activation space: the decoder rows, or the
+    encoder columns each rescaled to its decoder row's norm (a zero encoder column stays zero)."""
+    if source not in SOURCES:
+        raise ValueError(f"direction source must be one of {SOURCES}, got {source!r}")
+    idx = slice(None) if features is None else torch.as_tensor(features, dtype=torch.long, device=sae.W_dec.device)
+    dec = sae.W_dec.detach()[idx]  # [n, d_in]
+    if source == "decoder":
+        return dec
+    enc = sae.W_enc.detach()[:, idx].T  # [n, d_in]
+    return enc * (dec.norm(dim=1, keepdim=True) / enc.norm(dim=1, keepdim=True).clamp_min(1e-30))
 
 
 def final_norm_gain(model: torch.nn.Module) -> torch.Tensor | None:
@@ -77,8 +98,10 @@ def iter_logit_lens(
     batch_features: int = 256,
     apply_norm_weight: bool = True,
     features: Sequence[int] | None = None,
+    source: str = "decoder",
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield per batch: features [b], promote ids/values [b, top], suppress ids/values [b, top]."""
+    """Yield per batch: features [b], promote ids/values [b, top], suppress ids/values [b, top] of the
+    features' decoder directions (or encoder directions, ``source="encoder"``)."""
     if top < 1:
         raise ValueError(f"top must be at least 1, got {top}")
     if batch_features < 1:
@@ -95,7 +118,7 @@ def iter_logit_lens(
     with torch.no_grad():
         for start in range(0, len(feats), batch_features):
             chunk = feats[start : start + batch_features]
-            scores = lens_scores(W_dec[torch.as_tensor(chunk, device=W_dec.device)], model, apply_norm_weight)
+            scores = lens_scores(feature_directions(sae, source, chunk), model, apply_norm_weight)
             pv, pi = scores.topk(k, dim=1)  # [b, k] largest first
             sv, si = (-scores).topk(k, dim=1)  # [b, k] most negative first
             yield chunk, pi.cpu().numpy(), pv.cpu().numpy(), si.cpu().numpy(), (-sv).cpu().numpy()
@@ -140,8 +163,10 @@ def write_logit_lens(
     batch_features: int = 256,
     apply_norm_weight: bool = True,
     progress: bool = True,
+    source: str = "decoder",
 ) -> Path:
-    """Write the logit-lens table for every feature to ``path`` (atomically); returns the path."""
+    """Write the logit-lens table of every feature's decoder (or encoder, ``source``) direction to ``path``
+    (atomically); returns the path."""
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
 
@@ -155,11 +180,11 @@ def write_logit_lens(
         return cache[t]
 
     schema = tables.LOGIT_LENS.schema.with_metadata(
-        {"saecore.logit_lens": f'{{"apply_norm_weight": {str(apply_norm_weight).lower()}, "top": {top}}}'}
+        {"saecore.logit_lens": json.dumps({"apply_norm_weight": apply_norm_weight, "top": top, "source": source})}
     )
     n_feat = int(sae.W_dec.shape[0])
     with atomic_target(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
-        batches = iter_logit_lens(sae, model, top, batch_features, apply_norm_weight)
+        batches = iter_logit_lens(sae, model, top, batch_features, apply_norm_weight, source=source)
         total = -(-n_feat // batch_features)
         for chunk, pi, pv, si, sv in tqdm(batches, total=total, desc="logit lens", disable=not progress):
             writer.write_table(_batch_table(chunk, (pi, si), (pv, sv), token_text).cast(schema))
@@ -209,6 +234,10 @@ class LogitLensConfig(SAEModelOptions):
     show: list[int] = option(default_factory=list, append=True, ge=0, lt=1 << 32, metavar="FEATURE")
     """Print this feature's tokens."""
 
+    encoder: bool = option(True, flag="--no-encoder")
+    """Also write the encoder directions' table, logit_lens_encoder.parquet, beside the decoder one
+    (--no-encoder: only the decoder table)."""
+
     def __post_init__(self) -> None:
         validate(self)
 
@@ -229,10 +258,15 @@ def cli_run(args: Any) -> int:
     model, tokenizer = load_model_for(sae, args.model, args.device)
     sae = sae.to(model_device(model))
     out = args.out or tables.LOGIT_LENS.path(sae_index_dir(args.sae))
-    path = write_logit_lens(sae, model, tokenizer, out, args.top, apply_norm_weight=args.norm_weight)
-    print(f"wrote {path} ({d_sae} features x {args.top} tokens, promote and suppress)")
+    paths = {"decoder": write_logit_lens(sae, model, tokenizer, out, args.top, apply_norm_weight=args.norm_weight)}
+    if args.encoder:  # beside the decoder table, under its own name
+        paths["encoder"] = write_logit_lens(sae, model, tokenizer, tables.LOGIT_LENS_ENCODER.path(Path(out).parent),
+                                            args.top, apply_norm_weight=args.norm_weight, source="encoder")
+    for path in paths.values():
+        print(f"wrote {path} ({d_sae} features x {args.top} tokens, promote and suppress)")
     for f in args.show:
-        promote = read_logit_lens(path, [f], "promote").get(f, [])
-        suppress = read_logit_lens(path, [f], "suppress").get(f, [])
-        print(f"feature {f}\n  promotes:  {promote!r}\n  suppresses: {suppress!r}")
+        for source, path in paths.items():
+            promote = read_logit_lens(path, [f], "promote").get(f, [])
+            suppress = read_logit_lens(path, [f], "suppress").get(f, [])
+            print(f"feature {f} ({source} direction)\n  promotes:  {promote!r}\n  suppresses: {suppress!r}")
     return 0

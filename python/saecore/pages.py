@@ -43,13 +43,13 @@ import numpy as np
 import pyarrow as pa
 
 from . import index, tables
-from ._atomic import publish_dir, write_text
+from ._atomic import publish_dir, read_json_object, write_text
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .errors import CorruptDataError, SaecoreError
 from .features import FeatureStore
 from .index import ContextReader, Example
-from .run import PAGES_INDEX_FILE, Run, resolve_recorded
+from .run import PAGES_INDEX_FILE, Run, maximise_dir, maximise_file, resolve_recorded
 
 PAGES_FORMAT = "saecore.pages/1"
 SUMMARY_CHUNK = 4096
@@ -126,6 +126,7 @@ class IndexTables:
     neighbours: Grouped | None = None
     enc_dec_cosine: Grouped | None = None
     logit_lens: Grouped | None = None
+    logit_lens_encoder: Grouped | None = None
     density_histogram: dict[str, np.ndarray] | None = None
     map: dict[str, np.ndarray] | None = None
 
@@ -415,7 +416,9 @@ class SaeBuild:
             "top": self._render_examples(top, known, tables.TOPK.file, complete) if t.topk is not None else None,
             "samples": self._samples_json(samples, known, complete) if t.samples is not None else None,
             "logit_lens": self._logit_lens(feature),
+            "logit_lens_encoder": self._logit_lens(feature, tables.LOGIT_LENS_ENCODER),
             "neighbours": self._neighbours(feature),
+            "maximise": self._maximise(feature),
             "per_token": "all" if complete else "recorded",
             "per_token_note": "" if complete else self.lookup_note,
             "tokens": "text" if self.tokens.available else "ids",
@@ -478,8 +481,8 @@ class SaeBuild:
             start += len(exs)
         return out
 
-    def _logit_lens(self, feature: int) -> dict[str, list] | None:
-        g = self.tables.logit_lens
+    def _logit_lens(self, feature: int, spec: tables.TableSpec = tables.LOGIT_LENS) -> dict[str, list] | None:
+        g = getattr(self.tables, spec.name)
         if g is None:
             return None
         s = g.slice(feature)
@@ -488,7 +491,7 @@ class SaeBuild:
         for i in range(s.start, s.stop):
             kind = str(c["kind"][i])
             if kind not in out:
-                raise ValueError(f"{tables.LOGIT_LENS.path(self.tables.index_dir)}: kind {kind!r} for feature "
+                raise ValueError(f"{spec.path(self.tables.index_dir)}: kind {kind!r} for feature "
                                  f"{feature}; expected 'promote' or 'suppress'")
             out[kind].append([str(c["token"][i]), int(c["token_id"][i]), _round(c["value"][i])])
         return out
@@ -511,6 +514,25 @@ class SaeBuild:
                 href = None
             out.append({"sae": other, "feature": n, "cosine": _round(c["cosine"][i]), "href": href})
         return out
+
+    def _maximise(self, feature: int) -> dict[str, Any] | None:
+        """The feature's ``saecore maximise`` result when the run has one (synthetic max-activating text)."""
+        path = maximise_dir(Run(self.run).sae(self.sae)) / maximise_file(feature)
+        if not path.exists():
+            return None
+        data = read_json_object(path)
+        try:
+            def seqs(key: str) -> list[dict[str, Any]]:
+                return [{"tokens": [str(t) for t in s["tokens"]], "a": _round(s["activation"]), "pre": _round(s["pre"]),
+                         "retok": _round(s["retokenized_activation"]),
+                         "nll": None if s.get("nll") is None else _round(s["nll"])} for s in data[key]]
+
+            return {"gcg": seqs("gcg"), "random": seqs("random"), "evaluations": int(data["evaluations_per_search"]),
+                    "position": str(data["config"]["position"]), "fluency": float(data["config"]["fluency"]),
+                    "dataset": [{"v": _round(e["value"]), "text": str(e["text"] or "")} for e in data["dataset_top"]],
+                    "dataset_note": str(data.get("dataset_note", ""))}
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptDataError(f"{path}: not a saecore maximise result ({type(e).__name__}: {e})") from e
 
     # -- the SAE folder ---------------------------------------------------------------------------
     def write_into(self, out: Path, progress: bool = True, ray: str | None = None) -> dict[str, Any]:

@@ -233,7 +233,9 @@ def _index_run(cfg: QuickstartConfig) -> None:
 
     index(cfg.features, cfg.index_dir, activations=cfg.activations, ray=cfg.ray)
     model, tokenizer = load(cfg.model)
-    write_logit_lens(SAE.load(cfg.sae_dir, device="cpu"), model, tokenizer, tables.LOGIT_LENS.path(cfg.index_dir))
+    sae = SAE.load(cfg.sae_dir, device="cpu")
+    write_logit_lens(sae, model, tokenizer, tables.LOGIT_LENS.path(cfg.index_dir))
+    write_logit_lens(sae, model, tokenizer, tables.LOGIT_LENS_ENCODER.path(cfg.index_dir), source="encoder")
     directions = geometry.load_directions(cfg.sae_dir)
     tables.NEIGHBOURS.write(geometry.neighbours_table(directions, [], k=10), tables.NEIGHBOURS.path(cfg.index_dir))
     tables.ENC_DEC_COSINE.write(geometry.enc_dec_cosine(directions), tables.ENC_DEC_COSINE.path(cfg.index_dir))

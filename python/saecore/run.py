@@ -76,6 +76,7 @@ NEIGHBOURS_FILE = "neighbours.parquet"
 MAP_FILE = "map.parquet"
 ENC_DEC_COSINE_FILE = "enc_dec_cosine.parquet"
 LOGIT_LENS_FILE = "logit_lens.parquet"
+LOGIT_LENS_ENCODER_FILE = "logit_lens_encoder.parquet"
 TOKEN_SCORES_FILE = "token_scores.parquet"
 # Tables and plots of the geometry verbs that nothing else reads.
 GEOMETRY_FILE = "geometry.parquet"
@@ -90,6 +91,8 @@ XOR_TOY_FILE = "xor_toy.parquet"
 XOR_TOY_PLOT = "xor_toy.png"
 XOR_MODEL_FILE = "xor_model.parquet"
 XOR_MODEL_PLOT = "xor_model.png"
+MAXIMISE_EXPERIMENT = "maximise"
+"""``saecore maximise``: experiments/maximise/SAE/F.json, one file per feature (:func:`maximise_dir`)."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +158,19 @@ def sae_index_dir(sae_dir: str | os.PathLike[str]) -> Path:
     sae_dir = Path(sae_dir)
     run = Run.of_sae(sae_dir)
     return run.index(sae_dir.name) if run is not None else sae_dir / INDEX_DIR
+
+
+def maximise_dir(sae_dir: str | os.PathLike[str]) -> Path:
+    """Where ``saecore maximise`` writes an SAE's results: ``runs/NAME/experiments/maximise/SAE`` in a run,
+    else ``SAE_DIR/maximise``."""
+    sae_dir = Path(sae_dir)
+    run = Run.of_sae(sae_dir)
+    return run.experiment(MAXIMISE_EXPERIMENT) / sae_dir.name if run is not None else sae_dir / MAXIMISE_EXPERIMENT
+
+
+def maximise_file(feature: int) -> str:
+    """The file name of one feature's ``saecore maximise`` result inside :func:`maximise_dir`."""
+    return f"{int(feature)}.json"
 
 
 def features_index_dir(features: str | os.PathLike[str]) -> Path:

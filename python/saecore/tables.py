@@ -172,11 +172,15 @@ LOGIT_LENS = TableSpec("logit_lens", layout.LOGIT_LENS_FILE, _schema(
     ("feature", u4), ("kind", s), ("rank", u2), ("token_id", u4), ("token", s), ("value", f4)),
     order=("kind", "rank"))
 """Tokens each feature's decoder direction promotes / suppresses most (``saecore logit-lens``)."""
+LOGIT_LENS_ENCODER = TableSpec("logit_lens_encoder", layout.LOGIT_LENS_ENCODER_FILE, LOGIT_LENS.schema,
+                               order=("kind", "rank"))
+"""The same for each feature's encoder direction, rescaled to its decoder row's norm (``saecore logit-lens``)."""
 
 ALL: tuple[TableSpec, ...] = (STATS, HISTOGRAMS, TOPK, SAMPLES, DENSITY_HISTOGRAM, NEIGHBOURS, MAP, ENC_DEC_COSINE,
-                              LOGIT_LENS)
+                              LOGIT_LENS, LOGIT_LENS_ENCODER)
 BY_NAME: dict[str, TableSpec] = {spec.name: spec for spec in ALL}
-PER_FEATURE: tuple[TableSpec, ...] = (STATS, HISTOGRAMS, TOPK, SAMPLES, NEIGHBOURS, ENC_DEC_COSINE, LOGIT_LENS)
+PER_FEATURE: tuple[TableSpec, ...] = (STATS, HISTOGRAMS, TOPK, SAMPLES, NEIGHBOURS, ENC_DEC_COSINE, LOGIT_LENS,
+                                      LOGIT_LENS_ENCODER)
 """Tables keyed by feature (the others describe the SAE as a whole)."""
 
 

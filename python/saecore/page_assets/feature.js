@@ -104,11 +104,56 @@
     return t;
   }
 
+  function lensPair(L) {
+    return el("div", { cls: "lens" }, lensTable("promoted", L.promote, "pos"), lensTable("suppressed", L.suppress, "negv"));
+  }
+
   function lensCard() {
-    var L = F.logit_lens;
-    if (!L || (!L.promote.length && !L.suppress.length)) return null;
-    var c = card("logit-lens", "Logit lens: tokens the decoder direction promotes and suppresses");
-    c.appendChild(el("div", { cls: "lens" }, lensTable("promoted", L.promote, "pos"), lensTable("suppressed", L.suppress, "negv")));
+    var L = F.logit_lens, E = F.logit_lens_encoder;
+    var has = function (x) { return x && (x.promote.length || x.suppress.length); };
+    if (!has(L) && !has(E)) return null;
+    if (!has(E)) {
+      var c = card("logit-lens", "Logit lens: tokens the decoder direction promotes and suppresses");
+      c.appendChild(lensPair(L));
+      return c;
+    }
+    var c2 = card("logit-lens", "Logit lens: the decoder direction (what the feature writes) and the encoder direction (what it reads)");
+    if (F.enc_dec_cosine !== null) c2.appendChild(el("div", { cls: "muted small", id: "lens-cosine", text: "encoder · decoder cosine " + SC.num(F.enc_dec_cosine, 3) +
+      "; the encoder direction is rescaled to the decoder row's norm, so the two lists' logits are on one scale." }));
+    var pair = el("div", { cls: "lens-pair" });
+    if (has(L)) pair.appendChild(el("div", { id: "lens-decoder" }, el("h3", { text: "decoder direction" }), lensPair(L)));
+    pair.appendChild(el("div", { id: "lens-encoder" }, el("h3", { text: "encoder direction" }), lensPair(E)));
+    c2.appendChild(pair);
+    return c2;
+  }
+
+  /* saecore maximise: optimised token sequences beside the top dataset examples (text only via textContent). */
+  function synthRows(t, label, rows) {
+    rows.forEach(function (r, i) {
+      var text = el("td", { cls: "tokcell" });
+      r.tokens.forEach(function (tk) { text.appendChild(el("span", { cls: "tok", text: SC.showText(tk), title: JSON.stringify(tk) })); });
+      t.appendChild(el("tr", { cls: "synth-" + label }, el("td", { text: label + " " + (i + 1) }), text,
+        el("td", { cls: "num", text: SC.num(r.a, 4) }), el("td", { cls: "num", text: SC.num(r.retok, 4) }),
+        el("td", { cls: "num", text: maxAct > 0 ? Math.round(100 * r.a / maxAct) + "%" : "–" })));
+    });
+  }
+
+  function synthCard() {
+    var M = F.maximise;
+    if (!M) return null;
+    var c = card("synthetic", "Synthetic max-activating text");
+    c.appendChild(el("div", { cls: "muted small", text: "Token sequences optimised by greedy coordinate gradient (saecore maximise) to maximise this feature at the " +
+      (M.position === "last" ? "last token" : "strongest token") + (M.fluency > 0 ? ", fluency λ = " + M.fluency : "") +
+      "; random search had the same " + SC.int(M.evaluations) + " exact evaluations. 're-tokenized': the activation of the decoded text tokenized again." }));
+    var t = el("table", {}, el("tr", {}, el("th", { text: "search" }), el("th", { text: "tokens" }), el("th", { cls: "num", text: "activation" }),
+      el("th", { cls: "num", text: "re-tokenized" }), el("th", { cls: "num", text: "of dataset max" })));
+    synthRows(t, "GCG", M.gcg);
+    synthRows(t, "random", M.random);
+    c.appendChild(t);
+    var d = el("table", { id: "synthetic-dataset" }, el("tr", {}, el("th", { text: "top dataset examples («activating token»)" }), el("th", { cls: "num", text: "activation" })));
+    M.dataset.forEach(function (e) { d.appendChild(el("tr", {}, el("td", { cls: "tokcell", text: SC.showText(e.text) }), el("td", { cls: "num", text: SC.num(e.v, 4) }))); });
+    if (M.dataset.length) c.appendChild(d);
+    else if (M.dataset_note) c.appendChild(el("div", { cls: "note", text: "No dataset examples: " + M.dataset_note }));
     return c;
   }
 
@@ -138,8 +183,10 @@
   var charts = el("div", { cls: "grid" });
   [densityCard(), histogramCard()].forEach(function (x) { if (x) charts.appendChild(x); });
   if (charts.childNodes.length) app.appendChild(charts);
-  [topCard(), samplesCard()].forEach(function (x) { if (x) app.appendChild(x); });
+  [topCard(), samplesCard(), synthCard()].forEach(function (x) { if (x) app.appendChild(x); });
   var side = el("div", { cls: "grid" });
-  [lensCard(), neighboursCard()].forEach(function (x) { if (x) side.appendChild(x); });
+  var lens = lensCard(), wide = lens && lens.querySelector(".lens-pair");
+  if (wide) app.appendChild(lens);  /* four lists need the full width */
+  [wide ? null : lens, neighboursCard()].forEach(function (x) { if (x) side.appendChild(x); });
   if (side.childNodes.length) app.appendChild(side);
 })();
