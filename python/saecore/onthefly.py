@@ -187,8 +187,11 @@ class ModelStream:
 
     def __init__(self, model: Any, tokenizer: Any, corp: corpus_mod.Corpus, hcfg: HarvestConfig,
                  exclusions: Exclusions, rank: int = 0, world: int = 1,
-                 writer: ActivationStoreWriter | None = None, stored_batches: int | None = None):
+                 writer: ActivationStoreWriter | None = None, stored_batches: int | None = None,
+                 model_name: str = ""):
         self.model, self.tok, self.corp, self.hcfg, self.exclusions = model, tokenizer, corp, hcfg, exclusions
+        self.model_name = model_name or models.name_of(model)
+        self.label = f"{self.model_name} on {corp.name}"  # names the data in messages
         self.rank, self.world, self.writer, self.stored_batches = rank, world, writer, stored_batches
         self.forward = harvesting._Forward(model, hcfg.hooks, int(model.config.hidden_size), exclusions)
 
@@ -322,26 +325,17 @@ def train_on_the_fly(
     jobs = [replace(job, cfg=replace(job.cfg, device=str(device))) for job in jobs]
     hcfg = replace(hcfg or HarvestConfig(), hooks=otf.hooks, batch_size=otf.contexts_per_batch, device=str(device),
                    progress=False)
-    corp = corpus if isinstance(corpus, corpus_mod.Corpus) else corpus_mod.load(corpus, text_field=hcfg.text_field)
-    corp.check_nonempty()
-    m, tok, model_name = harvesting._load_model(model, device, hcfg.model_dtype)
-    points = [hooks.resolve(m, h) for h in hcfg.hooks]  # a bad hook name fails before any work
-    exclusions = Exclusions(hcfg.exclude_bos, harvesting._special_ids(tok) if hcfg.exclude_special
-                            else np.zeros(0, np.int64), hcfg.norm_outlier_factor)
     run = Run(run_dir)
-    rank, world = (grid.rank, grid.world) if grid is not None else (0, 1)
-    writer, stored = _store_writer(otf, run, hcfg, m, model_name, corp, rank, world)
-    stream = ModelStream(m, tok, corp, hcfg, exclusions, rank, world, writer, stored)
-    n_rows = cfg.num_tokens or stream.count_rows()
+    stream, finish_store = _open_stream(model, corpus, run, otf, hcfg, device, grid)
     W, B = cfg.shuffle_buffer_rows, cfg.batch_size
     blocks = stream.blocks(0)
     wins = windows(blocks, W)
     first = next(wins, None)  # window 0 sets each hook's input scale
     if first is None:
-        raise corpus_mod.CorpusError(f"corpus {corp.name!r} gives no rows (contexts of {hcfg.context_length} tokens)")
-    info = StreamInfo(f"{model_name} on {corp.name}", list(hcfg.hooks), n_rows,
+        raise corpus_mod.CorpusError(f"{stream.label}: no rows (contexts of {hcfg.context_length} tokens)")
+    info = StreamInfo(stream.label, list(hcfg.hooks), cfg.num_tokens or stream.count_rows(),
                       {h: int(a.shape[1]) for h, a in first[1].items()}, mean_squared_norms(first[1]),
-                      {"model": model_name})
+                      {"model": stream.model_name})
     trainers = [_trainer(job, info, run, grid, on_step) for job in jobs]
     start = min(t.step for t in trainers)
     if not all(t.complete for t in trainers):
@@ -351,13 +345,34 @@ def train_on_the_fly(
         else:
             wins = _chain(first, wins)
         batches = shuffled_batches(wins, list(hcfg.hooks), W, B, cfg.seed, start)
-        drive(trainers, batches, start, list(hcfg.hooks), show=cfg.progress and rank == 0)
-    if writer is not None or stored is not None:
-        for _ in blocks:  # the store holds the whole pass, as saecore harvest would write it
+        drive(trainers, batches, start, list(hcfg.hooks), show=cfg.progress and stream.rank == 0)
+    finish_store(blocks)
+    return {job.name: t._result() for job, t in zip(jobs, trainers, strict=True)}
+
+
+def _open_stream(model: Any, corpus: Any, run: Run, otf: OnTheFlyConfig, hcfg: HarvestConfig, device: torch.device,
+                 grid: Grid | None) -> tuple[ModelStream, Callable[[Iterator[Any]], None]]:
+    """The model's stream over the corpus, and what completes the store (``--write-store``) from the
+    stream's remaining blocks once training is done."""
+    corp = corpus if isinstance(corpus, corpus_mod.Corpus) else corpus_mod.load(corpus, text_field=hcfg.text_field)
+    corp.check_nonempty()
+    m, tok, model_name = harvesting._load_model(model, device, hcfg.model_dtype)
+    points = [hooks.resolve(m, h) for h in hcfg.hooks]  # a bad hook name fails before any work
+    exclusions = Exclusions(hcfg.exclude_bos, harvesting._special_ids(tok) if hcfg.exclude_special
+                            else np.zeros(0, np.int64), hcfg.norm_outlier_factor)
+    rank, world = (grid.rank, grid.world) if grid is not None else (0, 1)
+    writer, stored = _store_writer(otf, run, hcfg, m, model_name, corp, rank, world)
+    stream = ModelStream(m, tok, corp, hcfg, exclusions, rank, world, writer, stored, model_name=model_name)
+
+    def finish_store(rest: Iterator[Any]) -> None:
+        if stored is None:
+            return
+        for _ in rest:  # the store holds the whole pass, as saecore harvest would write it
             pass
         if writer is not None:
             writer.finish(harvesting._store_attrs(corp, exclusions, stream.forward.medians, points, tok))
-    return {job.name: t._result() for job, t in zip(jobs, trainers, strict=True)}
+
+    return stream, finish_store
 
 
 def _grid_and_device(cfg: TrainConfig, latent_shards: int) -> tuple[Grid | None, torch.device]:
