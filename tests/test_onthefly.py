@@ -144,6 +144,8 @@ def test_sae_specs_are_checked_and_named():
     assert jobs[1].cfg.lr == 0.001 and jobs[1].cfg.hook == "blocks.3.hook_resid_post"
     with pytest.raises(ValueError, match="batch_size.*cannot differ"):
         parse_spec("batch_size=10")
+    with pytest.raises(ValueError, match="'width' is not a training field"):
+        parse_spec("width=10")
     with pytest.raises(ValueError, match="'k=x' is not FIELD|k='x' is not a int"):
         parse_spec("k=x")
     with pytest.raises(ValueError, match="same SAE folder name"):

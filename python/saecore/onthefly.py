@@ -105,8 +105,8 @@ def parse_spec(text: str) -> dict[str, Any]:
             out["name"] = value.strip()
         elif key in SHARED_FIELDS or key not in fields:
             allowed = sorted(set(fields) - set(SHARED_FIELDS))
-            raise ValueError(f"--sae {text!r}: {key!r} cannot differ between SAEs of one stream; per-SAE fields: "
-                             f"{', '.join(allowed)}, name")
+            why = "cannot differ between SAEs of one stream" if key in fields else "is not a training field"
+            raise ValueError(f"--sae {text!r}: {key!r} {why}; per-SAE fields: {', '.join(allowed)}, name")
         else:
             out[key] = _typed(key, value.strip(), getattr(base, key), text)
     return out
