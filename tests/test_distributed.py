@@ -17,9 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from saecore.activations import ActivationStore
+from saecore.cli import main
 from saecore.distributed import (
     MANIFEST,
     ConfigMismatchError,
+    consolidate,
     read_manifest,
     train_distributed,
 )
@@ -99,7 +101,7 @@ def test_two_ranks_equal_one_process_for_every_architecture(store_path, tmp_path
         torch.testing.assert_close(SAE.load(tmp_path / arch).W_dec, reference.W_dec, rtol=2e-4, atol=2e-5)
 
 
-def test_rank_killed_mid_run_resumes_to_the_uninterrupted_result(store_path, tmp_path):
+def test_rank_killed_mid_run_resumes_to_the_uninterrupted_result(store_path, tmp_path, capsys):
     cfg = small(architecture="batchtopk", num_tokens=8 * 128, checkpoint_every_steps=2)
     _spawn(_worker_runs, tmp_path, str(store_path), str(tmp_path), [("whole", cfg, 2)])
     # Whichever rank's failure spawn sees first (the killed one, or its partner's broken collective).
@@ -107,8 +109,15 @@ def test_rank_killed_mid_run_resumes_to_the_uninterrupted_result(store_path, tmp
         _spawn(_worker_killed, tmp_path, str(store_path), str(tmp_path / "killed"), cfg, 5)
     manifest = read_manifest(tmp_path / "killed")
     assert manifest["step"] == 4 and not manifest["complete"]
+    # `saecore consolidate` exports the committed step, elsewhere or into the run folder itself.
+    assert main(["consolidate", str(tmp_path / "killed"), "--out", str(tmp_path / "export")]) == 0
+    assert "partial: step 4 of 8" in capsys.readouterr().out
+    assert torch.equal(SAE.load(tmp_path / "export").W_enc, consolidate(tmp_path / "killed", write=False).W_enc)
+    assert main(["consolidate", str(tmp_path / "killed")]) == 0
     _spawn(_worker_runs, tmp_path, str(store_path), str(tmp_path), [("killed", cfg, 2)])
     _assert_same(torch.load(tmp_path / "whole.pt"), torch.load(tmp_path / "killed.pt"), "resumed", exact=True)
+    # The resumed run's end replaced the partial export in its folder.
+    _assert_same(torch.load(tmp_path / "whole.pt"), SAE.load(tmp_path / "killed").state_dict(), "final", exact=True)
 
     # Resuming with another latent-shard count is refused, naming both counts.
     half_done = tmp_path / "killed"

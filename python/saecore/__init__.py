@@ -26,6 +26,7 @@ def __getattr__(name: str):  # lazy attributes keep `import saecore` light (no t
     lazy = {
         "harvest": ("saecore.harvesting", "harvest"),
         "train": ("saecore.training", "train"),
+        "train_on_the_fly": ("saecore.onthefly", "train_on_the_fly"),
         "FeatureIndex": ("saecore.index", "FeatureIndex"),
         "SAE": ("saecore.sae", "SAE"),
         "SAEConfig": ("saecore.sae", "SAEConfig"),

@@ -23,7 +23,8 @@ from .errors import SaecoreError
 VERBS: dict[str, tuple[str, str]] = {
     "quickstart": ("saecore.quickstart", "run the whole pipeline on the built-in model and corpus"),
     "harvest": ("saecore.harvesting", "capture hook-point activations of a causal LM into a Zarr store"),
-    "train": ("saecore.distributed", "train a sparse autoencoder on an activation store"),
+    "train": ("saecore.onthefly", "train SAEs on an activation store, or many at once on the fly from a model"),
+    "consolidate": ("saecore.distributed", "join a distributed training checkpoint into one SAELens-layout SAE"),
     "eval": ("saecore.evaluate", "evaluate an SAE: L0, explained variance, dead fraction, CE-loss recovered"),
     "sweep": ("saecore.sweep", "scaling-law sweep over dictionary size x training tokens"),
     "bench-synth": ("saecore.bench_synth", "train SAEs on SynthSAEBench-style synthetic data; MCC, F1 vs ground truth"),

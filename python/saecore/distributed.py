@@ -46,7 +46,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import training
 from ._atomic import atomic_target, write_json
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
@@ -54,7 +53,6 @@ from .devices import default_device
 from .errors import StoreError
 from .run import DIST_CHECKPOINT_DIR as DIST_DIR
 from .run import DIST_MANIFEST_FILE as MANIFEST
-from .run import WEIGHTS_FILE
 from .sae import (
     SAE,
     JumpReLUFunction,
@@ -66,8 +64,6 @@ from .sae import (
 )
 from .training import (
     ConfigMismatchError,
-    ShuffledBatches,
-    SigintFlag,
     TrainConfig,
     Trainer,
     describe_differences,
@@ -443,47 +439,24 @@ class DistributedTrainer(Trainer):
         self.tokens_since_fired[dead] = 0
         return int(dead_ids.numel())
 
-    # -- the loop ----------------------------------------------------------------------------------
-    def run(self) -> SAE:
-        """Train to the end (or resume to it); rank 0 consolidates; every rank returns the whole SAE."""
-        if not self.complete:
-            self._loop()
-        if self.grid.rank == 0 and not (self.out_dir / WEIGHTS_FILE).exists():
-            consolidate(self.out_dir)  # also after a crash between the last commit and consolidation
+    # -- the loop (Trainer's, with these pieces) ---------------------------------------------------
+    def _step_batch(self, x: Tensor, interrupt: bool) -> dict[str, float]:
+        return self._train_step(x[self._rows()], interrupt=interrupt)  # sets self.interrupted (all ranks)
+
+    def stop_requested(self, interrupt: bool) -> bool:
+        return self.interrupted  # only the flag all ranks agreed on in the step's all-reduce
+
+    def bar_label(self) -> str:
+        return f"{super().bar_label()} on {self.grid.world} ranks"
+
+    def _result(self) -> SAE:
+        """Rank 0 consolidates (also after a crash between the last commit and consolidation, or over a
+        partial checkpoint exported by ``saecore consolidate``); every rank returns the whole SAE."""
+        if self.grid.rank == 0:  # always: the folder may hold a partial export (saecore consolidate)
+            consolidate(self.out_dir)
         if self.grid.world > 1:
             dist.barrier()
         return consolidate(self.out_dir, write=False).eval()
-
-    def _loop(self) -> None:
-        from tqdm.auto import tqdm
-
-        stream = ShuffledBatches(self.store, self.hook, self.n_train, self.cfg.batch_size,
-                                 self.cfg.shuffle_buffer_rows, self.cfg.seed).batches(self.step)
-        show = self.cfg.progress and self.grid.rank == 0
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not show, unit="step",
-                   desc=f"train {self.cfg.architecture} {self.cfg.d_sae} on {self.grid.world} ranks")
-        last_save = self.step
-        with SigintFlag() as sigint:
-            try:
-                while self.step < self.total_steps:
-                    x_np, rows = next(stream)
-                    x = torch.from_numpy(x_np).to(self.device, non_blocking=True)
-                    self._check_finite(x, rows)  # the whole batch on every rank: all raise together
-                    stats = self._train_step(x[self._rows()], interrupt=sigint.raised)
-                    self.step += 1
-                    bar.update(1)
-                    if self.on_step is not None:
-                        self.on_step(self.step, stats)
-                    if self.interrupted:
-                        self.save_checkpoint()
-                        raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}")
-                    if self.step - last_save >= self.cfg.checkpoint_every_steps and self.step < self.total_steps:
-                        self.save_checkpoint()
-                        last_save = self.step
-            finally:
-                bar.close()
-        self.complete = True
-        self.save_checkpoint()
 
     # -- checkpoints -------------------------------------------------------------------------------
     def _shard_tensors(self) -> dict[str, Tensor]:
@@ -566,10 +539,10 @@ def read_manifest(out_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return manifest
 
 
-def consolidate(out_dir: str | os.PathLike[str], *, write: bool = True,
+def consolidate(out_dir: str | os.PathLike[str], *, write: bool = True, to: str | os.PathLike[str] | None = None,
                 extra_metadata: dict[str, Any] | None = None) -> SAE:
     """Join the shards of the committed step into one SAE (input scale folded); with ``write``, save it
-    as ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout) in ``out_dir``."""
+    as ``cfg.json`` + ``sae_weights.safetensors`` (SAELens layout) in ``to`` (default: ``out_dir``)."""
     from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
@@ -582,7 +555,7 @@ def consolidate(out_dir: str | os.PathLike[str], *, write: bool = True,
             parts = [s[f"param.{name}"] for s in shards]
             p.copy_(parts[0] if name == "b_dec" else torch.cat(parts, 1 if name == "W_enc" else 0))
     if write:
-        sae.save(out_dir, extra_metadata={**manifest.get("training", {}), **(extra_metadata or {}),
+        sae.save(to or out_dir, extra_metadata={**manifest.get("training", {}), **(extra_metadata or {}),
                                           "distributed": {k: manifest[k] for k in ("data_shards", "latent_shards")}})
     return sae.folded()
 
@@ -613,24 +586,30 @@ class LaunchOptions:
         validate(self)
 
 
-def cli_configure_train(parser: Any) -> None:
-    """Options of ``saecore train``: the trainer's and the launch's."""
-    training.cli_configure(parser)
-    add_arguments(parser, LaunchOptions)
+# --- the consolidate verb ------------------------------------------------------------------------
 
 
-def cli_run_train(args: Any) -> int:
-    """``saecore train``: one process as always, or the process grid under torchrun / --latent-shards > 1."""
-    cfg = from_args(TrainConfig, args)
-    launch = from_args(LaunchOptions, args)
-    if not (launched_distributed() or launch.latent_shards > 1):
-        return training.cli_run(args, cfg)
-    import time
+@dataclass(kw_only=True)
+class ConsolidateOptions:
+    """Where ``saecore consolidate`` writes (the SAE folder to read is its positional argument)."""
 
-    t0 = time.time()
-    sae = train_distributed(args.store, args.out, cfg, latent_shards=launch.latent_shards)
-    if dist.get_rank() == 0:
-        print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "
-              f"from {dist.get_world_size()} processes ({launch.latent_shards} latent shards) in {time.time() - t0:.0f} s")
-    dist.destroy_process_group()
+    out: Path | None = None
+    """Folder for the SAELens-layout checkpoint; unset: the SAE folder itself."""
+
+
+def cli_configure_consolidate(parser: Any) -> None:
+    parser.add_argument("sae", help="folder of a distributed training run (holding dist/MANIFEST.json)")
+    add_arguments(parser, ConsolidateOptions)
+
+
+def cli_run_consolidate(args: Any) -> int:
+    """``saecore consolidate``: join the committed step's shards into cfg.json + sae_weights.safetensors."""
+    opts = from_args(ConsolidateOptions, args)
+    manifest = read_manifest(args.sae)  # StoreError naming the file when it is not a distributed run
+    out = Path(opts.out or args.sae)
+    sae = consolidate(args.sae, to=out)
+    total = manifest.get("training", {}).get("total_steps", "?")
+    state = "complete" if manifest["complete"] else f"partial: step {manifest['step']} of {total}"
+    print(f"consolidated {sae.cfg.architecture} SAE (d_sae {sae.cfg.d_sae}, {state}) from "
+          f"{manifest['latent_shards']} latent shards into {out}")
     return 0

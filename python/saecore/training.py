@@ -193,12 +193,11 @@ class ShuffledBatches:
 
     def batches(self, start_step: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(x [B, d] float32, store rows [B])`` for steps ``start_step, start_step + 1, …`` (forever)."""
-        B = self.batch_size
-        pos = start_step * B
+        return cut_batches(self._shuffled_windows(start_step * self.batch_size), self.batch_size)  # type: ignore[return-value]
+
+    def _shuffled_windows(self, pos: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The shuffled windows from stream position ``pos`` on (the first one cut to start there)."""
         epoch, skip = divmod(pos, self.n_rows)
-        carry_x: list[np.ndarray] = []
-        carry_r: list[np.ndarray] = []
-        carried = 0
         while True:
             for w, spans in enumerate(self._windows(epoch)):
                 size = sum(b - a for a, b in spans)
@@ -206,17 +205,25 @@ class ShuffledBatches:
                     skip -= size
                     continue
                 x, rows = self._load_window(epoch, w, spans)
-                x, rows, skip = x[skip:], rows[skip:], 0
-                while len(rows):
-                    take = min(B - carried, len(rows))
-                    carry_x.append(x[:take])
-                    carry_r.append(rows[:take])
-                    carried += take
-                    x, rows = x[take:], rows[take:]
-                    if carried == B:
-                        yield np.concatenate(carry_x), np.concatenate(carry_r)
-                        carry_x, carry_r, carried = [], [], 0
+                yield x[skip:], rows[skip:]
+                skip = 0
             epoch += 1
+
+
+def cut_batches(windows: Iterator[tuple[np.ndarray, ...]], batch_size: int) -> Iterator[tuple[np.ndarray, ...]]:
+    """Batches of ``batch_size`` rows cut from a stream of windows, each a tuple of row-aligned arrays
+    (a batch may span two windows); a last incomplete batch is dropped."""
+    carry: list[tuple[np.ndarray, ...]] = []
+    carried = 0
+    for window in windows:
+        while len(window[0]):
+            take = min(batch_size - carried, len(window[0]))
+            carry.append(tuple(a[:take] for a in window))
+            window = tuple(a[take:] for a in window)
+            carried += take
+            if carried == batch_size:
+                yield tuple(np.concatenate(parts) for parts in zip(*carry, strict=True))
+                carry, carried = [], 0
 
 
 # --- the trainer --------------------------------------------------------------------------------
@@ -535,41 +542,84 @@ class Trainer:
 
     def run(self) -> SAE:
         """Train to the end (or resume to it); return the trained SAE (input scale folded)."""
-        if self.complete:
-            return self.sae.folded().eval()
-        from tqdm.auto import tqdm
+        if not self.complete:
+            self._loop(self._batches())
+        return self._result()
 
-        stream = ShuffledBatches(
+    def _result(self) -> SAE:
+        return self.sae.folded().eval()
+
+    def _batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """The global batches from this run's step on (a pure function of the seed and the step)."""
+        return ShuffledBatches(
             self.store, self.hook, self.n_train, self.cfg.batch_size, self.cfg.shuffle_buffer_rows, self.cfg.seed
         ).batches(self.step)
+
+    def bar_label(self) -> str:
+        return f"train {self.cfg.architecture} {self.cfg.d_sae}"
+
+    def _loop(self, batches: Iterator[tuple[np.ndarray, np.ndarray]]) -> None:
+        from tqdm.auto import tqdm
+
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.cfg.progress, unit="step",
-                   desc=f"train {self.cfg.architecture} {self.cfg.d_sae}")
-        last_save = self.step
+                   desc=self.bar_label())
+        self.last_save = self.step
         with SigintFlag() as sigint:
             try:
                 while self.step < self.total_steps:
-                    x_np, rows = next(stream)
-                    x = torch.from_numpy(x_np).to(self.device, non_blocking=True)
-                    self._check_finite(x, rows)
-                    stats = self._train_step(x)
-                    self.step += 1
+                    stats = self.step_on(*next(batches), interrupt=sigint.raised)
                     bar.update(1)
-                    if self.step % 10 == 0 or self.step == self.total_steps:
-                        bar.set_postfix(loss=f"{stats['loss']:.4g}", L0=f"{stats['l0']:.1f}",
-                                        EV=f"{stats['explained_variance']:.3f}", dead=f"{stats['dead_fraction']:.3f}")
-                    if self.on_step is not None:
-                        self.on_step(self.step, stats)
-                    if sigint.raised:
-                        self.save_checkpoint()
-                        raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}")
-                    if self.step - last_save >= self.cfg.checkpoint_every_steps and self.step < self.total_steps:
-                        self.save_checkpoint()
-                        last_save = self.step
+                    show_stats(bar, self.step, self.total_steps, stats)
+                    self.checkpoint_if_due(sigint.raised)
             finally:
                 bar.close()
+        self.finish()
+
+    # The loop's pieces, public so that one driver can step several trainers on one stream
+    # (saecore.onthefly): step_on every trainer, then checkpoint_if_due every trainer.
+    interrupted = False  # set by step_on: Ctrl-C was seen (over every rank, when distributed)
+    last_save = 0  # the step of the last checkpoint written by checkpoint_if_due
+
+    def step_on(self, x_np: np.ndarray, rows: np.ndarray, interrupt: bool = False) -> dict[str, float]:
+        """One optimisation step on the global batch ``x_np`` (``rows``: where each row came from, for
+        errors); calls ``on_step``. ``interrupt``: Ctrl-C was seen (acted on by :meth:`checkpoint_if_due`)."""
+        x = torch.from_numpy(x_np).to(self.device, non_blocking=True)
+        self._check_finite(x, rows)  # the whole batch on every rank: all raise together
+        stats = self._step_batch(x, interrupt)
+        self.step += 1
+        if self.on_step is not None:
+            self.on_step(self.step, stats)
+        return stats
+
+    def _step_batch(self, x: torch.Tensor, interrupt: bool) -> dict[str, float]:
+        self.interrupted = interrupt
+        return self._train_step(x)
+
+    def stop_requested(self, interrupt: bool) -> bool:
+        """Whether to stop after this step: Ctrl-C seen before or during it (``interrupt``: now)."""
+        return self.interrupted or interrupt
+
+    def checkpoint_if_due(self, interrupt: bool = False) -> None:
+        """After a step: save and raise KeyboardInterrupt if :meth:`stop_requested`; else save every
+        ``checkpoint_every_steps`` (the final checkpoint is :meth:`finish`'s)."""
+        if self.stop_requested(interrupt):
+            self.save_checkpoint()
+            raise KeyboardInterrupt(f"interrupted at step {self.step}; checkpoint saved in {self.out_dir}")
+        if self.step - self.last_save >= self.cfg.checkpoint_every_steps and self.step < self.total_steps:
+            self.save_checkpoint()
+            self.last_save = self.step
+
+    def finish(self) -> None:
+        """Mark the run complete and write the final checkpoint."""
         self.complete = True
         self.save_checkpoint()
-        return self.sae.folded().eval()
+
+
+def show_stats(bar: Any, step: int, total_steps: int, stats: dict[str, float]) -> None:
+    """The progress bar's loss / L0 / explained variance / dead fraction, every 10 steps and at the end."""
+    if step % 10 == 0 or step == total_steps:
+        bar.set_postfix(loss=f"{stats['loss']:.4g}", L0=f"{stats['l0']:.1f}",
+                        EV=f"{stats['explained_variance']:.3f}", dead=f"{stats['dead_fraction']:.3f}")
 
 
 def train(
