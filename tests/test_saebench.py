@@ -285,3 +285,25 @@ def test_suites_write_saebench_results_and_compare_reads_them(tiny_model, tiny_s
     assert float(rows[0]["l0"]) == pytest.approx(m["l0"])
     assert rows[1]["sae_top_1_test_accuracy"] == ""  # b ran only the core eval
     assert len(json.loads((run / "saebench" / "compare.json").read_text())["saes"]) == 2
+
+
+def test_pages_show_the_saebench_summary_of_an_sae_that_has_one(tmp_path):
+    from pages_testdata import OTHER, SAE, make_run, word_tokenizer
+    from saecore.pages import build_pages
+    from saecore.run import Run, saebench_plot, saebench_summary
+
+    data = make_run(tmp_path)
+    sae_dir = Run(data.run).sae(SAE)
+    saebench_summary(sae_dir).parent.mkdir(parents=True)
+    saebench_summary(sae_dir).write_text(json.dumps({"l0": 31.5, "mean_absorption_fraction_score": None}))
+    saebench_plot(sae_dir).write_bytes(b"\x89PNG fake")
+    build_pages(data.run, tokenizer=word_tokenizer(), activations=data.activations, progress=False)
+
+    def sae_js(name: str) -> dict:
+        text = (Run(data.run).pages / name / "sae.js").read_text()
+        return json.loads(text.removeprefix("window.SAECORE_SAE=").rstrip().removesuffix(";"))
+
+    assert sae_js(SAE)["saebench"] == {"metrics": {"l0": 31.5, "mean_absorption_fraction_score": None},
+                                       "plot": "saebench.png"}
+    assert (Run(data.run).pages / SAE / "saebench.png").read_bytes() == b"\x89PNG fake"
+    assert sae_js(OTHER)["saebench"] is None
