@@ -16,7 +16,14 @@ Definitions (pinned; also in docs/training.md). Sums run over the evaluated toke
   model with the hook's activation zeroed (CE_zero), replaced by the SAE reconstruction (CE_sae), or
   untouched (CE_clean). Position 0 (BOS) keeps its clean activation in both edits — it is excluded
   from training data, as in the harvest.
-* ``kl_div``: mean over predicted tokens of KL(p_clean ‖ p_sae) in nats.
+* ``kl_div``: mean over predicted tokens of KL(p_clean ‖ p_sae) in nats; ``kl_div_with_ablation`` the same
+  with the activation zeroed; ``kl_div_score`` = 1 − kl_div / kl_div_with_ablation (SAEBench's).
+* SAELens'/SAEBench's core extras: ``l1`` (mean Σ|f|), ``cossim`` (mean cos(x, x̂)), ``l2_ratio`` (mean
+  ‖x̂‖/‖x‖), ``relative_reconstruction_bias`` (E‖x̂‖² / E⟨x, x̂⟩; < 1 is shrinkage) and
+  ``explained_variance_legacy`` (mean over tokens of 1 − ‖x − x̂‖² / ‖x − x̄_block‖²).
+
+``--suite`` adds SAEBench's core, sparse-probing and absorption evals (:func:`run_suites`, written in
+SAEBench's result schema; docs/benchmarks.md); ``--compare`` tabulates their results across SAEs.
 """
 
 from __future__ import annotations
