@@ -291,6 +291,8 @@ def _plot_probing(ax: Any, res: dict[str, Any] | None) -> None:
         if full is not None:
             ax.axhline(full, color=colour, ls="--", lw=1, label=f"{which} all dims")
     ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.minorticks_off()
     ax.legend(fontsize=7)
 
 
