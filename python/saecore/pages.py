@@ -49,7 +49,16 @@ from .config import add_arguments, from_args, option, validate
 from .errors import CorruptDataError, SaecoreError
 from .features import FeatureStore
 from .index import ContextReader, Example
-from .run import PAGES_INDEX_FILE, Run, maximise_dir, maximise_file, resolve_recorded
+from .run import (
+    PAGES_INDEX_FILE,
+    SAEBENCH_PLOT,
+    Run,
+    maximise_dir,
+    maximise_file,
+    resolve_recorded,
+    saebench_plot,
+    saebench_summary,
+)
 
 PAGES_FORMAT = "saecore.pages/1"
 SUMMARY_CHUNK = 4096
@@ -548,7 +557,7 @@ class SaeBuild:
         summary_files = self._write_summary(out, features)
         has_map = self._write_map(out)
         about = self._about(features, n_features, has_map)
-        (out / "sae.js").write_text("window.SAECORE_SAE=" + _script_json(self._sae_data(about)) + ";\n")
+        (out / "sae.js").write_text("window.SAECORE_SAE=" + _script_json(self._sae_data(about, out)) + ";\n")
         (out / "index.html").write_text(_fill(
             _template("sae_index.html"),
             TITLE=_html_escape(f"{self.sae} · saecore features"),
@@ -648,9 +657,19 @@ class SaeBuild:
                 "alive": alive, "model": self.model, "tables": present, "map": has_map,
                 "n_tokens": self.tables.meta.get("n_tokens"), "per_folder": FEATURES_PER_FOLDER}
 
-    def _sae_data(self, about: dict[str, Any]) -> dict[str, Any]:
+    def _saebench(self, out: Path) -> dict[str, Any] | None:
+        """The SAE's SAEBench summary (``saecore eval --suite``), its plot copied beside the page."""
+        sae_dir = Run(self.run).sae(self.sae)
+        if not saebench_summary(sae_dir).is_file():
+            return None
+        plot = saebench_plot(sae_dir)
+        if plot.is_file():
+            (out / SAEBENCH_PLOT).write_bytes(plot.read_bytes())
+        return {"metrics": json.loads(saebench_summary(sae_dir).read_text()), "plot": SAEBENCH_PLOT if plot.is_file() else None}
+
+    def _sae_data(self, about: dict[str, Any], out: Path) -> dict[str, Any]:
         dh = self.tables.density_histogram
-        return {**about,
+        return {**about, "saebench": self._saebench(out),
                 "density_histogram": None if dh is None else [
                     [float(a), float(b), int(c)] for a, b, c in zip(dh["lo_log10"], dh["hi_log10"], dh["count"])],
                 "tokens": "text" if self.tokens.available else "ids"}

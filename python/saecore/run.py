@@ -86,6 +86,13 @@ SPLITTING_FILE = "splitting.parquet"
 SPLITTING_FAMILIES_FILE = "splitting_families.parquet"
 SPLITTING_PLOT = "splitting.png"
 BENCH_SYNTH_FILE = "bench_synth.json"
+# SAEBench-format results of ``saecore eval --suite`` (inside the SAE folder, SAEBENCH_DIR/), and the
+# ``--compare`` table (in the run's SAEBENCH_DIR/, or the folder given).
+SAEBENCH_DIR = "saebench"
+SAEBENCH_SUMMARY_FILE = "summary.json"
+SAEBENCH_PLOT = "saebench.png"
+SAEBENCH_COMPARE_CSV = "compare.csv"
+SAEBENCH_COMPARE_JSON = "compare.json"
 # Experiment verbs (under experiments/NAME/).
 XOR_TOY_FILE = "xor_toy.parquet"
 XOR_TOY_PLOT = "xor_toy.png"
@@ -151,6 +158,39 @@ class Run:
         if not self.index_root.is_dir():
             return []
         return sorted(p.name for p in self.index_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def saebench_dir(sae_dir: str | os.PathLike[str]) -> Path:
+    """An SAE's SAEBench-format results, ``SAE_DIR/saebench``."""
+    return Path(sae_dir) / SAEBENCH_DIR
+
+
+def saebench_file(sae_dir: str | os.PathLike[str], eval_type_id: str) -> Path:
+    """One SAEBench eval's result, ``SAE_DIR/saebench/EVAL_TYPE_ID.json`` (e.g. ``core.json``)."""
+    return saebench_dir(sae_dir) / f"{eval_type_id}.json"
+
+
+def saebench_summary(sae_dir: str | os.PathLike[str]) -> Path:
+    """The headline SAEBench figures of an SAE (flat JSON; the pages show it)."""
+    return saebench_dir(sae_dir) / SAEBENCH_SUMMARY_FILE
+
+
+def saebench_plot(sae_dir: str | os.PathLike[str]) -> Path:
+    """The SAEBench summary plot of an SAE."""
+    return saebench_dir(sae_dir) / SAEBENCH_PLOT
+
+
+def saebench_compare_files(folder: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """``(CSV, JSON)`` of an ``eval --compare`` table written into ``folder``."""
+    return Path(folder) / SAEBENCH_COMPARE_CSV, Path(folder) / SAEBENCH_COMPARE_JSON
+
+
+def saebench_compare_dir(sae_dirs: list[Path]) -> Path | None:
+    """Where ``eval --compare`` writes by default: ``runs/NAME/saebench`` when every SAE is in that one
+    run, else None (the caller must name a folder)."""
+    runs = {Run.of_sae(Path(d).resolve()) for d in sae_dirs}
+    (run,) = runs if len(runs) == 1 else (None,)
+    return None if run is None else run.root / SAEBENCH_DIR
 
 
 def sae_index_dir(sae_dir: str | os.PathLike[str]) -> Path:

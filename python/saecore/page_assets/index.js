@@ -41,6 +41,19 @@
     dc.appendChild(el("div", { cls: "muted small", text: "Number of features by the fraction of tokens they fire on (dead features are not shown)." }));
     top.appendChild(dc);
   }
+  if (S.saebench && S.saebench.metrics) {
+    var sb = el("section", { cls: "card", id: "saebench-card" }, el("h2", { text: "SAEBench metrics" }));
+    var sbt = el("table", { id: "saebench-table" });
+    Object.keys(S.saebench.metrics).forEach(function (k) {
+      var v = S.saebench.metrics[k];
+      sbt.appendChild(el("tr", {}, el("td", { text: k }),
+        el("td", { text: v === null ? "—" : (typeof v === "number" ? String(Math.round(v * 1e4) / 1e4) : String(v)) })));
+    });
+    sb.appendChild(sbt);
+    if (S.saebench.plot) sb.appendChild(el("img", { src: S.saebench.plot, alt: "SAEBench summary plot", style: "max-width:100%" }));
+    sb.appendChild(el("div", { cls: "muted small", text: "From saecore eval --suite (docs/benchmarks.md)." }));
+    top.appendChild(sb);
+  }
   if (top.childNodes.length) app.appendChild(top);
 
   var search = el("input", { type: "search", id: "search", placeholder: "feature id (e.g. 42) or top token", "aria-label": "search" });
