@@ -79,6 +79,17 @@ XOR_TOY_FILE = "xor_toy.parquet"
 XOR_TOY_PLOT = "xor_toy.png"
 XOR_MODEL_FILE = "xor_model.parquet"
 XOR_MODEL_PLOT = "xor_model.png"
+COMPOSITE_FEATURES_FILE = "composite_features.parquet"
+COMPOSITE_META_FILE = "composite_meta_latents.parquet"
+COMPOSITE_META_PLOT = "composite_meta.png"
+COMPOSITE_TOY_FILE = "composite_toy.parquet"
+COMPOSITE_TOY_META_FILE = "composite_toy_meta.parquet"
+COMPOSITE_TOY_PLOT = "composite_toy.png"
+COMPOSITE_GEOMETRY_FILE = "composite_geometry.parquet"
+CLASSICAL_FILE = "classical.parquet"
+CLASSICAL_DENSITY_FILE = "classical_density.parquet"
+CLASSICAL_GEOMETRY_FILE = "classical_geometry.parquet"
+CLASSICAL_PLOT = "classical.png"
 
 
 @dataclass(frozen=True)
