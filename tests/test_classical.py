@@ -153,6 +153,9 @@ def test_verb_fits_saves_indexes_and_compares(tiny_store, tmp_path):
     geometry = pq.read_table(run.experiment("classical") / "classical_geometry.parquet").to_pylist()
     pca_decoder = [g for g in geometry if g["dictionary"] == "pca-32" and g["kind"] == "decoder"]
     assert pca_decoder and abs(pca_decoder[0]["median"]) < 1e-4  # orthonormal directions
+    # The saved dictionary is an SAE to the rest of the pipeline: the pages read its index.
+    assert main(["pages", str(run.root), "--sae", "ica-32", "--no-tokenizer"]) == 0
+    assert any(run.pages.rglob("*.html"))
     # A rerun with the same settings reuses the fitted folders (and the same feature stores).
     assert main(argv) == 0
     # Other settings with the folders in place: refused in one line.

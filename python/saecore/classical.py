@@ -226,8 +226,7 @@ def find_target(cfg: ClassicalConfig) -> Target:
 
     run = layout.Run(cfg.run)
     store = ActivationStore(run.activations)
-    names = [cfg.sae] if cfg.sae else sorted(
-        p.parent.name for p in run.sae("*").parent.glob(f"*/{layout.CFG_FILE}") if "classical" not in _facts(p.parent))
+    names = [cfg.sae] if cfg.sae else [n for n in run.sae_names() if "classical" not in _facts(run.sae(n))]
     if len(names) != 1:
         raise ValueError(f"{run.root}: holds SAEs {names or 'none'} to compare with; pick one with --sae")
     sae_dir = run.sae(names[0])

@@ -65,7 +65,7 @@ class CompositeConfig:
     """Meta-SAE dictionary size; 0 → d_sae / 8."""
     meta_k: int = option(4, ge=1, le=1024)
     """Meta-latents per feature on average (BatchTopK k of the meta-SAE)."""
-    steps: int = option(3000, ge=1, le=10_000_000)
+    steps: int = option(1000, ge=1, le=10_000_000)
     """Meta-SAE training steps."""
     batch_size: int = option(1024, ge=1, le=1 << 20)
     """Decoder directions per meta-SAE training step."""
@@ -86,7 +86,7 @@ class CompositeConfig:
     """Toy: probability that a sample is one atom alone rather than a composite."""
     toy_samples: int = option(16_384, ge=256, le=1 << 24)
     """Toy: training samples."""
-    toy_steps: int = option(2000, ge=1, le=10_000_000)
+    toy_steps: int = option(1000, ge=1, le=10_000_000)
     """Toy: training steps of each toy SAE."""
     toy_l1: float = option(10.0, ge=0)
     """Toy: L1 coefficient of the toy SAEs (Anthropic's loss, scaled inputs)."""
@@ -386,7 +386,7 @@ def sae_folder(cfg: CompositeConfig) -> Path | None:
     run = layout.Run(cfg.run)
     if not run.root.is_dir():
         raise FileNotFoundError(f"{run.root}: no run folder here")
-    saes = sorted(p.parent.name for p in run.sae("*").parent.glob(f"*/{layout.CFG_FILE}"))
+    saes = run.sae_names()
     if len(saes) != 1:
         raise ValueError(f"{run.root}: holds SAEs {saes or 'none'}; pick one with --sae")
     return run.sae(saes[0])

@@ -149,6 +149,10 @@ class Run:
             return []
         return sorted(p.name for p in self.index_root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def sae_names(self) -> list[str]:
+        """Names of the SAE folders (those holding a cfg.json), sorted."""
+        return sorted(p.parent.name for p in (self.root / SAES_DIR).glob(f"*/{CFG_FILE}"))
+
 
 def sae_index_dir(sae_dir: str | os.PathLike[str]) -> Path:
     """Where an SAE's index tables go: ``runs/NAME/index/SAE`` in a run, else ``SAE_DIR/index``."""
