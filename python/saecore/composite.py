@@ -23,6 +23,7 @@ covariance-matched baselines of ``saecore geometry`` (:func:`saecore.geometry.ge
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from collections.abc import Iterator
@@ -171,7 +172,7 @@ def fit_meta_sae(decoder: torch.Tensor | np.ndarray, n_meta: int, k: int, opts: 
     if not 1 <= k <= n_meta:
         raise ValueError(f"composite: meta k = {k} must be between 1 and the {n_meta} meta-latents")
     cfg = SAEConfig(architecture="batchtopk", d_in=dirs.shape[1], d_sae=n_meta, k=k)
-    opts = FitOptions(**{**opts.__dict__, "decoder_bias": False, "l1": 0.0, "history": opts.history})
+    opts = dataclasses.replace(opts, decoder_bias=False, l1=0.0)
     return fit_in_memory(dirs, cfg, opts)
 
 
