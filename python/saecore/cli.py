@@ -40,6 +40,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "token-scores": ("saecore.token_scores", "model-free scores of every feature (token simulators, logit shape)"),
     "xor": ("saecore.xor", "experiment: is A XOR B linearly readable because of superposition? (toy + every layer)"),
     "maximise": ("saecore.maximise", "experiment: synthetic max-activating text for a feature (greedy coordinate gradient)"),
+    "composite": ("saecore.composite", "experiment: SAE features as composites (meta-SAE on decoder rows + planted toy)"),
+    "classical": ("saecore.classical", "experiment: PCA and FastICA dictionaries saved as SAEs, compared with the SAE"),
     "pages": ("saecore.pages", "write static HTML feature pages for a run"),
     "serve": ("saecore.pages", "serve a run's feature pages on localhost"),
 }

@@ -633,6 +633,15 @@ def geometry_baselines(sae: SAEDirections, covariance: np.ndarray | None = None,
     return pa.concat_tables(parts)
 
 
+def baseline_quantiles(table: pa.Table) -> list[dict[str, Any]]:
+    """Per kind of a :func:`geometry_baselines` table: median and 10 % / 90 % quantiles of the max cosine."""
+    kinds = np.asarray(table["kind"].to_pylist(), dtype=object)
+    values = table["max_cosine"].to_numpy()
+    return [{"kind": str(kind), "median": float(np.median(values[kinds == kind])),
+             "p10": float(np.quantile(values[kinds == kind], 0.1)),
+             "p90": float(np.quantile(values[kinds == kind], 0.9))} for kind in dict.fromkeys(kinds)]
+
+
 def plot_baselines(table: pa.Table, title: str, path: Path) -> Path:
     fig = _figure((6.5, 4))
     ax = fig.subplots()
@@ -773,7 +782,7 @@ def _print_baseline_summary(name: str, table: pa.Table) -> None:
 
 
 __all__ = [
-    "SAEDirections", "activation_covariance", "coactivation", "enc_dec_cosine", "feature_map",
+    "SAEDirections", "activation_covariance", "baseline_quantiles", "coactivation", "enc_dec_cosine", "feature_map",
     "geometry_baselines", "load_directions", "max_cosines", "neighbours", "neighbours_table",
     "splitting_families", "splitting_table",
 ]

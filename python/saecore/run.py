@@ -100,6 +100,17 @@ XOR_MODEL_FILE = "xor_model.parquet"
 XOR_MODEL_PLOT = "xor_model.png"
 MAXIMISE_EXPERIMENT = "maximise"
 """``saecore maximise``: experiments/maximise/SAE/F.json, one file per feature (:func:`maximise_dir`)."""
+COMPOSITE_FEATURES_FILE = "composite_features.parquet"
+COMPOSITE_META_FILE = "composite_meta_latents.parquet"
+COMPOSITE_META_PLOT = "composite_meta.png"
+COMPOSITE_TOY_FILE = "composite_toy.parquet"
+COMPOSITE_TOY_META_FILE = "composite_toy_meta.parquet"
+COMPOSITE_TOY_PLOT = "composite_toy.png"
+COMPOSITE_GEOMETRY_FILE = "composite_geometry.parquet"
+CLASSICAL_FILE = "classical.parquet"
+CLASSICAL_DENSITY_FILE = "classical_density.parquet"
+CLASSICAL_GEOMETRY_FILE = "classical_geometry.parquet"
+CLASSICAL_PLOT = "classical.png"
 
 
 @dataclass(frozen=True)
@@ -158,6 +169,10 @@ class Run:
         if not self.index_root.is_dir():
             return []
         return sorted(p.name for p in self.index_root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    def sae_names(self) -> list[str]:
+        """Names of the SAE folders (those holding a cfg.json), sorted."""
+        return sorted(p.parent.name for p in (self.root / SAES_DIR).glob(f"*/{CFG_FILE}"))
 
 
 def saebench_dir(sae_dir: str | os.PathLike[str]) -> Path:
