@@ -109,15 +109,56 @@ def test_verb_on_a_run(tiny_store, tmp_path):
             "--device", "cpu"]
     assert main(argv) == 0
     out = run.experiment("composite")
-    features = pq.read_table(out / "composite_features.parquet").to_pylist()
+    features = pq.read_table(out / "tiny" / "composite_features.parquet").to_pylist()
     assert len(features) == 96
     for r in features:
         assert r["n_meta"] == len(r["meta_latents"]) == len(r["weights"]) <= 16
         assert -1 <= r["reconstruction_cosine"] <= 1 + 1e-6
-    assert pq.read_table(out / "composite_meta_latents.parquet").num_rows == 16
+    assert pq.read_table(out / "tiny" / "composite_meta_latents.parquet").num_rows == 16
     assert [r["d_sae"] for r in pq.read_table(out / "composite_toy.parquet").to_pylist()] == [4, 8]
     geometry = pq.read_table(out / "composite_geometry.parquet").to_pylist()
     assert {"decoder", "random", "covariance"} <= {g["kind"] for g in geometry if g["dictionary"] == "tiny"}
-    for plot in ("composite_meta.png", "composite_toy.png"):
+    for plot in ("tiny/composite_meta.png", "composite_toy.png"):
         assert (out / plot).stat().st_size > 0
     assert np.isfinite([g["median"] for g in geometry]).all()
+
+
+def test_the_feature_pages_show_the_decomposition(tiny_store, tmp_path):
+    """A feature page carries its meta-latents (the table's own row), their users and links to the features
+    that share them; a damaged table is reported by name, not shown."""
+    import json
+    import re
+    import shutil
+
+    from saecore.cli import main
+    from saecore.encode import encode
+    from saecore.errors import CorruptDataError
+    from saecore.index import index
+    from saecore.pages import build_pages
+    from saecore.run import Run
+    from saecore.sae import SAE, SAEConfig
+
+    run = Run(tmp_path / "run")
+    shutil.copytree(tiny_store.path, run.activations)
+    SAE(SAEConfig(architecture="topk", d_in=64, d_sae=32, k=4, hook_name=tiny_store.hooks[0])).save(run.sae("tiny"))
+    encode(run.activations, run.sae("tiny"), run.features("tiny"), batch_rows=512, shard_rows=1024, progress=False)
+    index(run.features("tiny"), run.index("tiny"), progress=False)
+    assert main(["composite", "--run", str(run.root), "--meta-latents", "8", "--meta-k", "2", "--steps", "60",
+                 "--no-toy", "--device", "cpu"]) == 0
+    table = pq.read_table(run.experiment("composite") / "tiny" / "composite_features.parquet").to_pylist()
+    build_pages(run.root, load_model_tokenizer=False, progress=False)
+    for row in table[:6]:
+        f = row["feature"]
+        page = (run.pages / "tiny" / "f" / "0" / f"{f}.html").read_text()
+        shown = json.loads(re.search(r"window\.SAECORE_FEATURE=(.*?);</script>", page).group(1))["composite"]
+        assert [m["m"] for m in shown["meta"]] == row["meta_latents"] and shown["n_meta"] == row["n_meta"]
+        users = [r["feature"] for r in table]
+        for m in shown["meta"]:
+            holders = [r["feature"] for r in table if m["m"] in r["meta_latents"]]
+            assert m["users"] == len(holders) and all(o["feature"] in holders and o["feature"] != f for o in m["others"])
+            assert all((run.pages / "tiny" / "f" / "0" / o["href"].removeprefix("../../f/0/")).exists() for o in m["others"])
+        assert len(users) == 32
+    path = run.experiment("composite") / "tiny" / "composite_meta_latents.parquet"
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(CorruptDataError, match="composite_meta_latents.parquet"):
+        build_pages(run.root, load_model_tokenizer=False, progress=False)

@@ -38,6 +38,7 @@ from . import run as layout
 from ._atomic import atomic_target, write_parquet
 from .config import add_arguments, from_args, option, validate
 from .devices import default_device
+from .errors import CorruptDataError
 from .geometry import (
     SAEDirections,
     activation_covariance,
@@ -46,6 +47,7 @@ from .geometry import (
     load_directions,
 )
 from .sae import SAE, SAEConfig
+from .tables import check_sealed, seal_file
 from .training import sae_step
 
 #: Cosine above which a decoder row "is" a planted direction (an atom and a composite holding it: 0.71).
@@ -363,7 +365,57 @@ def plot_toy(rows: list[dict[str, Any]], path: Path) -> None:
 def _write(table: Any, path: Path) -> Path:
     import pyarrow as pa
 
-    return write_parquet(table if isinstance(table, pa.Table) else pa.Table.from_pylist(table), path)
+    write_parquet(table if isinstance(table, pa.Table) else pa.Table.from_pylist(table), path)
+    return seal_file(path)  # read back by the feature pages, so checked like every table
+
+
+@dataclass
+class Decomposition:
+    """An SAE's meta-SAE decomposition as its feature pages show it (:func:`read_decomposition`)."""
+
+    features: dict[str, list[Any]]
+    """Columns of ``composite_features.parquet``, indexed by feature id."""
+    meta_users: list[int]
+    """Per meta-latent, how many features use it."""
+    meta_top: list[list[int]]
+    """Per meta-latent, the features that weigh it most."""
+
+    def of(self, feature: int, others: int = 5) -> dict[str, Any] | None:
+        """One feature's decomposition: its meta-latents (weight, users, top other users) and overlap."""
+        c = self.features
+        if not 0 <= feature < len(c["feature"]):
+            return None
+        metas = [{"m": int(m), "w": float(w), "users": self.meta_users[m],
+                  "others": [f for f in self.meta_top[m] if f != feature][:others]}
+                 for m, w in zip(c["meta_latents"][feature], c["weights"][feature])]
+        return {"n_meta": int(c["n_meta"][feature]), "cosine": float(c["reconstruction_cosine"][feature]),
+                "n_sharing": int(c["n_sharing"][feature]), "most_shared_with": int(c["most_shared_with"][feature]),
+                "jaccard": float(c["most_shared_jaccard"][feature]), "meta": metas}
+
+
+def read_decomposition(folder: Path) -> Decomposition | None:
+    """The meta-SAE tables ``saecore composite`` wrote into ``folder`` (None when absent); each is
+    checked against its sha256, and a damaged or malformed one is a CorruptDataError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    paths = [folder / layout.COMPOSITE_FEATURES_FILE, folder / layout.COMPOSITE_META_FILE]
+    if not paths[0].exists():
+        return None
+    tables = []
+    for path in paths:
+        check_sealed(path)
+        try:
+            tables.append(pq.read_table(path).to_pydict())
+        except (pa.ArrowException, OSError) as e:
+            raise CorruptDataError(f"{path}: unreadable Parquet table ({e})") from e
+    features, metas = tables
+    try:
+        if features["feature"] != list(range(len(features["feature"]))):
+            raise ValueError("rows are not features 0..n-1 in order")
+        return Decomposition(features, [int(n) for n in metas["n_features"]], [list(t) for t in metas["top_features"]])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CorruptDataError(f"{paths[0]}: not a saecore composite result ({type(e).__name__}: {e})") from e
 
 
 def _write_plot(draw: Any, path: Path, *args: Any) -> Path:
@@ -377,7 +429,7 @@ def output_dir(cfg: CompositeConfig) -> Path:
     """``--out``, else the run's experiments/composite, else runs/composite."""
     if cfg.out is not None:
         return cfg.out
-    return layout.Run(cfg.run).experiment("composite") if cfg.run is not None else Path("runs/composite")
+    return layout.Run(cfg.run).experiment(layout.COMPOSITE_EXPERIMENT) if cfg.run is not None else Path("runs/composite")
 
 
 def sae_folder(cfg: CompositeConfig) -> Path | None:
@@ -401,9 +453,10 @@ def real_sae(cfg: CompositeConfig, sae_dir: Path, out: Path) -> Iterator[Any]:
     meta = fit_meta_sae(sae.decoder, n_meta, min(cfg.meta_k, n_meta), opts)
     acts, cos = decompose(meta, sae.decoder)
     features, metas = feature_table(acts, cos), meta_latent_table(acts)
-    yield _write(features, out / layout.COMPOSITE_FEATURES_FILE)
-    yield _write(metas, out / layout.COMPOSITE_META_FILE)
-    yield _write_plot(plot_meta, out / layout.COMPOSITE_META_PLOT, features, metas)
+    per_sae = out / sae_dir.name  # one folder per decomposed SAE; its feature pages read it from here
+    yield _write(features, per_sae / layout.COMPOSITE_FEATURES_FILE)
+    yield _write(metas, per_sae / layout.COMPOSITE_META_FILE)
+    yield _write_plot(plot_meta, per_sae / layout.COMPOSITE_META_PLOT, features, metas)
     n_used = features["n_meta"].to_numpy()
     yield (f"{sae.name}: meta-SAE with {n_meta} meta-latents (k = {cfg.meta_k}) on {sae.d_sae} decoder directions: "
            f"{n_used.mean():.2f} meta-latents per feature (median {np.median(n_used):.0f}), reconstruction cosine "

@@ -50,6 +50,7 @@ from .errors import CorruptDataError, SaecoreError
 from .features import FeatureStore
 from .index import ContextReader, Example
 from .run import (
+    COMPOSITE_EXPERIMENT,
     PAGES_INDEX_FILE,
     SAEBENCH_PLOT,
     Run,
@@ -325,6 +326,8 @@ class SaeBuild:
     summary_top_tokens: dict[int, str] = field(default_factory=dict)
     lookup_mode: Any = "auto"
     """How ``lookup`` was made (the ``activations`` argument of :func:`build_pages`), for Ray tasks to redo."""
+    _decomposition: Any = field(default=False, repr=False)
+    """The ``saecore composite`` result, read on first use (False: not read yet; None: there is none)."""
 
     @property
     def sae(self) -> str:
@@ -428,6 +431,7 @@ class SaeBuild:
             "logit_lens_encoder": self._logit_lens(feature, tables.LOGIT_LENS_ENCODER),
             "neighbours": self._neighbours(feature),
             "maximise": self._maximise(feature),
+            "composite": self._composite(feature),
             "per_token": "all" if complete else "recorded",
             "per_token_note": "" if complete else self.lookup_note,
             "tokens": "text" if self.tokens.available else "ids",
@@ -523,6 +527,18 @@ class SaeBuild:
                 href = None
             out.append({"sae": other, "feature": n, "cosine": _round(c["cosine"][i]), "href": href})
         return out
+
+    def _composite(self, feature: int) -> dict[str, Any] | None:
+        """The feature's meta-SAE decomposition when ``saecore composite`` ran on this SAE, with links."""
+        if self._decomposition is False:
+            from .composite import read_decomposition
+
+            self._decomposition = read_decomposition(Run(self.run).experiment(COMPOSITE_EXPERIMENT) / self.sae)
+        found = self._decomposition.of(feature) if self._decomposition is not None else None
+        if found is not None:
+            for m in found["meta"]:
+                m["others"] = [{"feature": f, "href": "../../" + feature_href(f)} for f in m["others"]]
+        return found
 
     def _maximise(self, feature: int) -> dict[str, Any] | None:
         """The feature's ``saecore maximise`` result when the run has one (synthetic max-activating text)."""

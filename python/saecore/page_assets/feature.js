@@ -157,6 +157,29 @@
     return c;
   }
 
+  /* saecore composite: the feature's decoder direction as a sparse sum of meta-SAE latents, and who shares them. */
+  function compositeCard() {
+    var D = F.composite;
+    if (!D) return null;
+    var c = card("composite", "Meta-SAE decomposition (is this feature a composite?)");
+    c.appendChild(el("div", { cls: "muted small", text: SC.int(D.n_meta) + " meta-latent(s) reconstruct this decoder direction with cosine " +
+      SC.num(D.cosine, 3) + "; " + SC.int(D.n_sharing) + " other feature(s) share at least one of them" +
+      (D.most_shared_with >= 0 ? "; most overlap: feature #" + D.most_shared_with + " (Jaccard " + SC.num(D.jaccard, 2) + ")" : "") + "." }));
+    var t = el("table", { id: "composite-meta" }, el("tr", {}, el("th", { text: "meta-latent" }), el("th", { cls: "num", text: "weight" }),
+      el("th", { cls: "num", text: "features using it" }), el("th", { text: "other features weighing it most" })));
+    D.meta.forEach(function (m) {
+      var others = el("td", {});
+      m.others.forEach(function (o, i) {
+        if (i) others.appendChild(document.createTextNode(" "));
+        others.appendChild(el("a", { href: o.href, cls: "meta-other", text: "#" + o.feature }));
+      });
+      t.appendChild(el("tr", {}, el("td", { text: "m" + m.m }), el("td", { cls: "num", text: SC.num(m.w, 3) }),
+        el("td", { cls: "num", text: SC.int(m.users) }), others));
+    });
+    c.appendChild(t);
+    return c;
+  }
+
   function neighboursCard() {
     if (!F.neighbours || !F.neighbours.length) return null;
     var c = card("neighbours", "Nearest features by decoder cosine");
@@ -187,6 +210,6 @@
   var side = el("div", { cls: "grid" });
   var lens = lensCard(), wide = lens && lens.querySelector(".lens-pair");
   if (wide) app.appendChild(lens);  /* four lists need the full width */
-  [wide ? null : lens, neighboursCard()].forEach(function (x) { if (x) side.appendChild(x); });
+  [wide ? null : lens, neighboursCard(), compositeCard()].forEach(function (x) { if (x) side.appendChild(x); });
   if (side.childNodes.length) app.appendChild(side);
 })();
