@@ -140,7 +140,7 @@ def test_feature_page_shows_both_lenses_and_escapes_synthetic_text(tmp_path):
     index = Run(run).index(SAE)
     lens = pq.read_table(tables.LOGIT_LENS.path(index))
     upper = [t.upper() for t in lens["token"].to_pylist()]  # tells the encoder table's rows apart
-    pq.write_table(lens.set_column(4, "token", pa.array(upper)), tables.LOGIT_LENS_ENCODER.path(index))
+    tables.LOGIT_LENS_ENCODER.write(lens.set_column(4, "token", pa.array(upper)), tables.LOGIT_LENS_ENCODER.path(index))
     hostile = "</script><img src=x onerror=alert(1)>"
     seq = {"tokens": [hostile, " ok"], "activation": 2.5, "pre": 2.5, "retokenized_activation": 2.0, "nll": None}
     result = {"gcg": [seq], "random": [seq | {"activation": 1.0}], "evaluations_per_search": 10,
