@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +21,13 @@ from conftest import TINY_HOOK
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from saecore import tables
-from saecore.explain import ExplainConfig, explain_sae, open_llm, parse_explanation, read_split
+from saecore.explain import (
+    ExplainConfig,
+    explain_sae,
+    open_llm,
+    parse_explanation,
+    read_split,
+)
 from saecore.feature_contexts import NEGATIVE_BIN, ContextSource, held_out
 from saecore.llm import CachedLM, LocalLM, OpenAIChatLM, choice_from_reply, parse_choice
 from saecore.run import AUTOINTERP_SUMMARY_FILE, SPECIFICITY_PLOT, Run
@@ -224,8 +231,10 @@ def test_the_openai_client_gets_the_local_models_answers_and_never_caches_the_ke
     assert texts == lm.generate(chats, 8)  # greedy both ways
     remote, local = cached.choose(chats, ("Yes", "No")), lm.choose(chats, ("Yes", "No"))
     assert all(r.soft for r in remote)
-    for r, loc in zip(remote, local):
-        assert r.probs == pytest.approx(loc.probs, abs=1e-3)
+    for r, loc in zip(remote, local):  # the server lists its top 20 tokens: a choice outside them gets 0
+        assert r.best == loc.best
+        if min(r.probs) > 0:
+            assert r.probs == pytest.approx(loc.probs, abs=1e-3)
     assert server.auth_seen and set(server.auth_seen) == {"Bearer sk-secret-123"}
     calls = client.calls
     assert cached.generate(chats, 8)[0] == texts and client.calls == calls  # the cache answers the rerun
@@ -245,4 +254,56 @@ def test_the_real_model_explains_and_scores_end_to_end(run_copy, server_of_smoll
                         tokenizer=lm.tokenizer)
     assert summary["requests"]["soft"] and set(summary["kinds"]) == set(KINDS)
     scores = tables.AUTOINTERP_SCORES.read(Run(run_copy).index("tiny")).to_pydict()
-    assert all(0 <= a <= 1 for a in scores["detection_auroc"] if a == a)
+    assert all(0 <= a <= 1 for a in scores["detection_auroc"] if not np.isnan(a))
+
+
+# -- pages ------------------------------------------------------------------------------------------
+HOSTILE = '</script><img src=x onerror="alert(1)"> & <<bridge>>'
+
+
+def test_pages_show_explanations_scores_taxonomy_and_the_curve_as_data(tmp_path):
+    from pages_testdata import BRIDGE, N_FEATURES, SAE, make_run, word_tokenizer
+    from saecore import _atomic
+    from saecore.pages import build_pages
+    from test_pages import feature_json, summary_rows
+
+    data = make_run(tmp_path)
+    index_dir = Run(data.run).index(SAE)
+    _atomic.write_parquet(tables.EXPLANATIONS.table({"feature": [BRIDGE], "explanation": [HOSTILE], "model": ["m"],
+                                                     "prompt_hash": ["ab"]}), tables.EXPLANATIONS.path(index_dir))
+    scores = {"feature": [BRIDGE] * 3, "kind": list(KINDS), "explanation": [HOSTILE, "x", 'the token "bridge"'],
+              "detection_accuracy": [0.9, 0.5, 0.8], "detection_auroc": [0.95, float("nan"), 0.85],
+              "fuzzing_accuracy": [0.7, 0.5, 0.6], "fuzzing_auroc": [0.75, 0.5, 0.65], "specificity": [2.0, 0.1, 1.5],
+              "n_activating": [5] * 3, "n_negative": [5] * 3, "n_fuzzing": [2] * 3}
+    _atomic.write_parquet(tables.AUTOINTERP_SCORES.table(scores), tables.AUTOINTERP_SCORES.path(index_dir))
+    _atomic.write_parquet(tables.SPECIFICITY.table({"feature": [BRIDGE], "kind": ["model"], "bin": [NEGATIVE_BIN],
+                                                    "lo": [0.0], "hi": [0.0], "n": [5], "mean_rating": [0.2],
+                                                    "mean_expected_rating": [0.4]}), tables.SPECIFICITY.path(index_dir))
+    nan = float("nan")
+    taxonomy = ["token/unknown" if f == BRIDGE else "context/unknown" for f in range(N_FEATURES)]
+    _atomic.write_parquet(tables.TOKEN_SCORES.table({
+        "feature": list(range(N_FEATURES)), "token_corr": [0.9 if f == BRIDGE else nan for f in range(N_FEATURES)],
+        "pair_corr": [0.5] * N_FEATURES, "fires_train": [1] * N_FEATURES, "fires_held": [1] * N_FEATURES,
+        "distinct_tokens": [1] * N_FEATURES, "distinct_pairs": [1] * N_FEATURES, "logit_skew": [nan] * N_FEATURES,
+        "logit_kurtosis": [nan] * N_FEATURES, "input_class": [t.split("/")[0] for t in taxonomy],
+        "output_class": ["unknown"] * N_FEATURES, "taxonomy": taxonomy}), tables.TOKEN_SCORES.path(index_dir))
+    curve = {"model": [{"bin": -1, "activation_level": 0.0, "contexts": 5, "mean_rating": 0.2}]}
+    _atomic.write_json(index_dir / AUTOINTERP_SUMMARY_FILE, {"kinds": {"model": {"features": 1}}, "specificity_curve": curve,
+                                                             "scorer": HOSTILE})
+    build_pages(data.run, tokenizer=word_tokenizer(), activations=data.activations, progress=False)
+
+    page = feature_json(data.run, SAE, BRIDGE)
+    assert page["autointerp"]["explanation"]["explanation"] == HOSTILE
+    assert [r["kind"] for r in page["autointerp"]["scores"]] == list(KINDS)
+    assert page["autointerp"]["scores"][1]["detection_auroc"] is None  # NaN becomes null, the JSON stays strict
+    assert page["token_scores"]["taxonomy"] == "token/unknown" and page["token_scores"]["token_corr"] == 0.9
+    assert feature_json(data.run, SAE, 0)["autointerp"] is None
+    row = next(r for r in summary_rows(data.run, SAE) if r[0] == BRIDGE)
+    assert row[6:] == [HOSTILE, 0.95, 0.75, 2.0, "token/unknown"]
+    sae_js = (data.run / "pages" / SAE / "sae.js").read_text()
+    assert json.loads(sae_js.split("=", 1)[1].rstrip().rstrip(";"))["autointerp"]["specificity_curve"] == curve
+    for html in (data.run / "pages").rglob("*"):
+        if html.suffix in (".html", ".js"):
+            assert "<img" not in html.read_text()  # model output travels as escaped JSON, drawn with textContent
+    js = (Path(__file__).parent.parent / "python" / "saecore" / "page_assets" / "feature.js").read_text()
+    assert "innerHTML" not in js
