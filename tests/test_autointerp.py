@@ -123,6 +123,8 @@ def test_parse_explanation_keeps_one_short_phrase():
     assert parse_explanation('Explanation: "names of cities".\nMore text') == "names of cities"
     assert parse_explanation("\n\n**The word 'the'**") == "The word 'the'"
     assert parse_explanation("1. closing brackets") == "closing brackets"
+    assert parse_explanation("The tokens have these features:\n\n1. **Attribute**: the word") == "Attribute"
+    assert parse_explanation("Words about water. They also mark rivers.") == "Words about water"
     assert parse_explanation("   \n") == "(no explanation)"
     assert len(parse_explanation("word " * 100).split()) == 25
 

@@ -109,12 +109,17 @@ _LABEL = re.compile(r"^\s*(\[?\s*(explanation|answer|phrase|the phrase is|common
 
 
 def parse_explanation(reply: str) -> str:
-    """One short phrase from a reply: its first non-empty line, labels, quotes and list marks removed,
-    at most MAX_WORDS words; :data:`NO_EXPLANATION` when nothing is left."""
-    line = next((ln for ln in reply.splitlines() if ln.strip(" \t*-#>\"'`")), "")
-    line = _LABEL.sub("", line).strip()
-    line = re.sub(r"^(\d+[.)]|[-*•])\s+", "", line)
-    line = _unquote(line.strip(" \t*_`.")).strip(" \t.")
+    """One short phrase from a reply: its first line with content (a heading line ending in ":" is
+    skipped when more follows), the **bold** part of a list item if it has one, else its first sentence;
+    labels, list marks and quotes removed, at most MAX_WORDS words; :data:`NO_EXPLANATION` when nothing is left."""
+    lines = [ln.strip() for ln in reply.splitlines() if ln.strip(" \t*-#>\"'`")]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        lines = lines[1:]
+    line = lines[0] if lines else ""
+    line = re.sub(r"^(\d+[.)]|[-*•])\s+", "", _LABEL.sub("", line).strip())
+    bold = re.match(r"^\*\*(.+?)\*\*", line)
+    line = bold.group(1).rstrip(":") if bold else re.split(r"(?<=[a-z0-9\"')])\.\s", line)[0]
+    line = _unquote(line.strip(" \t*_`.:")).strip(" \t.")
     words = line.split()
     return " ".join(words[:MAX_WORDS]) if words else NO_EXPLANATION
 

@@ -111,6 +111,8 @@ class LocalLM:
             raise ValueError(f"model {model!r}: its tokenizer has no chat template; use an instruction-tuned model")
         self.batch_size = batch_size
         self.calls = 0
+        self.share_prefix = True
+        """Run a batch's common token prefix once (False: every prompt in full; for benchmarks)."""
 
     @property
     def identity(self) -> dict[str, str]:
@@ -160,7 +162,7 @@ class LocalLM:
         its key/value cache is repeated for the rest (right-padded, so padding never precedes a real token)."""
         import torch
 
-        shared = _common_prefix_length(encoded)
+        shared = _common_prefix_length(encoded) if self.share_prefix else 0
         shared = min(shared, min(map(len, encoded)) - 1)  # every prompt keeps at least one token of its own
         device = self.model.device
         cache = None
