@@ -40,6 +40,7 @@ from typing import Any
 from ._atomic import read_json_object, write_json
 from .config import option
 from .models import BUILTIN_MODEL
+from .run import llm_cache_entry
 
 Chat = list[dict[str, str]]
 """One conversation: ``[{"role": "system"|"user"|"assistant", "content": ...}, ...]``."""
@@ -301,7 +302,7 @@ class CachedLM:
         return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def _path(self, key: str) -> Path:
-        return self.folder / key[:2] / f"{key}.json"
+        return llm_cache_entry(self.folder, key)
 
     def _cached(self, requests: list[dict[str, Any]]) -> tuple[list[str], list[Any], list[int]]:
         keys = [self.key(r) for r in requests]

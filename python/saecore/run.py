@@ -153,6 +153,12 @@ class Run:
         return sorted(p.name for p in self.index_root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def llm_cache_entry(folder: str | os.PathLike[str], key: str) -> Path:
+    """One cached language-model answer in a cache folder: ``KE/KEY.json`` (the key's first two hex digits
+    as a subfolder, so no folder holds more than a few thousand files)."""
+    return Path(folder) / key[:2] / f"{key}.json"
+
+
 def sae_index_dir(sae_dir: str | os.PathLike[str]) -> Path:
     """Where an SAE's index tables go: ``runs/NAME/index/SAE`` in a run, else ``SAE_DIR/index``."""
     sae_dir = Path(sae_dir)
