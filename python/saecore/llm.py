@@ -81,20 +81,29 @@ class LLMOptions:
     """Seconds to wait for one answer from --url."""
 
 
-def choice_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[int]:
-    """The first token id of each choice; ValueError when two choices begin with the same token."""
-    ids = [tokenizer.encode(c, add_special_tokens=False)[0] for c in choices]
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"choices {list(choices)} do not start with distinct tokens ({ids})")
-    return ids
+def choice_token_ids(tokenizer: Any, choices: Sequence[str]) -> list[list[int]]:
+    """For each choice, every single token that reads as it (case and surrounding spaces ignored: "Yes",
+    " yes" …), as the OpenAI-compatible path matches ``top_logprobs``; ValueError when a choice has none."""
+    want = {c.strip().lower(): i for i, c in enumerate(choices)}
+    out: list[list[int]] = [[] for _ in choices]
+    for token_id in range(len(tokenizer)):
+        i = want.get(tokenizer.decode([token_id]).strip().lower())
+        if i is not None:
+            out[i].append(token_id)
+    missing = [c for c, ids in zip(choices, out) if not ids]
+    if missing:
+        raise ValueError(f"choices {missing} are not single tokens of this model's tokenizer")
+    return out
 
 
-def _softmax_pick(logits: Any, ids: list[int]) -> list[float]:
-    """Probabilities of the tokens ``ids`` under ``logits`` [vocab], renormalised over them."""
+def _softmax_pick(logits: Any, ids: list[list[int]]) -> list[float]:
+    """Probability of each group of tokens under ``logits`` [vocab], renormalised over the groups."""
     import torch
 
-    picked = torch.log_softmax(logits.double(), dim=-1)[ids]
-    return torch.softmax(picked, dim=-1).tolist()
+    p = torch.softmax(logits.double(), dim=-1)
+    mass = [float(p[group].sum()) for group in ids]
+    total = sum(mass)
+    return [m / total for m in mass] if total > 0 else [1.0 / len(ids)] * len(ids)
 
 
 class LocalLM:
@@ -114,6 +123,7 @@ class LocalLM:
         self.calls = 0
         self.share_prefix = True
         """Run a batch's common token prefix once (False: every prompt in full; for benchmarks)."""
+        self._choice_ids: dict[tuple[str, ...], list[list[int]]] = {}
 
     @property
     def identity(self) -> dict[str, str]:
@@ -150,7 +160,10 @@ class LocalLM:
 
     def choose(self, chats: Sequence[Chat], choices: Sequence[str]) -> list[Choice]:
         """Probability of each choice as the reply's first token, for each chat."""
-        ids = choice_token_ids(self.tokenizer, choices)
+        key = tuple(choices)
+        if key not in self._choice_ids:
+            self._choice_ids[key] = choice_token_ids(self.tokenizer, choices)
+        ids = self._choice_ids[key]
         out: list[Choice] = []
         for start in range(0, len(chats), self.batch_size):
             for logits in self.next_token_logits(self._encode(chats[start:start + self.batch_size])):
