@@ -205,9 +205,10 @@ def _merge(old: pa.Table | None, rows: dict[str, list[Any]]) -> pa.Table:
     return new.sort_by("feature")
 
 
-def open_llm(run: str | Path, opts: LLMOptions, backend: LocalLM | OpenAIChatLM | None = None) -> CachedLM:
+def open_llm(run: str | Path, opts: LLMOptions, backend: LocalLM | OpenAIChatLM | None = None,
+             progress: bool = False) -> CachedLM:
     """The cached backend of a run (its answers under ``runs/NAME/llm_cache``)."""
-    return CachedLM(backend if backend is not None else make_backend(opts), Run(run).llm_cache)
+    return CachedLM(backend if backend is not None else make_backend(opts), Run(run).llm_cache, progress=progress)
 
 
 def saes_of(run: str | Path, names: list[str] | None) -> list[str]:
@@ -232,7 +233,7 @@ def cli_configure(parser: argparse.ArgumentParser) -> None:
 def cli_run(args: argparse.Namespace) -> int:
     cfg = from_args(ExplainConfig, args)
     names = saes_of(args.run, cfg.sae)
-    llm = open_llm(args.run, cfg)
+    llm = open_llm(args.run, cfg, progress=True)
     for name in names:
         table = explain_sae(args.run, name, cfg, llm)
         print(f"{tables.EXPLANATIONS.path(Run(args.run).index(name))}: {table.num_rows} explanations")

@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -299,9 +300,10 @@ class CachedLM:
     ``hits`` and ``misses`` count requests answered from the cache and sent to the backend.
     """
 
-    def __init__(self, backend: LocalLM | OpenAIChatLM, folder: str | os.PathLike[str]):
+    def __init__(self, backend: LocalLM | OpenAIChatLM, folder: str | os.PathLike[str], progress: bool = False):
         self.backend = backend
         self.folder = Path(folder)
+        self.progress = progress
         self.hits = 0
         self.misses = 0
 
@@ -335,26 +337,42 @@ class CachedLM:
         write_json(self._path(key), {"format": CACHE_FORMAT, **self.backend.identity, "request": request,
                                      "answer": answer})
 
+    def _ask(self, missing: list[int], ask: Any, store: Any) -> None:
+        """Send the uncached requests ``missing`` in chunks, storing each chunk's answers as it returns, so
+        a killed run keeps what it has paid for."""
+        from tqdm.auto import tqdm
+
+        step = max(1, getattr(self.backend, "batch_size", 0) or getattr(self.backend, "concurrency", 8))
+        with tqdm(total=len(missing), desc=f"{self.backend.name}", unit="prompt", disable=not self.progress,
+                  file=sys.stderr) as bar:
+            for start in range(0, len(missing), step):
+                chunk = missing[start:start + step]
+                for i, answer in zip(chunk, ask(chunk)):
+                    store(i, answer)
+                bar.update(len(chunk))
+
     def generate(self, chats: Sequence[Chat], max_new_tokens: int) -> tuple[list[str], list[str]]:
         """(completions, request hashes) of ``chats``; only uncached ones reach the backend."""
         requests = [{"kind": "generate", "messages": c, "max_new_tokens": max_new_tokens} for c in chats]
         keys, answers, missing = self._cached(requests)
-        if missing:
-            fresh = self.backend.generate([chats[i] for i in missing], max_new_tokens)
-            for i, text in zip(missing, fresh):
-                self._store(keys[i], requests[i], text)
-                answers[i] = text
+
+        def store(i: int, text: str) -> None:
+            self._store(keys[i], requests[i], text)
+            answers[i] = text
+
+        self._ask(missing, lambda chunk: self.backend.generate([chats[i] for i in chunk], max_new_tokens), store)
         return [str(a) for a in answers], keys
 
     def choose(self, chats: Sequence[Chat], choices: Sequence[str]) -> list[Choice]:
         """Choice probabilities of ``chats``; only uncached ones reach the backend."""
         requests = [{"kind": "choose", "messages": c, "choices": list(choices)} for c in chats]
         keys, answers, missing = self._cached(requests)
-        if missing:
-            fresh = self.backend.choose([chats[i] for i in missing], choices)
-            for i, ch in zip(missing, fresh):
-                answers[i] = {"probs": ch.probs, "answer": ch.answer, "soft": ch.soft}
-                self._store(keys[i], requests[i], answers[i])
+
+        def store(i: int, ch: Choice) -> None:
+            answers[i] = {"probs": ch.probs, "answer": ch.answer, "soft": ch.soft}
+            self._store(keys[i], requests[i], answers[i])
+
+        self._ask(missing, lambda chunk: self.backend.choose([chats[i] for i in chunk], choices), store)
         return [Choice([float(p) for p in a["probs"]], str(a["answer"]), bool(a["soft"])) for a in answers]
 
 

@@ -406,7 +406,7 @@ def cli_run(args: argparse.Namespace) -> int:
     names = saes_of(args.run, cfg.sae)
     for name in names:  # every SAE's explanations exist before a model is loaded
         _explained(Run(args.run).index(name), cfg.feature)
-    llm = open_llm(args.run, cfg)
+    llm = open_llm(args.run, cfg, progress=True)
     for name in names:
         s = score_sae(args.run, name, cfg, llm)
         for kind, m in s["kinds"].items():
