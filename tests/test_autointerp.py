@@ -42,6 +42,7 @@ from saecore.scoring import (
     specificity_score,
     top_tokens_explanation,
 )
+from test_pages_browser import browser, console_problems, wait_for  # noqa: F401 -- the headless-browser fixture
 
 D_SAE = 64
 SEED = 2
@@ -264,11 +265,12 @@ def test_the_real_model_explains_and_scores_end_to_end(run_copy, server_of_smoll
 HOSTILE = '</script><img src=x onerror="alert(1)"> & <<bridge>>'
 
 
-def test_pages_show_explanations_scores_taxonomy_and_the_curve_as_data(tmp_path):
+def autointerp_site(tmp_path):
+    """The pages test run with explanation, score, specificity, token-score tables and a summary written
+    for feature BRIDGE (its explanation hostile HTML), and its pages built."""
     from pages_testdata import BRIDGE, N_FEATURES, SAE, make_run, word_tokenizer
     from saecore import _atomic
     from saecore.pages import build_pages
-    from test_pages import feature_json, summary_rows
 
     data = make_run(tmp_path)
     index_dir = Run(data.run).index(SAE)
@@ -295,6 +297,15 @@ def test_pages_show_explanations_scores_taxonomy_and_the_curve_as_data(tmp_path)
                                                              "scorer": HOSTILE})
     build_pages(data.run, tokenizer=word_tokenizer(), activations=data.activations, progress=False)
 
+    return data
+
+
+def test_pages_show_explanations_scores_taxonomy_and_the_curve_as_data(tmp_path):
+    from pages_testdata import BRIDGE, SAE
+    from test_pages import feature_json, summary_rows
+
+    data = autointerp_site(tmp_path)
+    curve = {"model": [{"bin": -1, "activation_level": 0.0, "contexts": 5, "mean_rating": 0.2}]}
     page = feature_json(data.run, SAE, BRIDGE)
     assert page["autointerp"]["explanation"]["explanation"] == HOSTILE
     assert [r["kind"] for r in page["autointerp"]["scores"]] == list(KINDS)
@@ -310,3 +321,28 @@ def test_pages_show_explanations_scores_taxonomy_and_the_curve_as_data(tmp_path)
             assert "<img" not in html.read_text()  # model output travels as escaped JSON, drawn with textContent
     js = (Path(__file__).parent.parent / "python" / "saecore" / "page_assets" / "feature.js").read_text()
     assert "innerHTML" not in js
+
+
+def test_the_browser_draws_model_output_as_text_and_sorts_and_filters_by_score(browser, tmp_path):  # noqa: F811
+    from pages_testdata import BRIDGE, SAE
+    from saecore.pages import feature_href
+    from selenium.webdriver.support.ui import Select
+
+    data = autointerp_site(tmp_path)
+    pages = data.run / "pages"
+    browser.get((pages / SAE / feature_href(BRIDGE)).resolve().as_uri())
+    wait_for(browser, lambda d: d.find_elements("id", "explanation-text"))
+    assert browser.find_element("id", "explanation-text").text == HOSTILE
+    assert browser.find_elements("css selector", "img") == []  # the markup stayed text
+    kinds = [r.get_attribute("data-kind") for r in browser.find_elements("css selector", "#autointerp-scores tr[data-kind]")]
+    assert kinds == list(KINDS)
+    assert browser.find_element("id", "taxonomy").text.startswith("token/unknown")
+    browser.get((pages / SAE / "index.html").resolve().as_uri())
+    wait_for(browser, lambda d: d.find_element("tag name", "body").get_attribute("data-loaded") == "true")
+    assert browser.find_elements("css selector", "#specificity-card svg path[data-kind=model]")
+    Select(browser.find_element("id", "sort")).select_by_value("detection")
+    assert browser.find_elements("css selector", "#feature-table tr[data-feature]")[0].get_attribute("data-feature") == str(BRIDGE)
+    Select(browser.find_element("id", "taxonomy")).select_by_value("token/unknown")
+    rows = browser.find_elements("css selector", "#feature-table tr[data-feature]")
+    assert [r.get_attribute("data-feature") for r in rows] == [str(BRIDGE)]
+    assert console_problems(browser) == []
