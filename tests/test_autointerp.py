@@ -200,6 +200,22 @@ def test_explain_and_score_write_their_tables(run_copy, tiny_model, tiny_lm):
     assert tiny_lm.calls - calls == asked  # the rerun generated nothing
 
 
+def test_a_run_answered_from_the_cache_never_loads_the_model(tiny_model_dir, tmp_path):
+    import shutil
+
+    from saecore.llm import LocalLM
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    lm = LocalLM(str(folder))
+    chats = [[{"role": "user", "content": "Say a"}]]
+    texts = CachedLM(lm, tmp_path / "cache").generate(chats, 3)
+    fresh = LocalLM(str(folder))
+    assert CachedLM(fresh, tmp_path / "cache").generate(chats, 3) == texts and fresh._loaded is None
+    with pytest.raises(ValueError, match="not a built-in name"):
+        LocalLM(str(tmp_path / "nope"))
+
+
 def test_top_tokens_baseline_names_the_most_frequent_tokens():
     from saecore.feature_contexts import Context
 

@@ -108,7 +108,10 @@ def _softmax_pick(logits: Any, ids: list[list[int]]) -> list[float]:
 
 
 class LocalLM:
-    """A local causal LM (transformers), greedy decoding, batched. ``calls`` counts prompts run."""
+    """A local causal LM (transformers), greedy decoding, batched. ``calls`` counts prompts run.
+
+    The model is loaded on first use, so a run answered wholly from the cache never loads it (a bad
+    name or folder is refused at once)."""
 
     kind = "local"
 
@@ -117,14 +120,32 @@ class LocalLM:
         from . import models
 
         self.name = str(model)
-        self.model, self.tokenizer = loaded if loaded is not None else models.load(model, device=device)
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError(f"model {model!r}: its tokenizer has no chat template; use an instruction-tuned model")
+        self._device = device
+        self._loaded = loaded
+        if loaded is None:
+            models.model_dir(model)  # an unknown name or a folder that is no model fails here, before any work
         self.batch_size = batch_size
         self.calls = 0
         self.share_prefix = True
         """Run a batch's common token prefix once (False: every prompt in full; for benchmarks)."""
         self._choice_ids: dict[tuple[str, ...], list[list[int]]] = {}
+
+    def _load(self) -> Any:
+        from . import models
+
+        if self._loaded is None:
+            self._loaded = models.load(self.name, device=self._device)
+        if not getattr(self._loaded[1], "chat_template", None):
+            raise ValueError(f"model {self.name!r}: its tokenizer has no chat template; use an instruction-tuned model")
+        return self._loaded
+
+    @property
+    def model(self) -> Any:
+        return self._load()[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._load()[1]
 
     @property
     def identity(self) -> dict[str, str]:
