@@ -78,6 +78,8 @@ class ScoreConfig(Targets, LLMOptions):
 
     per_bin: int = option(1, ge=1, le=1000)
     """Held-out activating contexts per activation bin (detection and specificity)."""
+    max_activating: int = option(0, ge=0, le=100_000)
+    """At most this many activating contexts per feature, spread over the bins strongest first (0: no cap)."""
     n_negative: int = option(10, ge=1, le=10_000)
     """Contexts where the feature is silent, per feature (detection and specificity)."""
     n_fuzzing: int = option(5, ge=0, le=1000)
@@ -199,7 +201,7 @@ def build_cases(source: ContextSource, explained: dict[int, str], split: dict[st
     shuffled = derangement(len(features), seed) if len(features) > 1 else None
     cases = []
     for i, f in enumerate(features):
-        act = source.contexts(f, sel[f].scoring, lambda e: int(e.bin or 0), firing[f])
+        act = source.contexts(f, _cap(sel[f].scoring, cfg.max_activating), lambda e: int(e.bin or 0), firing[f])
         neg = source.contexts(f, negatives[f], lambda e: NEGATIVE_BIN, firing[f])
         kinds = {"model": explained[f]}
         if cfg.baselines and shuffled is not None:
@@ -209,6 +211,13 @@ def build_cases(source: ContextSource, explained: dict[int, str], split: dict[st
         fuzz = _fuzzing_cases(act, cfg.n_fuzzing, float(split["mark_fraction"]) * source.max_activation(f), seed, f)
         cases.append(FeatureCase(f, act, neg, fuzz, kinds))
     return cases
+
+
+def _cap(examples: list[Any], n: int) -> list[Any]:
+    """At most ``n`` of ``examples`` (all when n is 0), evenly spread over the list."""
+    if not n or len(examples) <= n:
+        return examples
+    return [examples[i] for i in np.unique(np.linspace(0, len(examples) - 1, n).round().astype(int))]
 
 
 @dataclass
@@ -368,7 +377,8 @@ def score_sae(run: str | Path, sae: str, cfg: ScoreConfig, llm: CachedLM, progre
     summary = {"format": SUMMARY_FORMAT, "sae": sae, "scorer": model_label(llm),
                "explainer": sorted(set(tables.EXPLANATIONS.read(index_dir).column("model").to_pylist())),
                "features_scored": len(scorable), "skipped": [c.feature for c in cases if c not in scorable],
-               "split": split, "options": {"per_bin": cfg.per_bin, "n_negative": cfg.n_negative,
+               "split": split, "options": {"per_bin": cfg.per_bin, "max_activating": cfg.max_activating,
+                                           "n_negative": cfg.n_negative,
                                            "n_fuzzing": cfg.n_fuzzing},
                "requests": {"yes_no": len(yn_chats), "rating": len(rub_chats), "soft": all(c.soft for c in yn + rub)},
                "seconds": {"total": round(seconds, 2), "model": round(time.time() - asked, 2)},
