@@ -126,7 +126,7 @@ def timed(fn, repeat: int) -> tuple[float, float]:
     return best, best_cpu
 
 
-def llm_part(run: Path, n_features: int, batch_size: int, device: str | None) -> None:
+def llm_part(run: Path, n_features: int, batch_size: int, device: str | None, contexts: tuple[int, int, int]) -> None:
     """Explain and score ``n_features`` features of every SAE of ``run`` with the built-in model; print timings."""
     import shutil
 
@@ -137,9 +137,12 @@ def llm_part(run: Path, n_features: int, batch_size: int, device: str | None) ->
     from saecore.scoring import ScoreConfig, score_sae
 
     backend = LocalLM(device=device, batch_size=batch_size)
-    score_cfg = ScoreConfig(per_bin=1, n_negative=6, n_fuzzing=3, batch_size=batch_size)
+    max_activating, n_negative, n_fuzzing = contexts
+    score_cfg = ScoreConfig(per_bin=1, max_activating=max_activating, n_negative=n_negative, n_fuzzing=n_fuzzing,
+                            batch_size=batch_size)
     print(f"\nLLM part: {backend.name} on {backend.model.device}, {torch.get_num_threads()} torch threads, batch {batch_size}; "
-          f"score options per_bin 1, n_negative 6, n_fuzzing 3, both baselines; empty answer cache")
+          f"per feature and explanation {max_activating} activating, {n_negative} silent contexts, {n_fuzzing} fuzzing pairs; "
+          "explanation + both baselines; empty answer cache")
     print("| SAE | features | explain s (CPU s) | score s (CPU s) | features/min | score, full prompts s (CPU s) | prefix speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for sae in Run(run).indexed_saes():
@@ -184,12 +187,13 @@ def main() -> None:
     p.add_argument("--llm-run", type=Path, default=None, help="an indexed run: also time explain + score on it")
     p.add_argument("--llm-features", type=int, default=4)
     p.add_argument("--llm-batch", type=int, default=16)
+    p.add_argument("--llm-contexts", type=int, nargs=3, default=(3, 3, 1), metavar=("ACTIVATING", "SILENT", "FUZZING"))
     p.add_argument("--device", default=None)
     a = p.parse_args()
     if not a.no_model_free:
         model_free(a)
     if a.llm_run is not None:
-        llm_part(a.llm_run, a.llm_features, a.llm_batch, a.device)
+        llm_part(a.llm_run, a.llm_features, a.llm_batch, a.device, tuple(a.llm_contexts))
 
 
 def model_free(a: argparse.Namespace) -> None:
