@@ -266,11 +266,11 @@ def test_the_openai_client_gets_the_local_models_answers_and_never_caches_the_ke
 def test_the_real_model_explains_and_scores_end_to_end(run_copy, server_of_smollm2):
     lm, _ = server_of_smollm2
     llm = open_llm(run_copy, ExplainConfig(), backend=lm)
-    cfg = ExplainConfig(limit=3, n_examples=5, max_new_tokens=12, min_activations=5, seed=SEED)
+    cfg = ExplainConfig(limit=2, n_examples=4, max_new_tokens=10, min_activations=5, seed=SEED)
     table = explain_sae(run_copy, "tiny", cfg, llm, progress=False, tokenizer=lm.tokenizer)
-    assert table.num_rows == 3
+    assert table.num_rows == 2
     assert all(0 < len(e.split()) <= 25 for e in table.column("explanation").to_pylist())
-    summary = score_sae(run_copy, "tiny", ScoreConfig(per_bin=1, n_negative=2, n_fuzzing=1), llm, progress=False,
+    summary = score_sae(run_copy, "tiny", ScoreConfig(max_activating=2, n_negative=2, n_fuzzing=1), llm, progress=False,
                         tokenizer=lm.tokenizer)
     assert summary["requests"]["soft"] and set(summary["kinds"]) == set(KINDS)
     scores = tables.AUTOINTERP_SCORES.read(Run(run_copy).index("tiny")).to_pydict()

@@ -26,6 +26,7 @@ rerun or a resumed run sends nothing it has answered before.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -202,17 +203,19 @@ class LocalLM:
         shared = min(shared, min(map(len, encoded)) - 1)  # every prompt keeps at least one token of its own
         device = self.model.device
         cache = None
+        # transformers 5.2x renamed the key/value cache argument and output from past_key_values to cache.
+        cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         if shared > 0:
             with torch.no_grad():
                 first = self.model(input_ids=torch.tensor([encoded[0][:shared]], device=device), use_cache=True)
-            cache = first.past_key_values
+            cache = getattr(first, cache_kw)
             cache.batch_repeat_interleave(len(encoded))
         rest = [e[shared:] for e in encoded]
         width = max(map(len, rest))
         ids = torch.tensor([r + [0] * (width - len(r)) for r in rest], device=device)
         mask = torch.tensor([[1] * (shared + len(r)) + [0] * (width - len(r)) for r in rest], device=device)
         with torch.no_grad():
-            logits = self.model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=cache is not None).logits
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=cache is not None, **{cache_kw: cache}).logits
         self.calls += len(encoded)
         return [logits[i, len(r) - 1].float().cpu() for i, r in enumerate(rest)]
 
