@@ -156,7 +156,11 @@ def test_a_shared_prefix_gives_the_same_logits_as_separate_forwards(tiny_lm):
     chats = [[{"role": "user", "content": f"Description: a long shared beginning. Text: {t}"}] for t in
              ("one", "two words here", "three")]
     encoded = [tiny_lm.tokenizer.encode(tiny_lm.prompt_text(c), add_special_tokens=False) for c in chats]
-    shared = tiny_lm.next_token_logits(encoded)
+    tiny_lm.share_prefix = True
+    try:
+        shared = tiny_lm.next_token_logits(encoded)
+    finally:
+        tiny_lm.share_prefix = False
     for e, got in zip(encoded, shared):
         with torch.no_grad():
             want = tiny_lm.model(input_ids=torch.tensor([e])).logits[0, -1]

@@ -8,9 +8,9 @@ Two backends answer the same two requests:
 
 :class:`LocalLM` runs a Hugging Face causal LM through transformers (the built-in SmolLM2-135M-Instruct
 by default, or any local model folder), formatting prompts with the tokenizer's chat template. Its
-``choose`` reads the next-token logits (a probability, not just an answer), and a batch's shared
-token prefix — the instructions and the explanation, the same for every context — runs once and is
-shared through the key/value cache.
+``choose`` reads the next-token logits (a probability, not just an answer). With ``share_prefix`` a
+batch's common token prefix runs once and is shared through the key/value cache (off by default: no
+faster on CPU in bench/autointerp.py).
 
 :class:`OpenAIChatLM` posts to any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, llama.cpp's
 server, a hosted API) with the standard library. The API key is read from the environment variable the
@@ -127,8 +127,9 @@ class LocalLM:
             models.model_dir(model)  # an unknown name or a folder that is no model fails here, before any work
         self.batch_size = batch_size
         self.calls = 0
-        self.share_prefix = True
-        """Run a batch's common token prefix once (False: every prompt in full; for benchmarks)."""
+        self.share_prefix = False
+        """Run a batch's common token prefix once and share its key/value cache. Off by default: measured
+        no faster on CPU at batch 16 with the scorers' prompt mix (bench/autointerp.py, docs/autointerp.md)."""
         self._choice_ids: dict[tuple[str, ...], list[list[int]]] = {}
 
     def _load(self) -> Any:
