@@ -17,6 +17,15 @@ are printed too, as the steadier figure on a shared machine.
 
     python bench/autointerp.py                          # 200k tokens × 4096 features × 32 nnz/token
     python bench/autointerp.py --tokens 1000000 --features 16384
+
+With ``--llm-run RUN`` it also times the language-model part on a real indexed run: ``explain`` then
+``score`` (detection, fuzzing, rubric, both baselines) of ``--llm-features`` features with the built-in
+SmolLM2-135M-Instruct, from an empty answer cache, and reports features explained+scored per minute.
+The baseline beside it scores the same prompts again (fresh cache) with every prompt run in full
+instead of running each batch's shared prefix once, and checks the two agree. The run is not written
+to: its index folder is copied into a temporary run (the index records where its stores are).
+
+    python bench/autointerp.py --no-model-free --llm-run runs/quickstart --llm-features 4
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from index import synth
@@ -116,6 +126,55 @@ def timed(fn, repeat: int) -> tuple[float, float]:
     return best, best_cpu
 
 
+def llm_part(run: Path, n_features: int, batch_size: int, device: str | None, contexts: tuple[int, int, int]) -> None:
+    """Explain and score ``n_features`` features of every SAE of ``run`` with the built-in model; print timings."""
+    import shutil
+
+    from saecore import tables
+    from saecore.explain import ExplainConfig, explain_sae, open_llm
+    from saecore.llm import CachedLM, LocalLM
+    from saecore.run import Run
+    from saecore.scoring import ScoreConfig, score_sae
+
+    backend = LocalLM(device=device, batch_size=batch_size)
+    max_activating, n_negative, n_fuzzing = contexts
+    score_cfg = ScoreConfig(per_bin=1, max_activating=max_activating, n_negative=n_negative, n_fuzzing=n_fuzzing,
+                            batch_size=batch_size)
+    print(f"\nLLM part: {backend.name} on {backend.model.device}, {torch.get_num_threads()} torch threads, batch {batch_size}; "
+          f"per feature and explanation {max_activating} activating, {n_negative} silent contexts, {n_fuzzing} fuzzing pairs; "
+          "explanation + both baselines; empty answer cache")
+    print("| SAE | features | explain s (CPU s) | score s (CPU s) | features/min | score, full prompts s (CPU s) | prefix speed-up |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for sae in Run(run).indexed_saes():
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(Run(run).index(sae), Run(tmp).index(sae))
+            for spec in (tables.EXPLANATIONS, tables.AUTOINTERP_SCORES, tables.SPECIFICITY):
+                spec.path(Run(tmp).index(sae)).unlink(missing_ok=True)
+            llm = open_llm(tmp, ExplainConfig(), backend=backend)
+            (te, ce), table = _timed_once(explain_sae, tmp, sae, ExplainConfig(limit=n_features, batch_size=batch_size), llm)
+            backend.share_prefix = True
+            (ts, cs), shared = _timed_once(score_sae, tmp, sae, score_cfg, llm)
+            backend.share_prefix = False
+            plain_llm = CachedLM(backend, Path(tmp) / "plain-cache")
+            (tp, cp), plain = _timed_once(score_sae, tmp, sae, score_cfg, plain_llm)
+            backend.share_prefix = True
+            for kind, m in shared["kinds"].items():  # the same questions give the same answers either way
+                for name, v in m.items():
+                    w = plain["kinds"][kind][name]
+                    assert (v is None and w is None) or abs(v - w) < 0.02, (kind, name, v, w)
+            n = shared["features_scored"]
+            print(f"| {sae} | {n} | {te:.0f} ({ce:.0f}) | {ts:.0f} ({cs:.0f}) | {n / ((te + ts) / 60):.2f} | "
+                  f"{tp:.0f} ({cp:.0f}) | {tp / ts:.2f}x |")
+            del table
+
+
+def _timed_once(fn, *args):
+    """(wall s, CPU s) of one call, and its result."""
+    t, c = time.perf_counter(), time.process_time()
+    out = fn(*args)
+    return (time.perf_counter() - t, time.process_time() - c), out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=200_000)
@@ -124,7 +183,20 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--doc-len", type=int, default=256)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--no-model-free", action="store_true", help="skip the model-free part")
+    p.add_argument("--llm-run", type=Path, default=None, help="an indexed run: also time explain + score on it")
+    p.add_argument("--llm-features", type=int, default=4)
+    p.add_argument("--llm-batch", type=int, default=16)
+    p.add_argument("--llm-contexts", type=int, nargs=3, default=(3, 3, 1), metavar=("ACTIVATING", "SILENT", "FUZZING"))
+    p.add_argument("--device", default=None)
     a = p.parse_args()
+    if not a.no_model_free:
+        model_free(a)
+    if a.llm_run is not None:
+        llm_part(a.llm_run, a.llm_features, a.llm_batch, a.device, tuple(a.llm_contexts))
+
+
+def model_free(a: argparse.Namespace) -> None:
     csr = synth(a.tokens, a.features, a.per_token)
     toks, docs, pos = keys(a.tokens, a.vocab, a.doc_len)
     fraction, seed = 0.5, 0

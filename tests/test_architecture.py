@@ -20,6 +20,7 @@ LAYOUT_FILES = {
     "activations.zarr", "stats.parquet", "histograms.parquet", "topk.parquet", "samples.parquet",
     "density_histogram.parquet", "neighbours.parquet", "map.parquet", "enc_dec_cosine.parquet",
     "logit_lens.parquet", "splitting.parquet", "splitting_families.parquet", "geometry.parquet",
+    "explanations.parquet", "autointerp_scores.parquet", "specificity.parquet", "autointerp.json", "llm_cache",
 }
 # Folder names of the run layout: flagged only as the right operand of ``/`` (``run / "index"``);
 # the same words appear legitimately as verb names, dict keys and log text.

@@ -38,6 +38,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "probe": ("saecore.interventions", "top features on the final token of each prompt (concept probe)"),
     "logit-lens": ("saecore.logit_lens", "the tokens each feature's decoder direction promotes and suppresses"),
     "token-scores": ("saecore.token_scores", "model-free scores of every feature (token simulators, logit shape)"),
+    "explain": ("saecore.explain", "explain features with a language model (local or OpenAI-compatible), from their examples"),
+    "score": ("saecore.scoring", "score explanations: detection, fuzzing, specificity by activation level, vs baselines"),
     "xor": ("saecore.xor", "experiment: is A XOR B linearly readable because of superposition? (toy + every layer)"),
     "maximise": ("saecore.maximise", "experiment: synthetic max-activating text for a feature (greedy coordinate gradient)"),
     "composite": ("saecore.composite", "experiment: SAE features as composites (meta-SAE on decoder rows + planted toy)"),

@@ -50,6 +50,7 @@ from .errors import CorruptDataError, SaecoreError
 from .features import FeatureStore
 from .index import ContextReader, Example
 from .run import (
+    AUTOINTERP_SUMMARY_FILE,
     COMPOSITE_EXPERIMENT,
     PAGES_INDEX_FILE,
     SAEBENCH_PLOT,
@@ -137,6 +138,10 @@ class IndexTables:
     enc_dec_cosine: Grouped | None = None
     logit_lens: Grouped | None = None
     logit_lens_encoder: Grouped | None = None
+    token_scores: Grouped | None = None
+    explanations: Grouped | None = None
+    autointerp_scores: Grouped | None = None
+    specificity: Grouped | None = None
     density_histogram: dict[str, np.ndarray] | None = None
     map: dict[str, np.ndarray] | None = None
 
@@ -432,6 +437,8 @@ class SaeBuild:
             "neighbours": self._neighbours(feature),
             "maximise": self._maximise(feature),
             "composite": self._composite(feature),
+            "token_scores": self._row_of(self.tables.token_scores, feature),
+            "autointerp": self._autointerp(feature),
             "per_token": "all" if complete else "recorded",
             "per_token_note": "" if complete else self.lookup_note,
             "tokens": "text" if self.tokens.available else "ids",
@@ -558,6 +565,35 @@ class SaeBuild:
                     "dataset_note": str(data.get("dataset_note", ""))}
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptDataError(f"{path}: not a saecore maximise result ({type(e).__name__}: {e})") from e
+    # -- automated interpretability (saecore token-scores, explain, score) --------------------------
+    def _row_of(self, g: Grouped | None, feature: int) -> dict[str, Any] | None:
+        """The one row of a per-feature table for ``feature`` (NaN as None), or None."""
+        rows = self._rows_of(g, feature)
+        return rows[0] if rows else None
+
+    def _rows_of(self, g: Grouped | None, feature: int) -> list[dict[str, Any]]:
+        if g is None:
+            return []
+        s = g.slice(feature)
+        return [{k: _json_safe(_plain(v[i])) for k, v in g.columns.items() if k != "feature"} for i in range(s.start, s.stop)]
+
+    def _autointerp(self, feature: int) -> dict[str, Any] | None:
+        """This feature's explanation, its scores beside the baselines, and its specificity by bin."""
+        explanation = self._row_of(self.tables.explanations, feature)
+        scores = self._rows_of(self.tables.autointerp_scores, feature)
+        if explanation is None and not scores:
+            return None
+        return {"explanation": explanation, "scores": scores,
+                "specificity": self._rows_of(self.tables.specificity, feature)}
+
+    def _summary_scores(self, feature: int) -> list[Any]:
+        """Summary columns 6..10: explanation, detection AUROC, fuzzing AUROC, specificity, taxonomy."""
+        e = self._row_of(self.tables.explanations, feature)
+        model = next((r for r in self._rows_of(self.tables.autointerp_scores, feature) if r["kind"] == "model"), {})
+        t = self._row_of(self.tables.token_scores, feature)
+        return [e["explanation"] if e else "", _round_or_none(model.get("detection_auroc")),
+                _round_or_none(model.get("fuzzing_auroc")), _round_or_none(model.get("specificity")),
+                t["taxonomy"] if t else ""]
 
     # -- the SAE folder ---------------------------------------------------------------------------
     def write_into(self, out: Path, progress: bool = True, ray: str | None = None) -> dict[str, Any]:
@@ -627,7 +663,8 @@ class SaeBuild:
                 bar.update(done)
 
     def _write_summary(self, out: Path, features: np.ndarray) -> list[str]:
-        """Compact rows [feature, count, density, max, mean_nonzero, top tokens] in chunk files."""
+        """Compact rows [feature, count, density, max, mean_nonzero, top tokens, explanation, detection AUROC,
+        fuzzing AUROC, specificity, taxonomy] in chunk files."""
         (out / "summary").mkdir()
         stats = self.tables.stats
         names = []
@@ -638,7 +675,7 @@ class SaeBuild:
                 st = self._stats(f) if stats is not None else None
                 rows.append([f, st["count"] if st else None, st["density"] if st else None,
                              st["max"] if st else None, st["mean_nonzero"] if st else None,
-                             self.summary_top_tokens.get(f, "")])
+                             self.summary_top_tokens.get(f, ""), *self._summary_scores(f)])
             name = f"summary/{k:04d}.js"
             (out / name).write_text("(window.SAECORE_SUMMARY=window.SAECORE_SUMMARY||[]).push("
                                     + _script_json(rows) + ");\n", encoding="utf-8")
@@ -685,10 +722,32 @@ class SaeBuild:
 
     def _sae_data(self, about: dict[str, Any], out: Path) -> dict[str, Any]:
         dh = self.tables.density_histogram
-        return {**about, "saebench": self._saebench(out),
+        summary_path = self.tables.index_dir / AUTOINTERP_SUMMARY_FILE
+        autointerp = read_json_object(summary_path) if summary_path.exists() else None
+        return {**about, "saebench": self._saebench(out), "autointerp": _json_safe(autointerp),
                 "density_histogram": None if dh is None else [
                     [float(a), float(b), int(c)] for a, b, c in zip(dh["lo_log10"], dh["hi_log10"], dh["count"])],
                 "tokens": "text" if self.tokens.available else "ids"}
+
+
+def _plain(value: Any) -> Any:
+    """A NumPy scalar as the Python value JSON writes."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (the page data is strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _round_or_none(value: Any) -> float | None:
+    return None if value is None else _round(value, 3)
 
 
 def _html_escape(text: str) -> str:

@@ -8,6 +8,7 @@ One run directory holds a whole study::
       features/SAE.zarr/    the sparse feature store (``saecore encode``)
       index/SAE/            the index tables (see :mod:`saecore.tables`) and meta.json
       pages/                the feature pages (``saecore pages``)
+      llm_cache/            language-model answers of ``saecore explain`` / ``score``, by request hash
       experiments/NAME/     tables and plots of the experiment verbs (``saecore xor``, …)
 
 :class:`Run` is the only place that joins these paths; every verb, the quick start and the pages ask
@@ -78,6 +79,14 @@ ENC_DEC_COSINE_FILE = "enc_dec_cosine.parquet"
 LOGIT_LENS_FILE = "logit_lens.parquet"
 LOGIT_LENS_ENCODER_FILE = "logit_lens_encoder.parquet"
 TOKEN_SCORES_FILE = "token_scores.parquet"
+# Automated interpretability (``saecore explain``, ``saecore score``), in index/SAE/.
+EXPLANATIONS_FILE = "explanations.parquet"
+AUTOINTERP_SCORES_FILE = "autointerp_scores.parquet"
+SPECIFICITY_FILE = "specificity.parquet"
+AUTOINTERP_SUMMARY_FILE = "autointerp.json"
+SPECIFICITY_PLOT = "specificity.png"
+LLM_CACHE_DIR = "llm_cache"
+"""Every language-model request and answer, one JSON file per request hash (see saecore.llm)."""
 # Tables and plots of the geometry verbs that nothing else reads.
 GEOMETRY_FILE = "geometry.parquet"
 GEOMETRY_PLOT = "geometry.png"
@@ -162,6 +171,11 @@ class Run:
         """The feature pages, ``runs/NAME/pages``."""
         return self.root / PAGES_DIR
 
+    @property
+    def llm_cache(self) -> Path:
+        """Cached language-model answers of ``saecore explain`` / ``score``, ``runs/NAME/llm_cache``."""
+        return self.root / LLM_CACHE_DIR
+
     def experiment(self, name: str) -> Path:
         """An experiment verb's output folder, ``runs/NAME/experiments/EXPERIMENT``."""
         return self.root / EXPERIMENTS_DIR / name
@@ -208,6 +222,12 @@ def saebench_compare_dir(sae_dirs: list[Path]) -> Path | None:
     runs = {Run.of_sae(Path(d).resolve()) for d in sae_dirs}
     (run,) = runs if len(runs) == 1 else (None,)
     return None if run is None else run.root / SAEBENCH_DIR
+
+
+def llm_cache_entry(folder: str | os.PathLike[str], key: str) -> Path:
+    """One cached language-model answer in a cache folder: ``KE/KEY.json`` (the key's first two hex digits
+    as a subfolder, so no folder holds more than a few thousand files)."""
+    return Path(folder) / key[:2] / f"{key}.json"
 
 
 def sae_index_dir(sae_dir: str | os.PathLike[str]) -> Path:

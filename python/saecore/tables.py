@@ -58,6 +58,8 @@ class TableSpec:
     """Written by ``saecore index``, so complete only with ``meta.json`` beside it."""
     neg_inf_ok: tuple[str, ...] = ()
     """Float columns where -inf is a value (log10 of a zero density), not corruption."""
+    nan_ok: tuple[str, ...] = ()
+    """Float columns where NaN is a value (a score that is undefined for this feature), not corruption."""
 
     def path(self, index_dir: str | os.PathLike[str]) -> Path:
         return Path(index_dir) / self.file
@@ -133,6 +135,8 @@ class TableSpec:
             bad = ~np.isfinite(values)
             if name in self.neg_inf_ok:
                 bad &= ~np.isneginf(values)
+            if name in self.nan_ok:
+                bad &= ~np.isnan(values)
             if bad.any():
                 raise ValueError(f"{path}: column {name!r} holds a non-finite value at row {int(np.argmax(bad))}")
 
@@ -176,11 +180,31 @@ LOGIT_LENS_ENCODER = TableSpec("logit_lens_encoder", layout.LOGIT_LENS_ENCODER_F
                                order=("kind", "rank"))
 """The same for each feature's encoder direction, rescaled to its decoder row's norm (``saecore logit-lens``)."""
 
+TOKEN_SCORES = TableSpec("token_scores", layout.TOKEN_SCORES_FILE, _schema(
+    ("feature", u4), ("token_corr", f8), ("pair_corr", f8), ("fires_train", u8), ("fires_held", u8),
+    ("distinct_tokens", u8), ("distinct_pairs", u8), ("logit_skew", f8), ("logit_kurtosis", f8),
+    ("input_class", s), ("output_class", s), ("taxonomy", s)),
+    nan_ok=("token_corr", "pair_corr", "logit_skew", "logit_kurtosis"))
+"""Model-free scores and the taxonomy of every feature (``saecore token-scores``)."""
+EXPLANATIONS = TableSpec("explanations", layout.EXPLANATIONS_FILE, _schema(
+    ("feature", u4), ("explanation", s), ("model", s), ("prompt_hash", s)))
+"""One language-model explanation per explained feature (``saecore explain``)."""
+AUTOINTERP_SCORES = TableSpec("autointerp_scores", layout.AUTOINTERP_SCORES_FILE, _schema(
+    ("feature", u4), ("kind", s), ("explanation", s), ("detection_accuracy", f8), ("detection_auroc", f8),
+    ("fuzzing_accuracy", f8), ("fuzzing_auroc", f8), ("specificity", f8), ("n_activating", u4),
+    ("n_negative", u4), ("n_fuzzing", u4)), order=("kind",),
+    nan_ok=("detection_accuracy", "detection_auroc", "fuzzing_accuracy", "fuzzing_auroc", "specificity"))
+"""Scores of each explained feature's explanation and its two baselines, one row per kind (``saecore score``)."""
+SPECIFICITY = TableSpec("specificity", layout.SPECIFICITY_FILE, _schema(
+    ("feature", u4), ("kind", s), ("bin", i4), ("lo", f4), ("hi", f4), ("n", u4), ("mean_rating", f8),
+    ("mean_expected_rating", f8)), order=("kind", "bin"))
+"""Mean 0-3 specificity rating per activation bin (bin -1: contexts where the feature is silent)."""
+
 ALL: tuple[TableSpec, ...] = (STATS, HISTOGRAMS, TOPK, SAMPLES, DENSITY_HISTOGRAM, NEIGHBOURS, MAP, ENC_DEC_COSINE,
-                              LOGIT_LENS, LOGIT_LENS_ENCODER)
+                              LOGIT_LENS, LOGIT_LENS_ENCODER, TOKEN_SCORES, EXPLANATIONS, AUTOINTERP_SCORES, SPECIFICITY)
 BY_NAME: dict[str, TableSpec] = {spec.name: spec for spec in ALL}
 PER_FEATURE: tuple[TableSpec, ...] = (STATS, HISTOGRAMS, TOPK, SAMPLES, NEIGHBOURS, ENC_DEC_COSINE, LOGIT_LENS,
-                                      LOGIT_LENS_ENCODER)
+                                      LOGIT_LENS_ENCODER, TOKEN_SCORES, EXPLANATIONS, AUTOINTERP_SCORES, SPECIFICITY)
 """Tables keyed by feature (the others describe the SAE as a whole)."""
 
 

@@ -136,5 +136,33 @@
       tickFormat: function (x) { return "10^" + x.toFixed(1); }, axisLabel: "log10 density (fraction of tokens)", height: 130 });
   };
 
+  /* Line chart of series {name: [{activation_level, mean_rating}]}: x in [0, 1], y in [0, 3] (the specificity curve). */
+  SC.lineChart = function (series) {
+    var W = 520, H = 200, L = 30, R = 90, T = 10, B = 26;
+    var svg = SC.svg("svg", { "class": "chart line-chart", viewBox: "0 0 " + W + " " + H, role: "img" });
+    var sx = function (x) { return L + x * (W - L - R); }, sy = function (y) { return H - B - y / 3 * (H - T - B); };
+    [0, 1, 2, 3].forEach(function (y) {
+      svg.appendChild(SC.svg("line", { x1: L, x2: W - R, y1: sy(y), y2: sy(y), stroke: "#e2e5ea" }));
+      var t = SC.svg("text", { "class": "axis", x: L - 6, y: sy(y) + 3, "text-anchor": "end" }); t.textContent = String(y); svg.appendChild(t);
+    });
+    [[0, "silent"], [0.5, "0.5"], [1, "max"]].forEach(function (p) {
+      var t = SC.svg("text", { "class": "axis", x: sx(p[0]), y: H - 8, "text-anchor": "middle" }); t.textContent = p[1]; svg.appendChild(t);
+    });
+    var colours = ["#d9480f", "#4a7bd0", "#2b8a3e", "#7048e8"], k = 0;
+    Object.keys(series).forEach(function (name) {
+      var pts = series[name] || [], colour = colours[k++ % colours.length];
+      if (!pts.length) return;
+      var d = pts.map(function (p, i) { return (i ? "L" : "M") + sx(p.activation_level).toFixed(1) + "," + sy(p.mean_rating).toFixed(1); }).join(" ");
+      svg.appendChild(SC.svg("path", { d: d, fill: "none", stroke: colour, "stroke-width": 2, "data-kind": name }));
+      pts.forEach(function (p) {
+        var c = SC.svg("circle", { cx: sx(p.activation_level), cy: sy(p.mean_rating), r: 3, fill: colour });
+        var tt = SC.svg("title", {}); tt.textContent = name + ": level " + SC.num(p.activation_level) + ", mean rating " + SC.num(p.mean_rating) + " (" + p.contexts + " contexts)";
+        c.appendChild(tt); svg.appendChild(c);
+      });
+      var label = SC.svg("text", { "class": "axis", x: W - R + 6, y: T + 12 * k, style: "fill:" + colour }); label.textContent = name; svg.appendChild(label);
+    });
+    return svg;
+  };
+
   window.SC = SC;
 })();

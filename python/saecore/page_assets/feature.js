@@ -40,8 +40,42 @@
       add("mean when active", SC.num(F.stats.mean_nonzero, 4), "mean");
     }
     if (F.enc_dec_cosine !== null) add("encoder · decoder cosine", SC.num(F.enc_dec_cosine, 3), "enc-dec");
+    if (F.token_scores) {
+      add("taxonomy", F.token_scores.taxonomy, "taxonomy");
+      add("token-simulator correlation", SC.num(F.token_scores.token_corr, 3), "token-corr");
+      add("(previous, current) token correlation", SC.num(F.token_scores.pair_corr, 3), "pair-corr");
+    }
     if (kv.childNodes.length) c.appendChild(kv);
     if (F.stats && F.stats.count === 0) c.appendChild(el("div", { cls: "note", text: "Dead feature: it never fired on the indexed tokens." }));
+    return c;
+  }
+
+  /* The language model's explanation (model output: shown as text, never as HTML) and its scores beside
+     the two baselines, on held-out contexts. */
+  function explanationCard() {
+    var A = F.autointerp;
+    if (!A) return null;
+    var c = card("explanation", "Explanation");
+    if (A.explanation) {
+      c.appendChild(el("div", { cls: "explanation", id: "explanation-text", text: A.explanation.explanation }));
+      c.appendChild(el("div", { cls: "muted small", text: "by " + A.explanation.model + " from explain-side examples (saecore explain)" }));
+    }
+    if (A.scores && A.scores.length) {
+      var t = el("table", { id: "autointerp-scores" }, el("tr", {}, el("th", { text: "explanation scored" }),
+        el("th", { cls: "num", text: "detection bal. acc." }), el("th", { cls: "num", text: "detection AUROC" }),
+        el("th", { cls: "num", text: "fuzzing bal. acc." }), el("th", { cls: "num", text: "fuzzing AUROC" }),
+        el("th", { cls: "num", text: "specificity" })));
+      A.scores.forEach(function (r) {
+        t.appendChild(el("tr", { "data-kind": r.kind }, el("td", {}, el("b", { text: r.kind + ": " }), r.explanation),
+          el("td", { cls: "num", text: SC.num(r.detection_accuracy, 3) }), el("td", { cls: "num", text: SC.num(r.detection_auroc, 3) }),
+          el("td", { cls: "num", text: SC.num(r.fuzzing_accuracy, 3) }), el("td", { cls: "num", text: SC.num(r.fuzzing_auroc, 3) }),
+          el("td", { cls: "num", text: SC.num(r.specificity, 3) })));
+      });
+      c.appendChild(t);
+      c.appendChild(el("div", { cls: "muted small", text: "Held-out contexts (saecore score): " + A.scores[0].n_activating +
+        " activating, " + A.scores[0].n_negative + " silent, " + A.scores[0].n_fuzzing + " fuzzing pairs. Baselines: shuffled = another " +
+        "feature's explanation; top_tokens = the most frequent activating tokens. Specificity = mean 0–3 rating on activating minus silent contexts." }));
+    }
     return c;
   }
 
@@ -203,6 +237,8 @@
   document.title = F.sae + " · feature " + F.feature;
   app.appendChild(header());
   app.appendChild(overview());
+  var ex = explanationCard();
+  if (ex) app.appendChild(ex);
   var charts = el("div", { cls: "grid" });
   [densityCard(), histogramCard()].forEach(function (x) { if (x) charts.appendChild(x); });
   if (charts.childNodes.length) app.appendChild(charts);

@@ -1,14 +1,15 @@
 /* An SAE's index page: the feature table (search, sort, hide dead features, pages of 100 rows) and the
    feature map. The table's rows arrive as summary chunk scripts, loaded one after another with <script>
    tags (file:// pages may not use the fetch API), and the table redraws as each chunk lands.
-   Summary row: [feature, count, density, max, mean_nonzero, top tokens]. */
+   Summary row: [feature, count, density, max, mean_nonzero, top tokens, explanation, detection AUROC,
+   fuzzing AUROC, specificity, taxonomy] (the last five empty or null without saecore explain / score / token-scores). */
 (function () {
   "use strict";
   var SC = window.SC, el = SC.el;
   var S = window.SAECORE_SAE || {}, M = window.SAECORE_MAP || null;
   var PER_PAGE = 100;
   var rows = [], byFeature = {};
-  var state = { query: "", sort: "feature", hideDead: true, page: 0 };
+  var state = { query: "", sort: "feature", hideDead: true, page: 0, taxonomy: "" };
   var app = document.getElementById("app");
   app.textContent = "";
 
@@ -53,6 +54,23 @@
     if (S.saebench.plot) sb.appendChild(el("img", { src: S.saebench.plot, alt: "SAEBench summary plot", style: "max-width:100%" }));
     sb.appendChild(el("div", { cls: "muted small", text: "From saecore eval --suite (docs/benchmarks.md)." }));
     top.appendChild(sb);
+  var A = S.autointerp;
+  if (A && A.specificity_curve) {
+    var sc = el("section", { cls: "card", id: "specificity-card" }, el("h2", { text: "Specificity by activation level" }));
+    sc.appendChild(SC.lineChart(A.specificity_curve));
+    var means = el("table", { id: "autointerp-summary" }, el("tr", {}, el("th", { text: "explanation" }),
+      el("th", { cls: "num", text: "features" }), el("th", { cls: "num", text: "detection AUROC" }),
+      el("th", { cls: "num", text: "fuzzing AUROC" }), el("th", { cls: "num", text: "specificity" })));
+    Object.keys(A.kinds || {}).forEach(function (k) {
+      var m = A.kinds[k];
+      means.appendChild(el("tr", {}, el("td", { text: k }), el("td", { cls: "num", text: SC.int(m.features) }),
+        el("td", { cls: "num", text: SC.num(m.detection_auroc, 3) }), el("td", { cls: "num", text: SC.num(m.fuzzing_auroc, 3) }),
+        el("td", { cls: "num", text: SC.num(m.specificity, 3) })));
+    });
+    sc.appendChild(means);
+    sc.appendChild(el("div", { cls: "muted small", text: "Mean 0–3 rating by " + A.scorer + " of held-out contexts against each explanation, by activation level " +
+      "(fraction of the feature's max; 0 = silent contexts). model = the explainer's explanation; shuffled and top_tokens are baselines." }));
+    top.appendChild(sc);
   }
   if (top.childNodes.length) app.appendChild(top);
 
@@ -61,12 +79,17 @@
     el("option", { value: "feature", text: "feature id" }),
     el("option", { value: "density", text: "density (high first)" }),
     el("option", { value: "density-asc", text: "density (low first)" }),
-    el("option", { value: "max", text: "max activation (high first)" }));
+    el("option", { value: "max", text: "max activation (high first)" }),
+    el("option", { value: "detection", text: "detection AUROC (high first)" }),
+    el("option", { value: "fuzzing", text: "fuzzing AUROC (high first)" }),
+    el("option", { value: "specificity", text: "specificity (high first)" }));
+  var taxonomy = el("select", { id: "taxonomy", "aria-label": "taxonomy" }, el("option", { value: "", text: "any taxonomy" }));
+  var taxonomies = {};
   var hide = el("input", { type: "checkbox", id: "hide-dead" });
   hide.checked = true;
   var tableCard = el("section", { cls: "card", id: "features" });
   tableCard.appendChild(el("div", { cls: "controls" }, search,
-    el("label", {}, "sort by ", sort), el("label", {}, hide, " hide dead features"),
+    el("label", {}, "sort by ", sort), el("label", {}, "show ", taxonomy), el("label", {}, hide, " hide dead features"),
     el("span", { cls: "muted", id: "match-count" })));
   var table = el("table", { id: "feature-table" });
   tableCard.appendChild(table);
@@ -86,13 +109,18 @@
     var ql = q.toLowerCase();
     out = rows.filter(function (r) {
       if (state.hideDead && r[1] === 0) return false;
-      return !ql || (r[5] || "").toLowerCase().indexOf(ql) >= 0;
+      if (state.taxonomy && r[10] !== state.taxonomy) return false;
+      return !ql || (r[5] || "").toLowerCase().indexOf(ql) >= 0 || (r[6] || "").toLowerCase().indexOf(ql) >= 0;
     });
     var key = { feature: function (r) { return r[0]; }, density: function (r) { return -(r[2] || 0); },
-                "density-asc": function (r) { return r[2] === null ? Infinity : r[2]; }, max: function (r) { return -(r[3] || 0); } }[state.sort];
+                "density-asc": function (r) { return r[2] === null ? Infinity : r[2]; }, max: function (r) { return -(r[3] || 0); },
+                detection: score(7), fuzzing: score(8), specificity: score(9) }[state.sort];
     out.sort(function (a, b) { return key(a) - key(b) || a[0] - b[0]; });
     return out;
   }
+
+  /* Sort key of a score column: high first, features without the score last. */
+  function score(i) { return function (r) { return r[i] === null || r[i] === undefined ? Infinity : -r[i]; }; }
 
   var current = [];
   function render() {
@@ -102,13 +130,16 @@
     table.textContent = "";
     table.appendChild(el("tr", {}, el("th", { text: "feature" }), el("th", { cls: "num", text: "density" }),
       el("th", { cls: "num", text: "count" }), el("th", { cls: "num", text: "max act." }),
-      el("th", { cls: "num", text: "mean act." }), el("th", { text: "top tokens" })));
+      el("th", { cls: "num", text: "mean act." }), el("th", { text: "top tokens" }), el("th", { text: "explanation" }),
+      el("th", { cls: "num", text: "det. AUROC" }), el("th", { text: "taxonomy" })));
     current.slice(state.page * PER_PAGE, (state.page + 1) * PER_PAGE).forEach(function (r) {
       table.appendChild(el("tr", { cls: r[1] === 0 ? "dead" : "", "data-feature": r[0] },
         el("td", {}, el("a", { href: href(r[0]), cls: "feature-link", text: "#" + r[0] })),
         el("td", { cls: "num", text: SC.pct(r[2]) }), el("td", { cls: "num", text: SC.int(r[1]) }),
         el("td", { cls: "num", text: SC.num(r[3]) }), el("td", { cls: "num", text: SC.num(r[4]) }),
-        el("td", { cls: "mono", text: r[5] || "" })));
+        el("td", { cls: "mono", text: r[5] || "" }), el("td", { cls: "explanation-cell", text: r[6] || "" }),
+        el("td", { cls: "num", text: r[7] === null || r[7] === undefined ? "" : SC.num(r[7], 3) }),
+        el("td", { cls: "small", text: r[10] || "" })));
     });
     document.getElementById("match-count").textContent = SC.int(current.length) + " shown";
     pageInfo.textContent = "page " + (state.page + 1) + " of " + pages;
@@ -122,6 +153,7 @@
     var id = /^#?(\d+)$/.exec(search.value.trim());
     if (e.key === "Enter" && id && byFeature[+id[1]]) window.location.href = href(+id[1]);
   });
+  taxonomy.addEventListener("change", function () { state.taxonomy = taxonomy.value; state.page = 0; render(); });
   sort.addEventListener("change", function () { state.sort = sort.value; state.page = 0; render(); });
   hide.addEventListener("change", function () { state.hideDead = hide.checked; state.page = 0; render(); });
   prev.addEventListener("click", function () { state.page--; render(); });
@@ -214,7 +246,10 @@
   window.SAECORE_SUMMARY = window.SAECORE_SUMMARY || [];
   function absorb() {
     while (window.SAECORE_SUMMARY.length) {
-      window.SAECORE_SUMMARY.shift().forEach(function (r) { rows.push(r); byFeature[r[0]] = r; });
+      window.SAECORE_SUMMARY.shift().forEach(function (r) {
+        rows.push(r); byFeature[r[0]] = r;
+        if (r[10] && !taxonomies[r[10]]) { taxonomies[r[10]] = true; taxonomy.appendChild(el("option", { value: r[10], text: r[10] })); }
+      });
     }
   }
   function loadNext() {
