@@ -412,6 +412,8 @@ class SAE(nn.Module):
           the threshold's straight-through gradient whatever the input's scale.
         """
         chosen: dict[str, float] = {}
+        if xs.shape[0] == 0:  # nothing finite to calibrate on: keep the fixed init
+            return chosen
         if b_dec_init != "zeros":
             centre = geometric_median(xs) if b_dec_init == "geometric_median" else xs.mean(0)
             self.b_dec.copy_(centre)

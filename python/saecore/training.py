@@ -10,6 +10,11 @@ constraint → update dead-latent counters → log / checkpoint.
 * Schedules (Anthropic, April 2024): λ warms up linearly from 0 over the first 5% of steps; the
   learning rate decays linearly to 0 over the last 20%; gradient-norm clipping at 1; Adam, no weight
   decay; one epoch by default.
+* Defaults from the data (options left at 0): the learning rate from the width and the run's length;
+  relu's and jumprelu's λ steered every step towards L0 = k; b_dec at the data's geometric median with
+  the pre-activations centred on it; jumprelu's θ₀ and kernel width calibrated on a sample of the
+  training rows (:meth:`SAE.initialise_from_data`); the dead window from d_sae/k. What was chosen is
+  logged and saved in ``cfg.json`` (``metadata.saecore.chosen``).
 * Dead latents: tokens since each latent last fired; a latent is dead once that count reaches the
   dead window (``dead_window_tokens``, Anthropic's 10⁷, capped at the run length for short runs).
   TopK/BatchTopK get the AuxK loss on dead latents; ReLU dead latents are resampled.
@@ -22,6 +27,7 @@ constraint → update dead-latent counters → log / checkpoint.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -42,7 +48,7 @@ from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .devices import default_device
 from .errors import CorruptDataError, SaecoreError, StoreError
-from .run import LEGACY_TRAINER_STATE_FILE, TRAINER_STATE_FILE, store_path
+from .run import CFG_FILE, LEGACY_TRAINER_STATE_FILE, TRAINER_STATE_FILE, store_path
 from .sae import AUXK_FAMILY, SAE, SAEConfig, check_matryoshka_groups
 
 if TYPE_CHECKING:
@@ -412,7 +418,9 @@ class Trainer:
         n = min(self.n_train, CALIBRATION_ROWS)
         starts = [i * self.n_train // 8 for i in range(8)]
         parts = [self.store.read(self.hook, a, min(a + max(n // 8, 1), self.n_train)) for a in starts]
-        return np.concatenate(parts)[:n]
+        x = np.concatenate(parts)[:n]
+        # A non-finite row is reported by the training loop, naming its store row, when a batch reaches it.
+        return x[np.isfinite(x).all(axis=1)]
 
     def _initialise(self, sae: SAE) -> None:
         """Data-derived initial values (see :meth:`SAE.initialise_from_data`) and the automatic λ's start.
@@ -692,4 +700,7 @@ def cli_run(args: argparse.Namespace, cfg: TrainConfig | None = None) -> int:
     sae = train(args.store, args.out, cfg)
     print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "
           f"in {time.time() - t0:.0f} s")
+    facts = json.loads((Path(args.out) / CFG_FILE).read_text())["metadata"]["saecore"]
+    print("chosen: " + ", ".join(f"{k} {v:.4g}" for k, v in {**facts["chosen"], "final_sparsity_coefficient":
+                                                            facts["sparsity_coefficient"]}.items()))
     return 0
