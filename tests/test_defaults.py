@@ -137,3 +137,16 @@ def test_the_automatic_lambda_follows_its_rule(grid_stores, tmp_path):
     fixed = Trainer(grid_stores["easy-2x"], tmp_path / "fixed", TrainConfig(architecture="jumprelu", l0_coefficient=3.0, **base))
     fixed.steer_sparsity(50, 100.0)
     assert fixed.sparsity_coefficient == 3.0 and fixed.sparsity_coefficient_at(50) == 3.0
+
+
+def test_toy_options_exponential_magnitudes_and_correlated_pairs():
+    toy = ToyConfig(n_features=40, d=40, mean_active=4, noise=0.0, seed=5, magnitudes="exponential", correlated_pairs=10)
+    D = true_directions(toy)
+    coeffs = sample(toy, 100_000).astype(np.float64) @ np.linalg.inv(D.astype(np.float64))  # square: the coefficients
+    on = coeffs > 1e-3  # float32 rounding leaves ~1e-6 on inactive directions
+    np.testing.assert_allclose(on.mean(0), 0.1, atol=0.006)  # pairing keeps every direction's own rate
+    assert coeffs[on].mean() == pytest.approx(1.0, abs=0.02)  # exponential, mean 1
+    corr = np.corrcoef(on.T.astype(float))
+    paired = [corr[2 * i, 2 * i + 1] for i in range(10)]
+    unpaired = [corr[20 + 2 * i, 21 + 2 * i] for i in range(10)]
+    assert min(paired) > 0.4 and max(np.abs(unpaired)) < 0.03
