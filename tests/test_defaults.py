@@ -20,12 +20,13 @@ from saecore.toy import (
 )
 from saecore.training import TrainConfig, train
 
-# The grid: the easy half has 2× as many directions as dimensions with magnitudes U(0.5, 1.5); the hard
-# half 4×, exponential magnitudes (many tiny activations), and in one cell correlated pairs and 5% noise.
+# The grid: the easy half has 2× as many directions as dimensions with magnitudes U(0.5, 1.5), one cell with
+# correlated pairs; the hard half 4×, exponential magnitudes (many tiny activations), correlated pairs and
+# 5% noise. (A fourth cell, 64 directions in 16 dims with exponential magnitudes, scored within 0.04 of
+# the hard cell for every architecture and was left out to keep the suite short.)
 GRID = {
     "easy-2x": ToyConfig(n_features=32, d=16, mean_active=2, noise=0.01, seed=1),
     "easy-2x-corr": ToyConfig(n_features=32, d=16, mean_active=3, noise=0.02, seed=2, correlated_pairs=6),
-    "hard-4x-exp": ToyConfig(n_features=64, d=16, mean_active=3, noise=0.02, seed=3, magnitudes="exponential"),
     "hard-4x-exp-corr": ToyConfig(n_features=96, d=24, mean_active=4, noise=0.05, seed=4, magnitudes="exponential",
                                   correlated_pairs=12),
 }
