@@ -64,7 +64,8 @@ STEER_RATE = 0.02
 # share E‖x‖² = d_in: an L1 price that a feature's MSE reduction (≈ its activation²) clearly pays.
 RELU_START_LAMBDA = 0.5
 SHORT_RUN_LR_STEPS = 4.0  # the automatic learning rate is at least this / total steps…
-MAX_AUTO_LR = 1e-2  # …and at most this
+MAX_AUTO_LR = 1e-2  # …and at most this…
+MAX_RELATIVE_STEP = 0.07  # …and at most this / √d_in
 CALIBRATION_ROWS = 8192  # rows of training data the data-derived initial values are computed from
 log = logging.getLogger(__name__)
 # Config fields that do not change what is computed, so a resume may change them freely.
@@ -118,7 +119,7 @@ class TrainConfig:
 
     lr: float = option(0.0, ge=0, le=1)
     """Adam learning rate; 0 → automatic: 2e-4 / sqrt(d_sae / 16384) (the width scaling Gao et al. fit), raised
-    for short runs to SHORT_RUN_LR_STEPS / steps (at most 1e-2) so the weights can travel far enough."""
+    for short runs to 4 / steps so the weights can travel far enough, at most min(1e-2, 0.07 / sqrt(d_in))."""
 
     batch_size: int = option(4096, ge=1, le=1 << 24)
     """Tokens per step."""
@@ -179,13 +180,17 @@ class TrainConfig:
         """The learning rate before the short-run floor (see :meth:`lr_for`)."""
         return self.lr or 2e-4 / math.sqrt(self.d_sae / 16384)
 
-    def lr_for(self, total_steps: int) -> float:
+    def lr_for(self, total_steps: int, d_in: int) -> float:
         """``lr``, or the automatic rate for a run of ``total_steps``: Gao et al.'s width scaling fits long
         runs; a run of a few hundred steps moves Adam's weights at most lr·steps, too little to find the
-        features at that rate (toy: 0.71 → 0.92 mean max cosine for batchtopk at 512 steps)."""
+        features at that rate (toy: 0.71 → 0.92 mean max cosine for batchtopk at 512 steps). Capped at
+        1e-2 and at MAX_RELATIVE_STEP/√d_in: Adam moves every weight by about lr per step, and a unit-norm
+        encoder column's entries are ≈ 1/√d_in, so wide inputs need a smaller rate (the quick start's
+        d_in = 576 at 1e-2 left half its latents dead)."""
         if self.lr:
             return self.lr
-        return min(MAX_AUTO_LR, max(self.effective_lr, SHORT_RUN_LR_STEPS / max(total_steps, 1)))
+        cap = min(MAX_AUTO_LR, MAX_RELATIVE_STEP / math.sqrt(d_in))
+        return min(cap, max(self.effective_lr, SHORT_RUN_LR_STEPS / max(total_steps, 1)))
 
     @property
     def auto_sparsity(self) -> bool:
@@ -366,7 +371,7 @@ class Trainer:
         self.device = default_device(cfg.device)
         self.dead_window = min(cfg.effective_dead_window, self.total_steps * cfg.batch_size)
         # What the trainer chose where the config says 0 (automatic); logged, and saved in cfg.json.
-        self.base_lr = cfg.lr_for(self.total_steps)
+        self.base_lr = cfg.lr_for(self.total_steps, store.d_model(self.hook))
         self.chosen: dict[str, float] = {"lr": self.base_lr, "dead_window_tokens": self.dead_window}
         self.sparsity_coefficient = cfg.l1_coefficient if cfg.architecture == "relu" else cfg.l0_coefficient
         self.identity = self._identity()
