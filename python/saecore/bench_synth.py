@@ -76,10 +76,10 @@ class BenchSynthConfig:
     """Learning rate; −1 → the preset's (small: saecore's width-scaled default, 16k: 3e-4 as published)."""
 
     l1_coefficient: float = option(TrainConfig.l1_coefficient, ge=0)
-    """relu sparsity λ."""
+    """relu sparsity λ; 0 → steered to L0 = k (the trainer's automatic λ)."""
 
     l0_coefficient: float = option(TrainConfig.l0_coefficient, ge=0)
-    """jumprelu sparsity λ."""
+    """jumprelu sparsity λ; 0 → steered to L0 = k (the trainer's automatic λ)."""
 
     seed: int = option(42, ge=0, lt=1 << 31)
     """Seeds the synthetic model, its samples, and the SAEs."""

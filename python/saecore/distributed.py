@@ -296,6 +296,7 @@ class DistributedTrainer(Trainer):
         lo = g.latent_index * L
         # The same init as one process (built whole, then sliced): equal runs start equal.
         whole = SAE(full, seed=self.cfg.seed)
+        self._initialise(whole)  # the data-derived initial values, computed by every rank alike
         local_cfg = SAEConfig.from_dict({**full.to_dict(), "d_sae": L, "k": min(full.k, L)})
         self.sae = SAE(local_cfg, seed=None)
         with torch.no_grad():
@@ -365,6 +366,7 @@ class DistributedTrainer(Trainer):
         out["loss"].backward()
         self._reduce_gradients()
         stats = self._global_stats(xs, out, lam, interrupt)
+        self.steer_sparsity(step, stats["l0"])
         if not math.isfinite(stats["loss"]):
             self.save_checkpoint()
             raise FloatingPointError(f"loss became {stats['loss']} at step {step} (inputs were finite); "
@@ -522,6 +524,7 @@ class DistributedTrainer(Trainer):
                 self.opt.state[p] = state
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.device)
         self.step, self.complete = int(manifest["step"]), bool(manifest["complete"])
+        self.sparsity_coefficient = float(manifest["training"].get("sparsity_coefficient", self.sparsity_coefficient))
 
 
 # --- consolidation ------------------------------------------------------------------------------

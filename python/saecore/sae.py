@@ -54,6 +54,8 @@ from .saelens import WEIGHTS_SHA256_KEY, read_checkpoint, saelens_config, seal_c
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 # Architectures that keep a batch top-(B·k) while training and a learned global threshold at inference.
 BATCH_TOPK_FAMILY = ("batchtopk", "matryoshka")
+# jumprelu's calibrated initial threshold lets this many times the target L0 fire (see initialise_from_data).
+JUMPRELU_START_L0_FACTOR = 16
 # Architectures with the AuxK loss on dead latents.
 AUXK_FAMILY = ("topk", "batchtopk", "matryoshka")
 
@@ -337,6 +339,28 @@ def dense_decode(rows: Tensor, latents: Tensor, values: Tensor, W_dec: Tensor, n
     return f @ W_dec
 
 
+def geometric_median(x: Tensor, iters: int = 50) -> Tensor:
+    """The point minimising Σ‖xᵢ − m‖ over rows of ``x`` [n, d] (Weiszfeld's iteration from the mean).
+    Unlike the mean it is not dragged by a few huge rows (a residual stream's attention-sink tokens)."""
+    x = x.double()
+    m = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - m).norm(dim=1).clamp_min(1e-9)
+        nxt = (w[:, None] * x).sum(0) / w.sum()
+        if float((nxt - m).norm()) <= 1e-7 * max(float(m.norm()), 1.0):
+            return nxt.float()
+        m = nxt
+    return m.float()
+
+
+def top_quantile(values: Tensor, share: float) -> float:
+    """The value exceeded by a fraction ``share`` of ``values`` (any shape); exact, via topk, so it works
+    on tensors larger than :func:`torch.quantile` accepts."""
+    flat = values.reshape(-1)
+    m = min(max(1, round(share * flat.numel())), flat.numel())
+    return float(flat.topk(m, sorted=False).values.min())
+
+
 # --- the module ---------------------------------------------------------------------------------
 
 
@@ -371,6 +395,38 @@ class SAE(nn.Module):
         self.W_enc.copy_(w.t())
         self.b_enc.zero_()
         self.b_dec.zero_()
+
+    @torch.no_grad()
+    def initialise_from_data(self, xs: Tensor, b_dec_init: str, target_l0: float, calibrate_jumprelu: bool) -> dict[str, float]:
+        """Data-derived initial values from a sample ``xs`` [n, d_in] of SCALED inputs; returns what was chosen.
+
+        * ``b_dec`` at the sample's geometric median (or mean; ``zeros`` keeps 0), and ``b_enc = −W_encᵀ·b_dec``,
+          so the pre-activations start as W_encᵀ(x − b_dec): the data's constant offset is the decoder
+          bias from step 0 instead of a direction a few latents learn to fire on for every token.
+        * jumprelu (``calibrate_jumprelu``): θ₀ = the pre-activation value exceeded by a share
+          16·target_l0/d_sae (at most 1/4) of the sample's entries, so training starts at L0 ≈ 16·target
+          and the steered λ brings it down. A θ₀ fixed in advance fires about half the latents on
+          centred data (L0 stuck in the hundreds); one at the target itself leaves most latents below
+          θ with no gradient (toy: 0.86 vs 0.94 mean max cosine at 4× vs 16×; 50× did not get down to
+          the target in 512 steps). The kernel width ε = θ₀/2, so a share of the entries near θ reach
+          the threshold's straight-through gradient whatever the input's scale.
+        """
+        chosen: dict[str, float] = {}
+        if xs.shape[0] == 0:  # nothing finite to calibrate on: keep the fixed init
+            return chosen
+        if b_dec_init != "zeros":
+            centre = geometric_median(xs) if b_dec_init == "geometric_median" else xs.mean(0)
+            self.b_dec.copy_(centre)
+            self.b_enc.copy_(-(centre @ self.W_enc))
+            chosen["b_dec_norm"] = float(centre.norm())
+        if calibrate_jumprelu and self.cfg.architecture == "jumprelu":
+            pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (n, d_sae)
+            theta = max(top_quantile(pre, min(0.25, JUMPRELU_START_L0_FACTOR * target_l0 / self.cfg.d_sae)), 1e-3)
+            self.threshold.fill_(theta)
+            self.cfg.jumprelu_init_threshold = theta
+            self.cfg.jumprelu_bandwidth = theta / 2
+            chosen.update(jumprelu_init_threshold=theta, jumprelu_bandwidth=theta / 2)
+        return chosen
 
     @property
     def device(self) -> torch.device:

@@ -161,8 +161,10 @@ def sweep(
             run_cfg = TrainConfig(**{**base.to_dict(), "d_sae": d_sae, "num_tokens": tokens})
             folder = out / f"{base.architecture}-{d_sae}-{tokens}"
             sae = train(store, folder, run_cfg)
-            scale = read_cfg(folder)["metadata"]["saecore"]["input_scale"]
-            loss = heldout_loss(sae, store, hook, n_train, store.num_rows, scale, base.l1_coefficient)
+            facts = read_cfg(folder)["metadata"]["saecore"]
+            # relu's λ is the run's own (the steered one when l1_coefficient is 0, automatic).
+            lam = facts.get("sparsity_coefficient", base.l1_coefficient)
+            loss = heldout_loss(sae, store, hook, n_train, store.num_rows, facts["input_scale"], lam)
             runs.append({"d_sae": d_sae, "tokens": tokens, "compute": d_sae * tokens, "loss": loss, "sae": str(folder)})
     fitted = fit(runs)
     result = {"architecture": base.architecture, "store": record_path(store.path), "runs": runs, "fit": fitted,

@@ -40,6 +40,14 @@ class ToyConfig:
     seed: int = 0
     """Seeds the directions and the samples."""
 
+    magnitudes: str = "uniform"
+    """Magnitude of an active direction: ``uniform`` U(0.5, 1.5), or ``exponential`` (mean 1: many
+    small activations, which make thresholds and L1 shrinkage matter)."""
+
+    correlated_pairs: int = 0
+    """Pairs (2i, 2i+1), i < this, whose second member copies the first's on/off state half of the time
+    (its own rate unchanged; correlation ≈ 0.5 between the two)."""
+
     def __post_init__(self) -> None:
         if self.n_features < 1 or self.d < 1:
             raise ValueError("ToyConfig.n_features and d must be positive")
@@ -47,6 +55,10 @@ class ToyConfig:
             raise ValueError(f"ToyConfig.mean_active must be in (0, n_features], got {self.mean_active}")
         if self.noise < 0:
             raise ValueError("ToyConfig.noise must be >= 0")
+        if self.magnitudes not in ("uniform", "exponential"):
+            raise ValueError(f"ToyConfig.magnitudes must be 'uniform' or 'exponential', got {self.magnitudes!r}")
+        if not (0 <= 2 * self.correlated_pairs <= self.n_features):
+            raise ValueError(f"ToyConfig.correlated_pairs must be in 0..n_features/2, got {self.correlated_pairs}")
 
 
 def true_directions(cfg: ToyConfig) -> np.ndarray:
@@ -60,7 +72,14 @@ def sample(cfg: ToyConfig, rows: int, block: int = 0) -> np.ndarray:
     """``[rows, d]`` float32 toy activations; ``block`` picks an independent seeded stream."""
     rng = np.random.default_rng([cfg.seed, 1, block])
     active = rng.random((rows, cfg.n_features)) < cfg.mean_active / cfg.n_features
-    magnitude = rng.uniform(0.5, 1.5, size=(rows, cfg.n_features))  # bounded away from 0: a feature is clearly on
+    if cfg.magnitudes == "uniform":
+        magnitude = rng.uniform(0.5, 1.5, size=(rows, cfg.n_features))  # bounded away from 0: a feature is clearly on
+    else:
+        magnitude = rng.exponential(1.0, size=(rows, cfg.n_features))
+    if cfg.correlated_pairs:
+        first = np.arange(0, 2 * cfg.correlated_pairs, 2)
+        copy = rng.random((rows, cfg.correlated_pairs)) < 0.5
+        active[:, first + 1] = np.where(copy, active[:, first], active[:, first + 1])
     coeffs = (active * magnitude).astype(np.float32)  # (rows, n_features)
     x = coeffs @ true_directions(cfg)  # (rows, d)
     x += cfg.noise * rng.standard_normal(x.shape).astype(np.float32)

@@ -10,6 +10,11 @@ constraint → update dead-latent counters → log / checkpoint.
 * Schedules (Anthropic, April 2024): λ warms up linearly from 0 over the first 5% of steps; the
   learning rate decays linearly to 0 over the last 20%; gradient-norm clipping at 1; Adam, no weight
   decay; one epoch by default.
+* Defaults from the data (options left at 0): the learning rate from the width and the run's length;
+  relu's and jumprelu's λ steered every step towards L0 = k; b_dec at the data's geometric median with
+  the pre-activations centred on it; jumprelu's θ₀ and kernel width calibrated on a sample of the
+  training rows (:meth:`SAE.initialise_from_data`); the dead window from d_sae/k. What was chosen is
+  logged and saved in ``cfg.json`` (``metadata.saecore.chosen``).
 * Dead latents: tokens since each latent last fired; a latent is dead once that count reaches the
   dead window (``dead_window_tokens``, Anthropic's 10⁷, capped at the run length for short runs).
   TopK/BatchTopK get the AuxK loss on dead latents; ReLU dead latents are resampled.
@@ -22,6 +27,7 @@ constraint → update dead-latent counters → log / checkpoint.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import signal
@@ -41,8 +47,14 @@ from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
 from .devices import default_device
 from .errors import CorruptDataError, SaecoreError, StoreError
-from .run import LEGACY_TRAINER_STATE_FILE, TRAINER_STATE_FILE, record_path, store_path
+from .run import (
+    LEGACY_TRAINER_STATE_FILE,
+    TRAINER_STATE_FILE,
+    record_path,
+    store_path,
+)
 from .sae import AUXK_FAMILY, SAE, SAEConfig, check_matryoshka_groups
+from .saelens import read_cfg
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -50,6 +62,17 @@ if TYPE_CHECKING:
 STATE_FILENAME = TRAINER_STATE_FILE
 STATE_FORMAT = "saecore.trainer/2"
 ANTHROPIC_DEAD_WINDOW = 10_000_000
+# Automatic sparsity coefficient: per step, λ ← λ·exp(STEER_RATE·clip(log(L0/k), ±1)) (integral control;
+# λ can move by e^10 in 500 steps, yet a 10% L0 error changes it by only 0.2% per step).
+STEER_RATE = 0.02
+# relu's automatic λ starts at this × √(d_in/k), ≈ the typical scaled activation of a feature when k of them
+# share E‖x‖² = d_in: an L1 price that a feature's MSE reduction (≈ its activation²) clearly pays.
+RELU_START_LAMBDA = 0.5
+SHORT_RUN_LR_STEPS = 4.0  # the automatic learning rate is at least this / total steps…
+MAX_AUTO_LR = 1e-2  # …and at most this…
+MAX_RELATIVE_STEP = 0.07  # …and at most this / √d_in
+CALIBRATION_ROWS = 8192  # rows of training data the data-derived initial values are computed from
+log = logging.getLogger(__name__)
 # Config fields that do not change what is computed, so a resume may change them freely.
 _RESUME_FREE_FIELDS = ("device", "checkpoint_every_steps", "progress")
 
@@ -69,16 +92,18 @@ class TrainConfig:
     """Number of latents."""
 
     k: int = option(32, ge=1, le=1 << 24)
-    """Active latents per token (topk) or per token on average (batchtopk, matryoshka)."""
+    """Active latents per token (topk), per token on average (batchtopk, matryoshka), or the L0 that relu's
+    and jumprelu's automatic sparsity coefficients steer towards."""
 
     matryoshka_groups: list[int] = option(default_factory=list, ge=1, le=1 << 24, metavar="SIZE")
     """matryoshka: nested group sizes summing to d_sae; empty → d/16, d/16, d/8, d/4, d/2 (Bussmann et al.)."""
 
-    l1_coefficient: float = option(5.0, ge=0)
-    """λ of the relu loss MSE + λ·Σ fᵢ‖W_dec,i‖ (Anthropic: 5 at their input scaling)."""
+    l1_coefficient: float = option(0.0, ge=0)
+    """λ of the relu loss MSE + λ·Σ fᵢ‖W_dec,i‖; 0 → automatic: starts at 5 (Anthropic's, at their input
+    scaling) and is steered every step towards L0 = k."""
 
-    l0_coefficient: float = option(1e-3, ge=0)
-    """λ of the jumprelu loss MSE + λ·L0."""
+    l0_coefficient: float = option(0.0, ge=0)
+    """λ of the jumprelu loss MSE + λ·L0; 0 → automatic: starts at θ₀² and is steered every step towards L0 = k."""
 
     aux_coefficient: float = option(1 / 32, ge=0)
     """Weight of the AuxK loss (Gao et al. 2024 use 1/32)."""
@@ -86,14 +111,20 @@ class TrainConfig:
     aux_k: int = option(0, ge=0, le=1 << 24)
     """Dead latents per token in the AuxK loss; 0 → d_in // 2."""
 
-    jumprelu_bandwidth: float = option(0.05, gt=0)
-    """Rectangle-kernel width of the jumprelu straight-through estimators (scaled units)."""
+    jumprelu_bandwidth: float = option(0.0, ge=0)
+    """Rectangle-kernel width of the jumprelu straight-through estimators (scaled units); 0 → θ₀/2."""
 
-    jumprelu_init_threshold: float = option(0.1, ge=0)
-    """Initial jumprelu threshold (scaled units)."""
+    jumprelu_init_threshold: float = option(0.0, ge=0)
+    """Initial jumprelu threshold θ₀ (scaled units); 0 → calibrated on the data so that ≈ k latents per token
+    start above it."""
+
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = "geometric_median"
+    """Initial decoder bias: the training data's geometric median or mean (b_enc then centres the
+    pre-activations on it), or zeros (Anthropic's init)."""
 
     lr: float = option(0.0, ge=0, le=1)
-    """Adam learning rate; 0 → 2e-4 / sqrt(d_sae / 16384) (the scaling Gao et al. fit)."""
+    """Adam learning rate; 0 → automatic: 2e-4 / sqrt(d_sae / 16384) (the width scaling Gao et al. fit), raised
+    for short runs to 4 / steps so the weights can travel far enough, at most min(1e-2, 0.07 / sqrt(d_in))."""
 
     batch_size: int = option(4096, ge=1, le=1 << 24)
     """Tokens per step."""
@@ -122,8 +153,10 @@ class TrainConfig:
     grad_clip: float = option(1.0, gt=0)
     """Maximum global gradient norm."""
 
-    dead_window_tokens: int = option(ANTHROPIC_DEAD_WINDOW, ge=1)
-    """A latent that has not fired for this many tokens is dead (capped at the run's length)."""
+    dead_window_tokens: int = option(0, ge=0)
+    """A latent that has not fired for this many tokens is dead (capped at the run's length); 0 → automatic:
+    100 × the mean gap between a latent's firings (100·d_sae/k tokens), at least 5 batches, at most
+    Anthropic's 10⁷."""
 
     resample_dead: bool = True
     """relu only: re-initialise dead latents towards badly reconstructed inputs, once per dead window
@@ -149,7 +182,33 @@ class TrainConfig:
 
     @property
     def effective_lr(self) -> float:
+        """The learning rate before the short-run floor (see :meth:`lr_for`)."""
         return self.lr or 2e-4 / math.sqrt(self.d_sae / 16384)
+
+    def lr_for(self, total_steps: int, d_in: int) -> float:
+        """``lr``, or the automatic rate for a run of ``total_steps``: Gao et al.'s width scaling fits long
+        runs; a run of a few hundred steps moves Adam's weights at most lr·steps, too little to find the
+        features at that rate (toy: 0.71 → 0.92 mean max cosine for batchtopk at 512 steps). Capped at
+        1e-2 and at MAX_RELATIVE_STEP/√d_in: Adam moves every weight by about lr per step, and a unit-norm
+        encoder column's entries are ≈ 1/√d_in, so wide inputs need a smaller rate (the quick start's
+        d_in = 576 at 1e-2 left half its latents dead)."""
+        if self.lr:
+            return self.lr
+        cap = min(MAX_AUTO_LR, MAX_RELATIVE_STEP / math.sqrt(d_in))
+        return min(cap, max(self.effective_lr, SHORT_RUN_LR_STEPS / max(total_steps, 1)))
+
+    @property
+    def auto_sparsity(self) -> bool:
+        """Whether the sparsity coefficient is steered towards L0 = k (relu / jumprelu left at 0)."""
+        arch = self.architecture
+        return (arch == "relu" and self.l1_coefficient == 0) or (arch == "jumprelu" and self.l0_coefficient == 0)
+
+    @property
+    def effective_dead_window(self) -> int:
+        """``dead_window_tokens``, or the automatic window (before the cap at the run's length)."""
+        if self.dead_window_tokens:
+            return self.dead_window_tokens
+        return min(ANTHROPIC_DEAD_WINDOW, max(5 * self.batch_size, math.ceil(100 * self.d_sae / self.k)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -322,7 +381,11 @@ class Trainer:
                 f"{cfg.batch_size}; lower batch_size or harvest more"
             )
         self.device = default_device(cfg.device)
-        self.dead_window = min(cfg.dead_window_tokens, self.total_steps * cfg.batch_size)
+        self.dead_window = min(cfg.effective_dead_window, self.total_steps * cfg.batch_size)
+        # What the trainer chose where the config says 0 (automatic); logged, and saved in cfg.json.
+        self.base_lr = cfg.lr_for(self.total_steps, store.d_model(self.hook))
+        self.chosen: dict[str, float] = {"lr": self.base_lr, "dead_window_tokens": self.dead_window}
+        self.sparsity_coefficient = cfg.l1_coefficient if cfg.architecture == "relu" else cfg.l0_coefficient
         self.identity = self._identity()
         self._build()
 
@@ -360,14 +423,38 @@ class Trainer:
             hook_name=self.hook,
             model_name=str(self.store.attrs.get("model", "")),
             input_scale=math.sqrt(d_in / msn),  # Anthropic: E‖s·x‖² = d_in
-            jumprelu_bandwidth=self.cfg.jumprelu_bandwidth,
-            jumprelu_init_threshold=self.cfg.jumprelu_init_threshold,
+            # 0 (automatic): a placeholder until SAE.initialise_from_data calibrates it.
+            jumprelu_bandwidth=self.cfg.jumprelu_bandwidth or SAEConfig.jumprelu_bandwidth,
+            jumprelu_init_threshold=self.cfg.jumprelu_init_threshold or SAEConfig.jumprelu_init_threshold,
             aux_k=self.cfg.aux_k,
             matryoshka_groups=list(self.cfg.matryoshka_groups),
         )
 
+    def calibration_sample(self) -> np.ndarray:
+        """Up to CALIBRATION_ROWS raw training rows, read as 8 spans spread evenly over the training rows."""
+        n = min(self.n_train, CALIBRATION_ROWS)
+        starts = [i * self.n_train // 8 for i in range(8)]
+        parts = [self.store.read(self.hook, a, min(a + max(n // 8, 1), self.n_train)) for a in starts]
+        x = np.concatenate(parts)[:n]
+        # A non-finite row is reported by the training loop, naming its store row, when a batch reaches it.
+        return x[np.isfinite(x).all(axis=1)]
+
+    def _initialise(self, sae: SAE) -> None:
+        """Data-derived initial values (see :meth:`SAE.initialise_from_data`) and the automatic λ's start.
+        Deterministic, so a resumed run recomputes the same ones before loading its state."""
+        cfg = self.cfg
+        xs = torch.from_numpy(self.calibration_sample()).to(sae.device) * sae.cfg.input_scale
+        self.chosen.update(sae.initialise_from_data(xs, cfg.b_dec_init, cfg.k, cfg.jumprelu_init_threshold == 0))
+        if cfg.auto_sparsity:
+            theta = sae.cfg.jumprelu_init_threshold
+            start = RELU_START_LAMBDA * math.sqrt(sae.cfg.d_in / cfg.k)
+            self.sparsity_coefficient = start if cfg.architecture == "relu" else theta * theta
+            self.chosen["initial_sparsity_coefficient"] = self.sparsity_coefficient
+        log.info("train %s: chose %s", cfg.architecture, ", ".join(f"{k}={v:.4g}" for k, v in self.chosen.items()))
+
     def _build(self) -> None:
         self.sae = SAE(self._sae_config(), seed=self.cfg.seed).to(self.device)
+        self._initialise(self.sae)
         self.sae.train()
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.cfg.effective_lr, betas=(0.9, 0.999))
         self.step = 0
@@ -404,6 +491,7 @@ class Trainer:
             self.step = int(state["step"])
             self.tokens_since_fired = state["tokens_since_fired"].to(self.device)
             self.complete = bool(state["complete"])
+            self.sparsity_coefficient = float(state.get("sparsity_coefficient", self.sparsity_coefficient))
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
             raise CorruptDataError(f"{path}: trainer state does not fit this SAE ({e!r})") from e
 
@@ -421,6 +509,7 @@ class Trainer:
             "model": self.sae.state_dict(),
             "optimizer": self.opt.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
+            "sparsity_coefficient": self.sparsity_coefficient,
         }
         save_state(state, self.out_dir / STATE_FILENAME)
 
@@ -437,6 +526,8 @@ class Trainer:
             "dead_window_tokens": self.dead_window,
             "dead_fraction": self.dead_fraction(),
             "complete": self.complete,
+            "chosen": self.chosen,
+            "sparsity_coefficient": self.sparsity_coefficient,
         }
 
     # -- schedules ---------------------------------------------------------------------------------
@@ -444,15 +535,21 @@ class Trainer:
         """Constant, then linear decay to 0 over the final ``lr_decay_frac`` of steps."""
         decay_steps = int(self.total_steps * self.cfg.lr_decay_frac)
         start = self.total_steps - decay_steps
-        base = self.cfg.effective_lr
+        base = self.base_lr
         return base if step < start or decay_steps == 0 else base * (self.total_steps - step) / decay_steps
 
     def sparsity_coefficient_at(self, step: int) -> float:
-        """Linear warm-up from 0 over the first ``lambda_warmup_frac`` of steps."""
-        arch = self.cfg.architecture
-        lam = self.cfg.l1_coefficient if arch == "relu" else self.cfg.l0_coefficient if arch == "jumprelu" else 0.0
+        """λ (fixed, or the steered one), with a linear warm-up from 0 over the first ``lambda_warmup_frac`` of steps."""
+        lam = self.sparsity_coefficient if self.cfg.architecture in ("relu", "jumprelu") else 0.0
         warm = int(self.total_steps * self.cfg.lambda_warmup_frac)
         return lam if warm == 0 or step >= warm else lam * (step + 1) / warm
+
+    def steer_sparsity(self, step: int, l0: float) -> None:
+        """Automatic λ: after the warm-up, λ ← λ·exp(STEER_RATE·clip(log(L0/k), ±1)) — more sparsity
+        pressure while the batch's L0 is above k, less while below (integral control of L0)."""
+        if self.cfg.auto_sparsity and step >= int(self.total_steps * self.cfg.lambda_warmup_frac):
+            error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / self.cfg.k)))
+            self.sparsity_coefficient *= math.exp(STEER_RATE * error)
 
     # -- dead latents ------------------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:
@@ -518,6 +615,7 @@ class Trainer:
             ) from None
         self.tokens_since_fired += x.shape[0]
         self.tokens_since_fired[out.fired] = 0
+        self.steer_sparsity(step, float(out.l0))
         with torch.no_grad():
             xs = x * self.sae.cfg.input_scale
             var = (xs - xs.mean(0)).pow(2).sum(-1).mean()
@@ -662,4 +760,7 @@ def cli_run(args: argparse.Namespace, cfg: TrainConfig | None = None) -> int:
     sae = train(args.store, args.out, cfg)
     print(f"saved {sae.cfg.architecture} SAE (d_in {sae.cfg.d_in}, d_sae {sae.cfg.d_sae}) to {args.out} "
           f"in {time.time() - t0:.0f} s")
+    facts = read_cfg(args.out)["metadata"]["saecore"]
+    print("chosen: " + ", ".join(f"{k} {v:.4g}" for k, v in {**facts["chosen"], "final_sparsity_coefficient":
+                                                            facts["sparsity_coefficient"]}.items()))
     return 0
