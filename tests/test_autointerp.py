@@ -294,19 +294,19 @@ def autointerp_site(tmp_path):
 
     data = make_run(tmp_path)
     index_dir = Run(data.run).index(SAE)
-    _atomic.write_parquet(tables.EXPLANATIONS.table({"feature": [BRIDGE], "explanation": [HOSTILE], "model": ["m"],
+    tables.EXPLANATIONS.write(tables.EXPLANATIONS.table({"feature": [BRIDGE], "explanation": [HOSTILE], "model": ["m"],
                                                      "prompt_hash": ["ab"]}), tables.EXPLANATIONS.path(index_dir))
     scores = {"feature": [BRIDGE] * 3, "kind": list(KINDS), "explanation": [HOSTILE, "x", 'the token "bridge"'],
               "detection_accuracy": [0.9, 0.5, 0.8], "detection_auroc": [0.95, float("nan"), 0.85],
               "fuzzing_accuracy": [0.7, 0.5, 0.6], "fuzzing_auroc": [0.75, 0.5, 0.65], "specificity": [2.0, 0.1, 1.5],
               "n_activating": [5] * 3, "n_negative": [5] * 3, "n_fuzzing": [2] * 3}
-    _atomic.write_parquet(tables.AUTOINTERP_SCORES.table(scores), tables.AUTOINTERP_SCORES.path(index_dir))
-    _atomic.write_parquet(tables.SPECIFICITY.table({"feature": [BRIDGE], "kind": ["model"], "bin": [NEGATIVE_BIN],
+    tables.AUTOINTERP_SCORES.write(tables.AUTOINTERP_SCORES.table(scores), tables.AUTOINTERP_SCORES.path(index_dir))
+    tables.SPECIFICITY.write(tables.SPECIFICITY.table({"feature": [BRIDGE], "kind": ["model"], "bin": [NEGATIVE_BIN],
                                                     "lo": [0.0], "hi": [0.0], "n": [5], "mean_rating": [0.2],
                                                     "mean_expected_rating": [0.4]}), tables.SPECIFICITY.path(index_dir))
     nan = float("nan")
     taxonomy = ["token/unknown" if f == BRIDGE else "context/unknown" for f in range(N_FEATURES)]
-    _atomic.write_parquet(tables.TOKEN_SCORES.table({
+    tables.TOKEN_SCORES.write(tables.TOKEN_SCORES.table({
         "feature": list(range(N_FEATURES)), "token_corr": [0.9 if f == BRIDGE else nan for f in range(N_FEATURES)],
         "pair_corr": [0.5] * N_FEATURES, "fires_train": [1] * N_FEATURES, "fires_held": [1] * N_FEATURES,
         "distinct_tokens": [1] * N_FEATURES, "distinct_pairs": [1] * N_FEATURES, "logit_skew": [nan] * N_FEATURES,

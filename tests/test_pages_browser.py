@@ -210,8 +210,8 @@ def test_feature_page_shows_synthetic_text_as_text_and_both_lenses(browser, tmp_
     data = make_run(tmp_path)
     index = Run(data.run).index(SAE)
     lens = pq.read_table(tables.LOGIT_LENS.path(index))
-    pq.write_table(lens.set_column(4, "token", pa.array([t.upper() for t in lens["token"].to_pylist()])),
-                   tables.LOGIT_LENS_ENCODER.path(index))
+    tables.LOGIT_LENS_ENCODER.write(lens.set_column(4, "token", pa.array([t.upper() for t in lens["token"].to_pylist()])),
+                                    tables.LOGIT_LENS_ENCODER.path(index))
     hostile = "<img src=x onerror=\"document.title='pwned'\">"
     seq = {"tokens": [hostile, " bridge"], "activation": 2.5, "pre": 2.5, "retokenized_activation": 2.0, "nll": None}
     result = {"gcg": [seq], "random": [seq | {"activation": 1.0}], "evaluations_per_search": 10,

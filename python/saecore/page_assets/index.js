@@ -54,6 +54,7 @@
     if (S.saebench.plot) sb.appendChild(el("img", { src: S.saebench.plot, alt: "SAEBench summary plot", style: "max-width:100%" }));
     sb.appendChild(el("div", { cls: "muted small", text: "From saecore eval --suite (docs/benchmarks.md)." }));
     top.appendChild(sb);
+  }
   var A = S.autointerp;
   if (A && A.specificity_curve) {
     var sc = el("section", { cls: "card", id: "specificity-card" }, el("h2", { text: "Specificity by activation level" }));
