@@ -167,7 +167,19 @@ class StreamInfo:
     dims: dict[str, int]
     norms: dict[str, float]
     attrs: dict[str, Any]
+    first_window: dict[str, np.ndarray]
+    """Window 0's rows per hook, in stream order: what the trainer may read (its calibration sample)."""
     chunk_rows: int = 1
+
+    @property
+    def rows_readable(self) -> int:
+        return len(next(iter(self.first_window.values())))
+
+    def read(self, hook: str, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of the stream, from window 0 (the only rows held when training starts)."""
+        if stop > self.rows_readable:
+            raise ValueError(f"{self.path}: rows {start}..{stop} are past the first window ({self.rows_readable} rows)")
+        return self.first_window[hook][start:stop]
 
     def d_model(self, hook: str | None = None) -> int:
         return self.dims[hook or self.hooks[0]]
@@ -335,7 +347,7 @@ def train_on_the_fly(
         raise corpus_mod.CorpusError(f"{stream.label}: no rows (contexts of {hcfg.context_length} tokens)")
     info = StreamInfo(stream.label, list(hcfg.hooks), cfg.num_tokens or stream.count_rows(),
                       {h: int(a.shape[1]) for h, a in first[1].items()}, mean_squared_norms(first[1]),
-                      {"model": stream.model_name})
+                      {"model": stream.model_name}, first[1])
     trainers = [_trainer(job, info, run, grid, on_step) for job in jobs]
     start = min(t.step for t in trainers)
     if not all(t.complete for t in trainers):
@@ -370,7 +382,7 @@ def _open_stream(model: Any, corpus: Any, run: Run, otf: OnTheFlyConfig, hcfg: H
         for _ in rest:  # the store holds the whole pass, as saecore harvest would write it
             pass
         if writer is not None:
-            writer.finish(harvesting._store_attrs(corp, exclusions, stream.forward.medians, points, tok))
+            writer.finish(harvesting._store_attrs(corp, exclusions, stream.forward.medians, {p.name: p.layer for p in points}, tok))
 
     return stream, finish_store
 
@@ -394,7 +406,7 @@ def _store_writer(otf: OnTheFlyConfig, run: Run, hcfg: HarvestConfig, m: Any, mo
     writer = None
     if rank == 0:
         harvesting._check_output(run.activations)
-        writer = harvesting._open_writer(run.activations, harvesting._store_spec(hcfg, m, model_name, corp),
+        writer = harvesting._open_writer(run.activations, harvesting._store_spec(hcfg, harvesting._model_dtype(m), model_name, corp),
                                          int(m.config.hidden_size), hcfg)
     done = [-1 if writer is None or writer.state.complete else writer.batches_done]
     if world > 1:

@@ -432,9 +432,11 @@ class Trainer:
 
     def calibration_sample(self) -> np.ndarray:
         """Up to CALIBRATION_ROWS raw training rows, read as 8 spans spread evenly over the training rows."""
-        n = min(self.n_train, CALIBRATION_ROWS)
-        starts = [i * self.n_train // 8 for i in range(8)]
-        parts = [self.store.read(self.hook, a, min(a + max(n // 8, 1), self.n_train)) for a in starts]
+        # A stream (saecore.onthefly) holds only its first window: calibrate on the rows it can read.
+        held = min(self.n_train, getattr(self.store, "rows_readable", self.n_train))
+        n = min(held, CALIBRATION_ROWS)
+        starts = [i * held // 8 for i in range(8)]
+        parts = [self.store.read(self.hook, a, min(a + max(n // 8, 1), held)) for a in starts]
         x = np.concatenate(parts)[:n]
         # A non-finite row is reported by the training loop, naming its store row, when a batch reaches it.
         return x[np.isfinite(x).all(axis=1)]
