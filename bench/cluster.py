@@ -45,7 +45,7 @@ else:
     startup = time.perf_counter() - t0
     n = FeatureStore(path).num_shards
     t0 = time.perf_counter()
-    r = distributed.mine(path, n, params, shards_per_task=per_task, progress=False)
+    r = distributed.mine(path, n, params, shards_per_task=per_task or None, progress=False)
     t = time.perf_counter() - t0
     ray.shutdown()
 np.savez(out, **{k: np.asarray(v) for k, v in r.items() if not k.startswith("t_")})
@@ -58,7 +58,9 @@ def run(path: Path, mode: str, workers: int, per_task: int, out: Path) -> dict:
 
     env = dict(os.environ, SAECORE_NUM_THREADS=str(workers if mode == "inproc" else 1))
     args = [sys.executable, "-c", CHILD, str(path), mode, str(workers), str(per_task), str(out), json.dumps(PARAMS)]
-    p = subprocess.run(args, capture_output=True, text=True, env=env, check=True)
+    p = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+    if p.returncode:
+        raise SystemExit(f"{mode} ({workers} workers) failed:\n{p.stderr[-3000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -74,7 +76,8 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--per-token", type=int, default=32)
     ap.add_argument("--shard-rows", type=int, default=16384)
-    ap.add_argument("--shards-per-task", type=int, default=4)
+    ap.add_argument("--shards-per-task", type=int, default=0,
+                    help="shards per map task; 0 = saecore's default (about four tasks per worker CPU)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -85,7 +88,7 @@ def main() -> None:
         del row_ptr, feature, value
         n_shards = -(-args.tokens // args.shard_rows)
         print(f"{args.tokens:,} tokens × {args.d_sae} features, {nnz:,} nonzeros, {n_shards} shards, "
-              f"{args.shards_per_task} shards per task; machine: {os.cpu_count()} cores")
+              f"{args.shards_per_task or 'auto (about 4 tasks per worker)'} shards per task; machine: {os.cpu_count()} cores")
         rows = [("in-process Rust index (2 threads)", run(store, "inproc", 2, 0, tmp / "ref.npz"))]
         for workers in (1, 2):
             res = run(store, "ray", workers, args.shards_per_task, tmp / f"ray{workers}.npz")

@@ -8,11 +8,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import secrets
+import shutil
 import signal
+import site
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -205,3 +211,75 @@ def test_unreachable_address_and_missing_ray_give_one_clear_error(features):
     p = _cli([*base, "--ray"], hide_ray=True)
     assert p.returncode == 2 and "needs the `ray` package" in p.stderr, p.stderr
     assert not (root / "cli" / "meta.json").exists()
+
+
+def _python_without_saecore(root):
+    """A real Python environment with everything this one has (Ray, NumPy, torch…) except saecore: a
+    venv whose site-packages links every entry of this interpreter's, saecore's own left out."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True)
+    python = root / "bin" / "python"
+    purelib = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    target = Path(subprocess.run([str(python), "-c", purelib], capture_output=True, text=True, check=True).stdout.strip())
+    for site_dir in site.getsitepackages():
+        for entry in Path(site_dir).iterdir():
+            if "saecore" not in entry.name.lower() and not (target / entry.name).exists():
+                (target / entry.name).symlink_to(entry)
+    return python
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def head_without_saecore(tmp_path):
+    """A one-node Ray cluster started by `ray start --head` from an environment without saecore, in its own
+    temp folder (so no other test's `ray.init()` finds it) and its own HOME (its auth token stays there)."""
+    python = _python_without_saecore(tmp_path / "venv")
+    no_saecore = subprocess.run([str(python), "-c", "import saecore"], capture_output=True, cwd=tmp_path, check=False)
+    assert no_saecore.returncode == 1 and b"No module named 'saecore'" in no_saecore.stderr
+    port, ray_tmp = _free_port(), Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k not in (distributed.HOLD_DIR_ENV, "RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env.update(RAY_TMPDIR=str(ray_tmp), HOME=str(tmp_path / "home"))
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    (tmp_path / "home" / ".ray" / "auth_token").write_text(secrets.token_hex(32))  # `ray start` then requires it
+    head = subprocess.Popen([str(python), "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--num-cpus=1",
+                             "--block", "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not list(ray_tmp.rglob("ray_current_cluster")) and head.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert head.poll() is None, "ray start --head exited"
+        yield f"127.0.0.1:{port}", env
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # the head and every Ray process it started
+        head.wait(30)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_worker_without_saecore_gives_one_clear_error(features, head_without_saecore, tmp_path):
+    fs, _ = features
+    address, env = head_without_saecore
+    code = "import sys; from saecore.cli import main; sys.exit(main(sys.argv[1:]))"
+    # The driver has saecore; the cluster's workers run the head's Python, which lacks it. The driver
+    # finds the cluster's auth token in HOME (set up by `ray start`) by itself.
+    p = subprocess.run([sys.executable, "-c", code, "index", "--features", str(fs), "--out", str(tmp_path / "out"),
+                        "--no-progress", "--ray", address], capture_output=True, text=True, env=env, cwd=tmp_path,
+                       timeout=400, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("saecore")]
+    assert len(lines) == 1, p.stderr
+    assert "cannot import saecore (ModuleNotFoundError: No module named 'saecore')" in lines[0]
+    assert f"install saecore {_native.__version__} on every node" in lines[0]
+    assert not (tmp_path / "out").exists()
+    # A driver without the cluster's token (another HOME, RAY_AUTH_MODE unset) is told what to set.
+    p = subprocess.run([sys.executable, "-c", code, "index", "--features", str(fs), "--out", str(tmp_path / "out"),
+                        "--no-progress", "--ray", address], capture_output=True, text=True,
+                       env={**env, "HOME": str(tmp_path / "elsewhere")}, cwd=tmp_path, timeout=400, check=False)
+    assert p.returncode == 2, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("saecore")]
+    assert len(lines) == 1 and f"the Ray cluster at {address} uses token authentication" in lines[0], p.stderr
+    assert not (tmp_path / "out").exists()

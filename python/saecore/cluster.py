@@ -81,21 +81,102 @@ def _check_reachable(address: str, timeout_s: float = 5.0) -> None:
         raise RayUnavailableError(f"cannot reach the Ray cluster at {address}: {e} (is `ray start --head` running there?)") from e
 
 
+def _use_token_if_available(address: str | None) -> None:
+    """Joining a cluster started by ``ray start --head`` (token authentication on by default since Ray
+    2.5x) needs ``RAY_AUTH_MODE=token`` in the driver; Ray only infers it for ``ray.init()`` without an
+    address. Infer it the same way here: the mode unset and a token present."""
+    if address in (None, "local") or "RAY_AUTH_MODE" in os.environ or "ray" in sys.modules:
+        return
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
+def _join_error(address: str | None, error: Exception) -> RayUnavailableError:
+    """Ray's failure to join, as one line (an authentication failure says how to pass the token)."""
+    chain, cause = [], error
+    while cause is not None:
+        chain.append(cause)
+        cause = cause.__cause__
+    if any("AuthenticationError" in f"{type(c).__name__} {c}" for c in chain):
+        return RayUnavailableError(
+            f"the Ray cluster at {address} uses token authentication and refused this driver (no token, or another "
+            "cluster's): set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token "
+            "(on its head node: ray get-auth-token)")
+    first = next((ln.strip() for ln in str(error).splitlines() if ln.strip()), type(error).__name__)
+    return RayUnavailableError(f"cannot join the Ray cluster at {address}: {first}")
+
+
 def connect(address: str | None = None) -> Any:
     """Join the Ray cluster at ``address`` (``HOST:PORT``, ``auto`` or ``ray://…``), or start a local
     one when ``address`` is None or ``"local"``; returns the ``ray`` module. Reuses a runtime already
-    initialised in this process."""
+    initialised in this process. Every node's workers must import the driver's saecore
+    (:func:`check_workers`), checked once per runtime."""
+    _use_token_if_available(address)  # before Ray is imported: it reads RAY_AUTH_MODE once
     ray = _import_ray()
-    if ray.is_initialized():
-        return ray
-    if address not in (None, "local"):
-        _check_reachable(address)
-    try:
-        ray.init(address=None if address in (None, "local") else address, log_to_driver=False,
-                 include_dashboard=False, configure_logging=False)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise RayUnavailableError(f"cannot join the Ray cluster at {address}: {e}") from e
+    if not ray.is_initialized():
+        if address not in (None, "local"):
+            _check_reachable(address)
+        try:
+            ray.init(address=None if address in (None, "local") else address, log_to_driver=False,
+                     include_dashboard=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise _join_error(address, e) from e
+    check_workers(ray)
     return ray
+
+
+# --- every node's workers import the same saecore -----------------------------------------------
+
+PROBE_TIMEOUT_S = 180.0
+"""How long the workers' saecore check waits for a worker process on every node to start."""
+
+# The probe travels by value (compiled from this source, outside any importable module), so it runs
+# on a worker that cannot import saecore — which is what it is there to find out.
+_PROBE_SOURCE = """
+def probe():
+    import socket
+    try:
+        from saecore import _native
+    except Exception as e:
+        return socket.gethostname(), None, f"{type(e).__name__}: {e}"
+    return socket.gethostname(), _native.__version__, None
+"""
+
+_checked_jobs: set[str] = set()
+
+
+def _probe_function() -> Any:
+    namespace: dict[str, Any] = {"__name__": "saecore_worker_probe"}
+    exec(compile(_PROBE_SOURCE, "<saecore worker probe>", "exec"), namespace)  # noqa: S102 (a constant source)
+    return namespace["probe"]
+
+
+def check_workers(ray: Any) -> None:
+    """Run one probe on every live node: a worker that cannot import saecore, or imports another
+    version than the driver's, is refused here in one line, before any work is scheduled."""
+    job = ray.get_runtime_context().get_job_id()
+    if job in _checked_jobs:
+        return
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_function())
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    refs = {probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote():
+            n.get("NodeManagerAddress", n["NodeID"]) for n in nodes}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=PROBE_TIMEOUT_S)
+    if len(ready) < len(refs):
+        raise RayUnavailableError(f"no Ray worker started within {PROBE_TIMEOUT_S:.0f} s on node(s) "
+                                  f"{', '.join(refs[r] for r in refs if r not in ready)}")
+    for ref, ip in refs.items():
+        host, version, error = ray.get(ref)
+        if error is not None:
+            raise RayUnavailableError(f"the Ray workers on node {host} ({ip}) cannot import saecore ({error}); install "
+                                      f"saecore {_native.__version__} on every node: pip install 'saecore[ray]'")
+        if version != _native.__version__:
+            raise RayUnavailableError(f"the Ray workers on node {host} ({ip}) run saecore {version}, this driver "
+                                      f"{_native.__version__}: install the same version on every node")
+    _checked_jobs.add(job)
 
 
 # --- tasks (plain functions; wrapped with ray.remote on first use) ------------------------------
