@@ -19,7 +19,8 @@ one latent index) holds the same latents and splits the rows.
   the group computes the same loss from the same sum). TopK gathers each rank's k best per row and
   keeps the global k; BatchTopK gathers each rank's B·k best values to find the global cut; ReLU and
   JumpReLU select nothing. Decoder normalisation and Adam are per row/element, so they stay local;
-  gradient clipping uses the global norm.
+  gradient clipping uses the global norm. A rank builds only its shard's initial values, equal to the
+  one-process SAE's for those latents (:mod:`saecore.seeded_init`). Matryoshka is refused.
 * Checkpoints. The ranks of data index 0 each write their shard (weights, Adam moments, counters) as
   ``dist/step-N/latent-s-of-S.safetensors``; after a barrier rank 0 commits the step by atomically
   replacing ``dist/MANIFEST.json``, so a rank killed mid-write leaves the previous step in force.
