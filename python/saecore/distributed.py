@@ -19,7 +19,8 @@ one latent index) holds the same latents and splits the rows.
   the group computes the same loss from the same sum). TopK gathers each rank's k best per row and
   keeps the global k; BatchTopK gathers each rank's B·k best values to find the global cut; ReLU and
   JumpReLU select nothing. Decoder normalisation and Adam are per row/element, so they stay local;
-  gradient clipping uses the global norm.
+  gradient clipping uses the global norm. A rank builds only its shard's initial values, equal to the
+  one-process SAE's for those latents (:mod:`saecore.seeded_init`). Matryoshka is refused.
 * Checkpoints. The ranks of data index 0 each write their shard (weights, Adam moments, counters) as
   ``dist/step-N/latent-s-of-S.safetensors``; after a barrier rank 0 commits the step by atomically
   replacing ``dist/MANIFEST.json``, so a rank killed mid-write leaves the previous step in force.
@@ -62,6 +63,7 @@ from .sae import (
     by_latent,
     sparse_decode,
 )
+from .seeded_init import LatentShard
 from .training import (
     ConfigMismatchError,
     TrainConfig,
@@ -287,6 +289,10 @@ class DistributedTrainer(Trainer):
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {grid.data_shards} data shards")
         if cfg.d_sae % grid.latent_shards:
             raise ValueError(f"d_sae {cfg.d_sae} is not divisible by --latent-shards {grid.latent_shards}")
+        if cfg.architecture == "matryoshka":
+            # GridStep has no nested-prefix losses nor matryoshka's threshold: it would train another objective.
+            raise ValueError("distributed training does not support --arch matryoshka yet (its nested-prefix losses "
+                             "are not sharded); train it in one process")
         super().__init__(store, out_dir, cfg, on_step=on_step)
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -294,18 +300,17 @@ class DistributedTrainer(Trainer):
         g, full = self.grid, self._sae_config()
         L = full.d_sae // g.latent_shards
         lo = g.latent_index * L
-        # The same init as one process (built whole, then sliced): equal runs start equal.
-        whole = SAE(full, seed=self.cfg.seed)
-        self._initialise(whole)  # the data-derived initial values, computed by every rank alike
+        # Only this shard is built, with the values the one-process SAE has for these latents (seeded per
+        # init chunk; θ₀ counted over every shard): equal runs start equal, and no rank holds the whole.
         local_cfg = SAEConfig.from_dict({**full.to_dict(), "d_sae": L, "k": min(full.k, L)})
-        self.sae = SAE(local_cfg, seed=None)
-        with torch.no_grad():
-            for name, p in self.sae.named_parameters():
-                src = getattr(whole, name)
-                p.copy_(src[:, lo:lo + L] if name == "W_enc" else src if name == "b_dec" else src[lo:lo + L])
-        del whole
+        self.sae = SAE(local_cfg, seed=self.cfg.seed, first_latent=lo).to(self.device)
+        self._initialise(self.sae, LatentShard(lo, full.d_sae, self.cfg.seed,
+                                               lambda t: _all_reduce(t, g.latent_group)))
+        # The calibrated jumprelu values are the whole SAE's (saved in the manifest, used by the step).
+        full.jumprelu_init_threshold = self.sae.cfg.jumprelu_init_threshold
+        full.jumprelu_bandwidth = self.sae.cfg.jumprelu_bandwidth
         self.full_cfg = full
-        self.sae.to(self.device).train()
+        self.sae.train()
         self.stepper = GridStep(g, full, self.sae, self.cfg.batch_size)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=self.cfg.effective_lr, betas=(0.9, 0.999))
         self.step = 0

@@ -38,6 +38,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -50,6 +51,7 @@ from ._atomic import atomic_target, write_json
 from ._digest import file_sha256
 from .run import CFG_FILE, WEIGHTS_FILE
 from .saelens import WEIGHTS_SHA256_KEY, read_checkpoint, saelens_config, seal_cfg
+from .seeded_init import LatentShard, chunk_spans, kth_largest, seeded_directions
 
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 # Architectures that keep a batch top-(B·k) while training and a learned global threshold at inference.
@@ -353,12 +355,16 @@ def geometric_median(x: Tensor, iters: int = 50) -> Tensor:
     return m.float()
 
 
+def top_share_count(share: float, n: int) -> int:
+    """How many of ``n`` values the top ``share`` of them is (at least 1, at most n)."""
+    return min(max(1, round(share * n)), n)
+
+
 def top_quantile(values: Tensor, share: float) -> float:
-    """The value exceeded by a fraction ``share`` of ``values`` (any shape); exact, via topk, so it works
-    on tensors larger than :func:`torch.quantile` accepts."""
+    """The value exceeded by a fraction ``share`` of ``values`` (any shape); exact (:func:`kth_largest`),
+    so it works on tensors larger than :func:`torch.quantile` accepts."""
     flat = values.reshape(-1)
-    m = min(max(1, round(share * flat.numel())), flat.numel())
-    return float(flat.topk(m, sorted=False).values.min())
+    return kth_largest(lambda: [flat], top_share_count(share, flat.numel()))
 
 
 # --- the module ---------------------------------------------------------------------------------
@@ -367,7 +373,9 @@ def top_quantile(values: Tensor, share: float) -> float:
 class SAE(nn.Module):
     """A sparse autoencoder; see the module docstring for the architectures and the input scaling."""
 
-    def __init__(self, cfg: SAEConfig, *, fast: bool = True, seed: int | None = 0):
+    def __init__(self, cfg: SAEConfig, *, fast: bool = True, seed: int | None = 0, first_latent: int = 0):
+        """``first_latent``: this SAE holds latents [first_latent, first_latent + d_sae) of a larger
+        dictionary (one latent shard) and starts with the seeded values the whole one has there."""
         super().__init__()
         self.cfg = cfg
         self.fast = fast
@@ -381,24 +389,66 @@ class SAE(nn.Module):
         elif cfg.architecture in BATCH_TOPK_FAMILY:
             # Not trained by gradient: an EMA updated in forward (training mode), used in eval mode.
             self.register_buffer("threshold", torch.zeros(d_sae))
-        self.reset_parameters(seed)
+        self.reset_parameters(seed, first_latent)
+
+    @property
+    def dec_init_norm(self) -> float:
+        """Norm of the initial decoder rows (``cfg.dec_init_norm``, or 0.1 for relu and 1 otherwise)."""
+        return self.cfg.dec_init_norm or (0.1 if self.cfg.architecture == "relu" else 1.0)
 
     @torch.no_grad()
-    def reset_parameters(self, seed: int | None = 0) -> None:
+    def reset_parameters(self, seed: int | None = 0, first_latent: int = 0) -> None:
         """Anthropic's init: decoder rows are random directions of a small fixed norm, W_enc = W_decᵀ,
-        biases zero (Circuits Updates, April 2024)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        w = torch.randn(self.cfg.d_sae, self.cfg.d_in, generator=gen)
-        norm = self.cfg.dec_init_norm or (0.1 if self.cfg.architecture == "relu" else 1.0)
-        w *= norm / w.norm(dim=1, keepdim=True)
-        self.W_dec.copy_(w)
-        self.W_enc.copy_(w.t())
+        biases zero (Circuits Updates, April 2024).
+
+        With a seed, the directions are drawn per init chunk of latents (:mod:`saecore.seeded_init`), so
+        latents [first_latent, first_latent + d_sae) get the values the whole dictionary has there,
+        while only O(one chunk) is drawn beyond them. Without one (weights about to be overwritten:
+        loading, folding), from torch's global generator."""
+        d_in, lo, hi = self.cfg.d_in, first_latent, first_latent + self.cfg.d_sae
+        if seed is None:
+            w = torch.randn(self.cfg.d_sae, d_in)
+            self.W_dec.copy_(w * (self.dec_init_norm / w.norm(dim=1, keepdim=True)))
+        else:
+            for start, stop in chunk_spans(lo, hi, hi):
+                a, b = max(lo, start), min(hi, stop)
+                self.W_dec[a - lo:b - lo] = seeded_directions(seed, start, stop, d_in, self.dec_init_norm)[a - start:b - start]
+        self.W_enc.copy_(self.W_dec.t())
         self.b_enc.zero_()
         self.b_dec.zero_()
 
+    def _init_chunks(self, shard: LatentShard) -> Iterator[tuple[slice, slice, Tensor]]:
+        """For each init chunk overlapping this SAE's latents: (its latents held here, as a slice of the
+        chunk; the same latents as a slice of this SAE; the chunk's initial decoder rows, a fresh
+        [chunk, d_in] tensor). Rows of a chunk held whole are copied from W_dec (so call this only
+        before training); a chunk split with another shard is drawn again. Every holder of a chunk
+        thus computes with the same tensor shapes, and so gets the same bits, as one process."""
+        lo, hi = shard.first, shard.first + self.cfg.d_sae
+        for start, stop in chunk_spans(lo, hi, shard.total):
+            a, b = max(lo, start), min(hi, stop)
+            if lo <= start and stop <= hi:
+                rows = self.W_dec[start - lo:stop - lo].clone()
+            elif shard.seed is None:
+                raise ValueError(f"SAE.initialise_from_data: latents [{lo}, {hi}) split init chunk "
+                                 f"[{start}, {stop}); the shard's seed is needed to draw it")
+            else:
+                rows = seeded_directions(shard.seed, start, stop, self.cfg.d_in, self.dec_init_norm).to(self.device)
+            yield slice(a - start, b - start), slice(a - lo, b - lo), rows
+
+    def _chunk_preacts(self, xs: Tensor, centre: Tensor | None, shard: LatentShard) -> Iterator[Tensor]:
+        """Initial pre-activations of ``xs`` [n, d_in] on this SAE's latents, one init chunk at a time."""
+        for mine, _, rows in self._init_chunks(shard):
+            bias = -(rows @ centre) if centre is not None else rows.new_zeros(rows.shape[0])
+            yield torch.addmm(bias, xs, rows.t())[:, mine]
+
     @torch.no_grad()
-    def initialise_from_data(self, xs: Tensor, b_dec_init: str, target_l0: float, calibrate_jumprelu: bool) -> dict[str, float]:
+    def initialise_from_data(self, xs: Tensor, b_dec_init: str, target_l0: float, calibrate_jumprelu: bool,
+                             shard: LatentShard | None = None) -> dict[str, float]:
         """Data-derived initial values from a sample ``xs`` [n, d_in] of SCALED inputs; returns what was chosen.
+
+        ``shard``: this SAE is one latent shard of a larger dictionary (every shard calls this with the
+        same ``xs``); the values are those the whole dictionary gets, computed init chunk by init chunk
+        (see :mod:`saecore.seeded_init`), θ₀ by an exact count over every shard.
 
         * ``b_dec`` at the sample's geometric median (or mean; ``zeros`` keeps 0), and ``b_enc = −W_encᵀ·b_dec``,
           so the pre-activations start as W_encᵀ(x − b_dec): the data's constant offset is the decoder
@@ -414,14 +464,18 @@ class SAE(nn.Module):
         chosen: dict[str, float] = {}
         if xs.shape[0] == 0:  # nothing finite to calibrate on: keep the fixed init
             return chosen
+        shard = shard or LatentShard(0, self.cfg.d_sae)
+        centre = None
         if b_dec_init != "zeros":
             centre = geometric_median(xs) if b_dec_init == "geometric_median" else xs.mean(0)
             self.b_dec.copy_(centre)
-            self.b_enc.copy_(-(centre @ self.W_enc))
+            for mine, local, rows in self._init_chunks(shard):
+                self.b_enc[local] = -(rows @ centre)[mine]
             chosen["b_dec_norm"] = float(centre.norm())
         if calibrate_jumprelu and self.cfg.architecture == "jumprelu":
-            pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (n, d_sae)
-            theta = max(top_quantile(pre, min(0.25, JUMPRELU_START_L0_FACTOR * target_l0 / self.cfg.d_sae)), 1e-3)
+            share = min(0.25, JUMPRELU_START_L0_FACTOR * target_l0 / shard.total)
+            m = top_share_count(share, xs.shape[0] * shard.total)
+            theta = max(kth_largest(lambda: self._chunk_preacts(xs, centre, shard), m, shard.reduce), 1e-3)
             self.threshold.fill_(theta)
             self.cfg.jumprelu_init_threshold = theta
             self.cfg.jumprelu_bandwidth = theta / 2

@@ -55,6 +55,7 @@ from .run import (
 )
 from .sae import AUXK_FAMILY, SAE, SAEConfig, check_matryoshka_groups
 from .saelens import read_cfg
+from .seeded_init import LatentShard
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -441,12 +442,14 @@ class Trainer:
         # A non-finite row is reported by the training loop, naming its store row, when a batch reaches it.
         return x[np.isfinite(x).all(axis=1)]
 
-    def _initialise(self, sae: SAE) -> None:
-        """Data-derived initial values (see :meth:`SAE.initialise_from_data`) and the automatic λ's start.
-        Deterministic, so a resumed run recomputes the same ones before loading its state."""
+    def _initialise(self, sae: SAE, shard: LatentShard | None = None) -> None:
+        """Data-derived initial values (see :meth:`SAE.initialise_from_data`; ``shard``: ``sae`` is one
+        latent shard) and the automatic λ's start. Deterministic, so a resumed run recomputes the same
+        ones before loading its state."""
         cfg = self.cfg
         xs = torch.from_numpy(self.calibration_sample()).to(sae.device) * sae.cfg.input_scale
-        self.chosen.update(sae.initialise_from_data(xs, cfg.b_dec_init, cfg.k, cfg.jumprelu_init_threshold == 0))
+        self.chosen.update(sae.initialise_from_data(xs, cfg.b_dec_init, cfg.k, cfg.jumprelu_init_threshold == 0,
+                                                    shard=shard))
         if cfg.auto_sparsity:
             theta = sae.cfg.jumprelu_init_threshold
             start = RELU_START_LAMBDA * math.sqrt(sae.cfg.d_in / cfg.k)
