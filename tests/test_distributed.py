@@ -29,7 +29,7 @@ from saecore.sae import SAE
 from saecore.toy import ToyConfig, write_toy_store
 from saecore.training import TrainConfig, train
 
-ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+ARCHS = ("relu", "topk", "batchtopk", "jumprelu", "matryoshka")
 TOY = ToyConfig(n_features=48, d=16, mean_active=3, noise=0.01, seed=2)
 
 
@@ -94,7 +94,7 @@ def test_two_ranks_equal_one_process_for_every_architecture(store_path, tmp_path
     for arch, cfg, _ in runs:
         stats: list[dict] = []
         reference = train(store_path, tmp_path / f"ref-{arch}", cfg, on_step=lambda s, st, seen=stats: seen.append(st))
-        if arch in ("topk", "batchtopk"):  # dead latents appeared, so AuxK's global statistics ran
+        if arch in ("topk", "batchtopk", "matryoshka"):  # dead latents appeared, so AuxK's global statistics ran
             assert max(st["dead_fraction"] for st in stats) > 0, arch
         _assert_same(reference.state_dict(), torch.load(tmp_path / f"{arch}.pt"), f"{mode} {arch}")
         # The consolidated checkpoint is the usual SAELens-layout one.

@@ -136,12 +136,6 @@ def test_a_rank_never_holds_the_whole_dictionary_while_it_starts(started):
         assert whole // 2 <= growth < whole  # its own shard resident, the whole never
 
 
-def test_matryoshka_is_refused_by_the_distributed_trainer(store_path, tmp_path):
-    grid = Grid(0, 1, 1, 1, None, None, None)
-    with pytest.raises(ValueError, match="matryoshka"):
-        DistributedTrainer(open_store(store_path), tmp_path / "m", small(architecture="matryoshka"), grid)
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 def test_latent_ranges_initialise_to_the_slices_of_the_whole_sae(arch):
     """Uneven ranges, split inside init chunks, bit for bit (θ₀ aside: it needs every shard's count,

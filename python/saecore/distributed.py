@@ -17,10 +17,12 @@ one latent index) holds the same latents and splits the rows.
   b_dec is replicated. Each rank decodes its own latents; the reconstruction is the all-reduced sum
   of the partial decodes (:class:`_SumPartials`; its backward is the identity because every rank of
   the group computes the same loss from the same sum). TopK gathers each rank's k best per row and
-  keeps the global k; BatchTopK gathers each rank's B·k best values to find the global cut; ReLU and
-  JumpReLU select nothing. Decoder normalisation and Adam are per row/element, so they stay local;
+  keeps the global k; BatchTopK (and Matryoshka BatchTopK) gathers each rank's B·k best values to find
+  the global cut; ReLU and JumpReLU select nothing. Matryoshka decodes each nested group's entries
+  apart and all-reduces the stacked [groups, rows, d_in] partials once, so every rank forms every
+  prefix's reconstruction and loss. Decoder normalisation and Adam are per row/element, so they stay local;
   gradient clipping uses the global norm. A rank builds only its shard's initial values, equal to the
-  one-process SAE's for those latents (:mod:`saecore.seeded_init`). Matryoshka is refused.
+  one-process SAE's for those latents (:mod:`saecore.seeded_init`).
 * Checkpoints. The ranks of data index 0 each write their shard (weights, Adam moments, counters) as
   ``dist/step-N/latent-s-of-S.safetensors``; after a barrier rank 0 commits the step by atomically
   replacing ``dist/MANIFEST.json``, so a rank killed mid-write leaves the previous step in force.
@@ -55,6 +57,8 @@ from .errors import StoreError
 from .run import DIST_CHECKPOINT_DIR as DIST_DIR
 from .run import DIST_MANIFEST_FILE as MANIFEST
 from .sae import (
+    AUXK_FAMILY,
+    BATCH_TOPK_FAMILY,
     SAE,
     JumpReLUFunction,
     SAEConfig,
@@ -234,18 +238,44 @@ class GridStep:
             with torch.no_grad():
                 rows, latents = self._top_per_row(pre, self.full.k) if arch == "topk" else self._top_of_batch(pre)
             vals, partial = self._decode_selected(xs, pre, rows, latents)
+            if arch == "matryoshka":
+                partial = self._group_partials(xs, rows, latents, vals)  # (G, Bl, d_in)
             kept = vals.detach() > 0
             n_active = kept.sum()
             fired = torch.zeros(self.L, dtype=torch.bool, device=xs.device)
             fired[latents[kept]] = True
-        xs_hat = _SumPartials.apply(partial, g.latent_group) + m.b_dec  # (Bl, d_in)
-        mse_sum = (xs_hat - xs).pow(2).sum()
+        summed = _SumPartials.apply(partial, g.latent_group)
+        if arch == "matryoshka":
+            xs_hat, recon_sum = self._prefix_losses(xs, summed)
+            mse_sum = (xs_hat - xs).pow(2).sum()
+        else:
+            xs_hat = summed + m.b_dec  # (Bl, d_in)
+            mse_sum = recon_sum = (xs_hat - xs).pow(2).sum()
         aux = self._aux(xs, xs_hat, dead) if dead is not None else xs.new_zeros(())
-        loss = (mse_sum + sparsity_coefficient * sparsity) / self.B + aux_coefficient * aux
-        if arch == "batchtopk" and vals is not None:
+        loss = (recon_sum + sparsity_coefficient * sparsity) / self.B + aux_coefficient * aux
+        if arch in BATCH_TOPK_FAMILY and vals is not None:
             self._update_threshold(vals.detach())
         return {"loss": loss, "mse_sum": mse_sum.detach(), "sparsity_sum": sparsity.detach(), "aux": aux.detach(),
                 "n_active": n_active, "fired": fired, "xs_hat": xs_hat.detach()}
+
+    def _group_partials(self, xs: Tensor, rows: Tensor, latents: Tensor, vals: Tensor) -> Tensor:
+        """matryoshka: this shard's partial decode of each nested group's entries, stacked [G, Bl, d_in]
+        (one all-reduce sums them over the shards; a group this shard holds no latent of is zeros)."""
+        ids, start, parts = latents + self.lo, 0, []
+        for end in self.full.matryoshka_prefixes:
+            in_group = (ids >= start) & (ids < end)  # keeps rows ascending
+            parts.append(sparse_decode(rows[in_group], latents[in_group], vals[in_group], self.local.W_dec, xs.shape[0]))
+            start = end
+        return torch.stack(parts)
+
+    def _prefix_losses(self, xs: Tensor, groups: Tensor) -> tuple[Tensor, Tensor]:
+        """matryoshka: (x̂ of the whole dictionary, the mean over nested prefixes of Σ‖x̂_m − x‖²) —
+        :meth:`SAE._prefix_mses`'s sums, accumulated group by group in the same order."""
+        recon, sums = self.local.b_dec.expand_as(xs), []
+        for part in groups:
+            recon = recon + part
+            sums.append((recon - xs).pow(2).sum())
+        return recon, torch.stack(sums).mean()
 
     def _aux(self, xs: Tensor, xs_hat: Tensor, dead: Tensor) -> Tensor:
         """AuxK over the global batch and all latents; mirrors :meth:`SAE._aux_loss` (same scaling)."""
@@ -289,10 +319,6 @@ class DistributedTrainer(Trainer):
             raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {grid.data_shards} data shards")
         if cfg.d_sae % grid.latent_shards:
             raise ValueError(f"d_sae {cfg.d_sae} is not divisible by --latent-shards {grid.latent_shards}")
-        if cfg.architecture == "matryoshka":
-            # GridStep has no nested-prefix losses nor matryoshka's threshold: it would train another objective.
-            raise ValueError("distributed training does not support --arch matryoshka yet (its nested-prefix losses "
-                             "are not sharded); train it in one process")
         super().__init__(store, out_dir, cfg, on_step=on_step)
 
     # -- set-up ------------------------------------------------------------------------------------
@@ -302,7 +328,9 @@ class DistributedTrainer(Trainer):
         lo = g.latent_index * L
         # Only this shard is built, with the values the one-process SAE has for these latents (seeded per
         # init chunk; θ₀ counted over every shard): equal runs start equal, and no rank holds the whole.
-        local_cfg = SAEConfig.from_dict({**full.to_dict(), "d_sae": L, "k": min(full.k, L)})
+        # (matryoshka's nested groups are the whole SAE's; the step reads them from ``full``.)
+        groups = {"matryoshka_groups": [L]} if full.architecture == "matryoshka" else {}
+        local_cfg = SAEConfig.from_dict({**full.to_dict(), "d_sae": L, "k": min(full.k, L), **groups})
         self.sae = SAE(local_cfg, seed=self.cfg.seed, first_latent=lo).to(self.device)
         self._initialise(self.sae, LatentShard(lo, full.d_sae, self.cfg.seed,
                                                lambda t: _all_reduce(t, g.latent_group)))
@@ -365,7 +393,7 @@ class DistributedTrainer(Trainer):
             group["lr"] = self.lr_at(step)
         lam = self.sparsity_coefficient_at(step)
         xs = x.to(self.sae.W_enc.dtype) * self.sae.cfg.input_scale
-        dead = self.dead_mask() if arch in ("topk", "batchtopk") else None
+        dead = self.dead_mask() if arch in AUXK_FAMILY else None
         out = self.stepper.forward(xs, dead, lam, cfg.aux_coefficient)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
