@@ -98,9 +98,9 @@ def same_batches(store: Any, cfg: TrainConfig) -> Iterator[torch.Tensor]:
     return (torch.from_numpy(x) for x, _ in stream)
 
 
-def train_saelens(arch: str, store: Any, folder: Path, tcfg: TrainConfig, run: dict[str, Any]) -> tuple[Any, float]:
+def train_saelens(arch: str, store: Any, folder: Path, tcfg: TrainConfig, run: dict[str, Any]) -> tuple[Any, float, int]:
     """Train SAELens' SAE with its own trainer on saecore's batches (``tcfg``'s order, saecore's lr);
-    return its inference SAE and the training seconds."""
+    return its inference SAE, the training seconds and the samples it trained on."""
     from sae_lens.saes.sae import SAE
     from sae_lens.training.sae_trainer import SAETrainer
 
@@ -113,17 +113,16 @@ def train_saelens(arch: str, store: Any, folder: Path, tcfg: TrainConfig, run: d
     seconds = time.perf_counter() - t0
     shutil.rmtree(folder, ignore_errors=True)
     sae.save_inference_model(folder)
-    return SAE.load_from_disk(folder), seconds
+    return SAE.load_from_disk(folder), seconds, trainer.n_training_samples
 
 
-def train_saecore(store: Any, folder: Path, cfg: TrainConfig) -> tuple[Any, float, float]:
-    """Train saecore's SAE from scratch; return it, its seconds and the learning rate it used."""
+def train_saecore(store: Any, folder: Path, cfg: TrainConfig) -> tuple[Any, float, dict[str, Any]]:
+    """Train saecore's SAE from scratch; return it, its seconds and its training facts (cfg.json)."""
     shutil.rmtree(folder, ignore_errors=True)  # a finished SAE would be reloaded, not retrained
     t0 = time.perf_counter()
     sae = train(store, folder, cfg)
     seconds = time.perf_counter() - t0
-    saved = json.loads((folder / layout.CFG_FILE).read_text())
-    return sae, seconds, float(saved["metadata"]["saecore"]["chosen"]["lr"])
+    return sae, seconds, json.loads((folder / layout.CFG_FILE).read_text())["metadata"]["saecore"]
 
 
 def run_comparison(args: argparse.Namespace) -> dict[str, Any]:
@@ -143,13 +142,15 @@ def run_comparison(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[str, Any]] = {}
     for arch in args.archs:
         tcfg = train_config(bench, arch, width, k)
-        sae, seconds, chosen_lr = train_saecore(store, layout.Run(out).sae(arch), tcfg)
+        sae, seconds, facts = train_saecore(store, layout.Run(out).sae(arch), tcfg)
+        lr = float(facts["chosen"]["lr"])
         results[arch] = {"saecore": {**evaluate_synth(sae, model, run["eval_samples"], block=1),
-                                     "train_seconds": seconds, "lr": chosen_lr}}
+                                     "train_seconds": seconds, "lr": lr, "samples_seen": facts["tokens"],
+                                     "chosen": facts["chosen"], "sparsity_coefficient": facts["sparsity_coefficient"]}}
         # SAELens gets the learning rate saecore used (its automatic rule's choice, or --lr).
-        lens, seconds = train_saelens(arch, store, out / "saelens" / arch, tcfg, {**run, "lr": chosen_lr})
+        lens, seconds, seen = train_saelens(arch, store, out / "saelens" / arch, tcfg, {**run, "lr": lr})
         results[arch]["SAELens"] = {**evaluate_synth(lens, model, run["eval_samples"], block=1),
-                                    "train_seconds": seconds, "lr": chosen_lr}
+                                    "train_seconds": seconds, "lr": lr, "samples_seen": seen}
         print(format_rows(arch, results[arch], run["k"]), flush=True)
     report = {"run": run, "synth_model": model.cfg.to_dict(), "results": results,
               "saelens_version": _saelens_version(), "torch_threads": torch.get_num_threads()}
