@@ -12,7 +12,8 @@ as saecore's are (batchtopk/matryoshka use their learned threshold at inference)
 
 relu and jumprelu: saecore steers λ to L0 = k; SAELens gets its default coefficients
 (``l1_coefficient`` 1.0, ``l0_coefficient`` 1.0, step loss) unless ``--saelens-l1`` / ``--saelens-l0``
-say otherwise; the table flags an L0 far from k.
+say otherwise, or ``--saelens-jumprelu-quadratic`` switches SAELens' jumprelu to its own L0 steering
+(the quadratic loss around ``target_l0`` = k); the table flags an L0 far from k.
 
     PYTHONPATH=python python bench/synth_vs_saelens.py [--preset small] [--archs relu,topk,...]
         [--seed 42] [--samples N] [--eval-samples N] [--lr LR] [--out runs/synth-vs-saelens]
@@ -67,13 +68,15 @@ def saelens_training_sae(arch: str, d_in: int, width: int, k: int, coefficients:
     from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 
     shape = {"d_in": d_in, "d_sae": width}
+    # SAELens' own L0 steering (Gemma Scope 2's quadratic penalty around target_l0), when asked for.
+    jumprelu_mode = {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(k)} if coefficients.get("quadratic") else {}
     # The same nested prefixes as saecore's matryoshka (Bussmann et al.'s d/16, d/8, d/4, d/2, d).
     widths = list(itertools.accumulate(default_matryoshka_groups(width)))
     cfg = {
         "relu": lambda: StandardTrainingSAEConfig(**shape, l1_coefficient=coefficients["l1"]),
         "topk": lambda: TopKTrainingSAEConfig(**shape, k=k),
         "batchtopk": lambda: BatchTopKTrainingSAEConfig(**shape, k=float(k)),
-        "jumprelu": lambda: JumpReLUTrainingSAEConfig(**shape, l0_coefficient=coefficients["l0"]),
+        "jumprelu": lambda: JumpReLUTrainingSAEConfig(**shape, l0_coefficient=coefficients["l0"], **jumprelu_mode),
         "matryoshka": lambda: MatryoshkaBatchTopKTrainingSAEConfig(**shape, k=float(k), matryoshka_widths=widths),
     }[arch]()
     return get_sae_training_class(cfg.architecture())[0](cfg)
@@ -138,7 +141,8 @@ def run_comparison(args: argparse.Namespace) -> dict[str, Any]:
     run = {"preset": args.preset, "seed": args.seed, "width": width, "k": k, "batch_size": bench.batch_size,
            "samples": store.num_rows // bench.batch_size * bench.batch_size,
            "eval_samples": args.eval_samples or bench.resolved("eval_samples"), "lr": args.lr,
-           "saelens_coefficients": {"l1": args.saelens_l1, "l0": args.saelens_l0}}
+           "saelens_coefficients": {"l1": args.saelens_l1, "l0": args.saelens_l0,
+                                    "quadratic": args.saelens_jumprelu_quadratic}}
     results: dict[str, dict[str, Any]] = {}
     for arch in args.archs:
         tcfg = train_config(bench, arch, width, k)
@@ -206,6 +210,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="SAELens relu l1_coefficient (default: SAELens' own)")
     p.add_argument("--saelens-l0", type=float, default=saelens_default(JumpReLUTrainingSAEConfig, "l0_coefficient"),
                    help="SAELens jumprelu l0_coefficient (default: SAELens' own)")
+    p.add_argument("--saelens-jumprelu-quadratic", action="store_true",
+                   help="SAELens jumprelu with its quadratic L0 loss around target_l0 = k (its own L0 steering)")
     p.add_argument("--out", default="runs/synth-vs-saelens")
     args = p.parse_args(argv)
     args.archs = args.archs.split(",")
