@@ -130,6 +130,13 @@ def target_l0(model: SynthModel, width: int, rows: int = 16384) -> float:
     return float((f[:, :width] > 0).sum(1).float().mean())
 
 
+def train_config(cfg: BenchSynthConfig, arch: str, width: int, k: int) -> TrainConfig:
+    """The trainer's config for one architecture of the benchmark (its defaults apart from these)."""
+    return TrainConfig(architecture=arch, d_sae=width, k=k, batch_size=cfg.batch_size, lr=cfg.resolved("lr"),
+                       l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient, seed=cfg.seed,
+                       holdout_fraction=0.0, device=cfg.device, progress=cfg.progress)
+
+
 def run_bench(cfg: BenchSynthConfig) -> dict[str, Any]:
     """Every step of the module docstring; returns (and writes) the result JSON."""
     out = Path(cfg.out)
@@ -142,10 +149,7 @@ def run_bench(cfg: BenchSynthConfig) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for arch in cfg.architectures:
         t0 = time.time()
-        tcfg = TrainConfig(architecture=arch, d_sae=width, k=k, batch_size=cfg.batch_size, lr=cfg.resolved("lr"),
-                           l1_coefficient=cfg.l1_coefficient, l0_coefficient=cfg.l0_coefficient, seed=cfg.seed,
-                           holdout_fraction=0.0, device=cfg.device, progress=cfg.progress)
-        sae = train(store, layout.Run(out).sae(arch), tcfg)
+        sae = train(store, layout.Run(out).sae(arch), train_config(cfg, arch, width, k))
         metrics = evaluate_synth(sae, model, cfg.resolved("eval_samples"), block=1)
         results[arch] = {**metrics, "train_seconds": round(time.time() - t0, 1)}
     report = {
