@@ -53,7 +53,7 @@ from .run import (
     record_path,
     store_path,
 )
-from .sae import AUXK_FAMILY, SAE, SAEConfig, check_matryoshka_groups
+from .sae import AUXK_FAMILY, BATCH_TOPK_FAMILY, SAE, SAEConfig, check_matryoshka_groups
 from .saelens import read_cfg
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ STEER_RATE = 0.02
 # relu's automatic λ starts at this × √(d_in/k), ≈ the typical scaled activation of a feature when k of them
 # share E‖x‖² = d_in: an L1 price that a feature's MSE reduction (≈ its activation²) clearly pays.
 RELU_START_LAMBDA = 0.5
-SHORT_RUN_LR_STEPS = 4.0  # the automatic learning rate is at least this / total steps…
+SHORT_RUN_LR_STEPS = 16.0  # the automatic learning rate is at least this / (total steps · √d_in)…
 MAX_AUTO_LR = 1e-2  # …and at most this…
 MAX_RELATIVE_STEP = 0.07  # …and at most this / √d_in
 CALIBRATION_ROWS = 8192  # rows of training data the data-derived initial values are computed from
@@ -124,7 +124,7 @@ class TrainConfig:
 
     lr: float = option(0.0, ge=0, le=1)
     """Adam learning rate; 0 → automatic: 2e-4 / sqrt(d_sae / 16384) (the width scaling Gao et al. fit), raised
-    for short runs to 4 / steps so the weights can travel far enough, at most min(1e-2, 0.07 / sqrt(d_in))."""
+    for short runs to 16 / (steps·sqrt(d_in)) so the weights can travel far enough, at most min(1e-2, 0.07 / sqrt(d_in))."""
 
     batch_size: int = option(4096, ge=1, le=1 << 24)
     """Tokens per step."""
@@ -143,6 +143,11 @@ class TrainConfig:
 
     holdout_fraction: float = option(0.02, ge=0, lt=1)
     """Trailing fraction of the store (whole chunks) kept out of training for ``saecore eval``."""
+
+    batch_selection_frac: float = option(0.2, gt=0, le=1)
+    """batchtopk / matryoshka: final fraction of steps that select the B·k largest of the batch (and learn
+    the inference threshold); the steps before select the k largest per row, as topk. Selecting over the
+    batch from the start merges co-active directions (docs/training.md, "Defaults derived from the data")."""
 
     lambda_warmup_frac: float = option(0.05, ge=0, lt=1)
     """Fraction of steps over which the sparsity coefficient rises linearly from 0."""
@@ -187,15 +192,16 @@ class TrainConfig:
 
     def lr_for(self, total_steps: int, d_in: int) -> float:
         """``lr``, or the automatic rate for a run of ``total_steps``: Gao et al.'s width scaling fits long
-        runs; a run of a few hundred steps moves Adam's weights at most lr·steps, too little to find the
-        features at that rate (toy: 0.71 → 0.92 mean max cosine for batchtopk at 512 steps). Capped at
-        1e-2 and at MAX_RELATIVE_STEP/√d_in: Adam moves every weight by about lr per step, and a unit-norm
-        encoder column's entries are ≈ 1/√d_in, so wide inputs need a smaller rate (the quick start's
-        d_in = 576 at 1e-2 left half its latents dead)."""
+        runs; a run of a few hundred steps must still let the encoder columns travel their own length.
+        Adam moves every weight by about lr per step and a unit-norm column's entries are ≈ 1/√d_in, so
+        that takes lr ≳ SHORT_RUN_LR_STEPS/(steps·√d_in) (at Gao's rate the issue's toy stayed at 0.71
+        mean max cosine for batchtopk in 512 steps), and a step must stay a small part of a column: at most
+        MAX_RELATIVE_STEP/√d_in and 1e-2 (the quick start's d_in = 576 at 1e-2 left half its latents
+        dead; bench-synth's d_in = 128 lost TopK MCC at 0.07/√d_in, where the 1/steps floor put it)."""
         if self.lr:
             return self.lr
         cap = min(MAX_AUTO_LR, MAX_RELATIVE_STEP / math.sqrt(d_in))
-        return min(cap, max(self.effective_lr, SHORT_RUN_LR_STEPS / max(total_steps, 1)))
+        return min(cap, max(self.effective_lr, SHORT_RUN_LR_STEPS / (max(total_steps, 1) * math.sqrt(d_in))))
 
     @property
     def auto_sparsity(self) -> bool:
@@ -382,6 +388,7 @@ class Trainer:
             )
         self.device = default_device(cfg.device)
         self.dead_window = min(cfg.effective_dead_window, self.total_steps * cfg.batch_size)
+        self.batch_selection_start = self.total_steps - max(1, math.ceil(self.total_steps * cfg.batch_selection_frac))
         # What the trainer chose where the config says 0 (automatic); logged, and saved in cfg.json.
         self.base_lr = cfg.lr_for(self.total_steps, store.d_model(self.hook))
         self.chosen: dict[str, float] = {"lr": self.base_lr, "dead_window_tokens": self.dead_window}
@@ -553,6 +560,10 @@ class Trainer:
             error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / self.cfg.k)))
             self.sparsity_coefficient *= math.exp(STEER_RATE * error)
 
+    def selects_per_row(self, step: int) -> bool:
+        """Whether a batchtopk / matryoshka step selects per row (before the final batch-selection steps)."""
+        return self.cfg.architecture in BATCH_TOPK_FAMILY and step < self.batch_selection_start
+
     # -- dead latents ------------------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_window
@@ -608,6 +619,7 @@ class Trainer:
         lam = self.sparsity_coefficient_at(step)
         arch = self.cfg.architecture
         dead = self.dead_mask() if arch in AUXK_FAMILY else None
+        self.sae.select_per_row = self.selects_per_row(step)
         try:
             loss, out = sae_step(self.sae, self.opt, x, lam, self.cfg.aux_coefficient, dead, self.cfg.grad_clip)
         except FloatingPointError as e:
