@@ -77,7 +77,7 @@ def test_chosen_values_are_recorded_and_jumprelu_starts_calibrated(grid_stores, 
     chosen = meta["chosen"]
     assert set(chosen) >= {"lr", "dead_window_tokens", "b_dec_norm", "jumprelu_init_threshold", "jumprelu_bandwidth",
                            "initial_sparsity_coefficient"}
-    assert chosen["lr"] == 1e-2  # 32 steps: the short-run floor 4/32, capped
+    assert chosen["lr"] == 1e-2  # 32 steps: the short-run floor 24 / (32·128·2/64 firings), capped
     assert chosen["dead_window_tokens"] == max(5 * BATCH, 100 * 64 // 2)  # 100 × the mean gap d_sae/k
     assert chosen["jumprelu_bandwidth"] == pytest.approx(chosen["jumprelu_init_threshold"] / 2)
     assert meta["config"]["jumprelu_bandwidth"] == pytest.approx(chosen["jumprelu_bandwidth"])

@@ -5,7 +5,8 @@
                λ·Σᵢ fᵢ·‖W_dec,i‖₂ (the L1 penalty weighted by decoder norms, so no norm constraint).
 ``topk``       Gao et al. 2024: keep the k largest pre-activations per token (then ReLU); AuxK loss
                on dead latents. Decoder rows kept at unit norm.
-``batchtopk``  Bussmann et al. 2024: keep the B·k largest over the whole batch while training; at
+``batchtopk``  Bussmann et al. 2024: keep the B·k largest over the whole batch while training (saecore's
+               trainer keeps the k largest per row until its final steps, :attr:`SAE.select_per_row`); at
                inference a learned global threshold (EMA of the smallest kept activation) replaces it.
 ``jumprelu``   Rajamanoharan et al. 2024: f = z·H(z − θ) with a learned per-latent θ, trained with
                straight-through estimators (rectangle kernel) and an L0 penalty.

@@ -68,7 +68,7 @@ STEER_RATE = 0.02
 # relu's automatic λ starts at this × √(d_in/k), ≈ the typical scaled activation of a feature when k of them
 # share E‖x‖² = d_in: an L1 price that a feature's MSE reduction (≈ its activation²) clearly pays.
 RELU_START_LAMBDA = 0.5
-SHORT_RUN_LR_STEPS = 4.0  # the automatic learning rate is at least this / total steps…
+SHORT_RUN_LR_FIRINGS = 24.0  # the automatic learning rate is at least this / a latent's firings in the run…
 MAX_AUTO_LR = 1e-2  # …and at most this…
 MAX_RELATIVE_STEP = 0.07  # …and at most this / √d_in
 CALIBRATION_ROWS = 8192  # rows of training data the data-derived initial values are computed from
@@ -124,7 +124,7 @@ class TrainConfig:
 
     lr: float = option(0.0, ge=0, le=1)
     """Adam learning rate; 0 → automatic: 2e-4 / sqrt(d_sae / 16384) (the width scaling Gao et al. fit), raised
-    for short runs to 4 / steps so the weights can travel far enough, at most min(1e-2, 0.07 / sqrt(d_in))."""
+    for short runs to 24 / (steps·batch·k/d_sae), 24 over a latent's firings in the run, at most min(1e-2, 0.07 / sqrt(d_in))."""
 
     batch_size: int = option(4096, ge=1, le=1 << 24)
     """Tokens per step."""
@@ -192,15 +192,18 @@ class TrainConfig:
 
     def lr_for(self, total_steps: int, d_in: int) -> float:
         """``lr``, or the automatic rate for a run of ``total_steps``: Gao et al.'s width scaling fits long
-        runs; a run of a few hundred steps moves Adam's weights at most lr·steps, too little to find the
-        features at that rate (toy: 0.71 → 0.92 mean max cosine for batchtopk at 512 steps). Capped at
-        1e-2 and at MAX_RELATIVE_STEP/√d_in: Adam moves every weight by about lr per step, and a unit-norm
+        runs; in a short run each latent fires too few times to find its feature at that rate (toy:
+        0.71 → 0.92 mean max cosine for batchtopk at 512 steps). The floor counts those firings, about
+        tokens·k/d_sae per latent: SHORT_RUN_LR_FIRINGS / that. (A floor of 4/steps, blind to them, put
+        bench-synth's 8,192 firings per latent at 6.2e-3 and cost its TopK family MCC.) Capped at 1e-2
+        and at MAX_RELATIVE_STEP/√d_in: Adam moves every weight by about lr per step, and a unit-norm
         encoder column's entries are ≈ 1/√d_in, so wide inputs need a smaller rate (the quick start's
         d_in = 576 at 1e-2 left half its latents dead)."""
         if self.lr:
             return self.lr
         cap = min(MAX_AUTO_LR, MAX_RELATIVE_STEP / math.sqrt(d_in))
-        return min(cap, max(self.effective_lr, SHORT_RUN_LR_STEPS / max(total_steps, 1)))
+        firings = max(total_steps, 1) * self.batch_size * self.k / self.d_sae
+        return min(cap, max(self.effective_lr, SHORT_RUN_LR_FIRINGS / firings))
 
     @property
     def auto_sparsity(self) -> bool:
