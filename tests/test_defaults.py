@@ -34,7 +34,7 @@ ROWS, BATCH = 65536, 128  # 512 steps: a few seconds per run
 # Mean max cosine each architecture must reach with its defaults (measured values in docs/training.md).
 # BatchTopK and matryoshka select per row until their final 20% of steps: a batch selection from the start
 # hands large rows many slots and the latents co-firing on a row merge its directions (hard cell 0.779 →
-# 0.959). Matryoshka's nested prefixes (default groups d/16 … d/2) still force its first few latents to
+# 0.961). Matryoshka's nested prefixes (default groups d/16 … d/2) still force its first few latents to
 # merge several of these independent directions; its place is hierarchical data (bench-synth). JumpReLU
 # merges the same way (many latents per row while θ comes down from its calibrated start); not fixed yet.
 BARS = {
@@ -87,6 +87,16 @@ def test_chosen_values_are_recorded_and_jumprelu_starts_calibrated(grid_stores, 
     sae.initialise_from_data(x, "geometric_median", 2, calibrate_jumprelu=True)
     pre = x @ sae.W_enc + sae.b_enc
     assert float((pre > sae.threshold).float().mean()) == pytest.approx(0.25, abs=1e-3)
+
+
+def test_the_automatic_learning_rate_follows_its_rule():
+    bench_synth = TrainConfig(d_sae=512, k=8, batch_size=1024)
+    assert bench_synth.lr_for(512, 128) == pytest.approx(24 / (512 * 1024 * 8 / 512))  # 24 over a latent's firings
+    grid = TrainConfig(d_sae=64, k=3, batch_size=128)
+    assert grid.lr_for(512, 16) == pytest.approx(24 / (512 * 128 * 3 / 64))  # 7.8e-3, as 4/steps gave
+    assert grid.lr_for(512, 400) == pytest.approx(0.07 / 20)  # capped at 0.07/√d_in
+    assert TrainConfig(d_sae=16384, k=32).lr_for(10_000_000, 576) == pytest.approx(2e-4)  # long: Gao et al.'s
+    assert TrainConfig(lr=3e-4).lr_for(8, 16) == 3e-4
 
 
 def test_batchtopk_selects_per_row_until_its_final_steps(grid_stores, tmp_path):
