@@ -32,13 +32,14 @@ GRID = {
 }
 ROWS, BATCH = 65536, 128  # 512 steps: a few seconds per run
 # Mean max cosine each architecture must reach with its defaults (measured values in docs/training.md).
-# Matryoshka's nested prefixes (default groups d/16 … d/2) force its first few latents to merge several
-# of these independent directions; its place is hierarchical data (bench-synth). BatchTopK and JumpReLU
-# give big activations the budget, so the hard half's many tiny exponential activations are recovered
-# less often than by TopK's per-row k or ReLU.
+# BatchTopK and matryoshka select per row until their final 20% of steps: a batch selection from the start
+# hands large rows many slots and the latents co-firing on a row merge its directions (hard cell 0.779 →
+# 0.961). Matryoshka's nested prefixes (default groups d/16 … d/2) still force its first few latents to
+# merge several of these independent directions; its place is hierarchical data (bench-synth). JumpReLU
+# merges the same way (many latents per row while θ comes down from its calibrated start); not fixed yet.
 BARS = {
-    "easy": {"relu": 0.95, "topk": 0.95, "batchtopk": 0.88, "jumprelu": 0.90, "matryoshka": 0.78},
-    "hard": {"relu": 0.95, "topk": 0.94, "batchtopk": 0.72, "jumprelu": 0.72, "matryoshka": 0.60},
+    "easy": {"relu": 0.95, "topk": 0.95, "batchtopk": 0.95, "jumprelu": 0.90, "matryoshka": 0.82},
+    "hard": {"relu": 0.95, "topk": 0.94, "batchtopk": 0.93, "jumprelu": 0.74, "matryoshka": 0.76},
 }
 
 
@@ -76,7 +77,7 @@ def test_chosen_values_are_recorded_and_jumprelu_starts_calibrated(grid_stores, 
     chosen = meta["chosen"]
     assert set(chosen) >= {"lr", "dead_window_tokens", "b_dec_norm", "jumprelu_init_threshold", "jumprelu_bandwidth",
                            "initial_sparsity_coefficient"}
-    assert chosen["lr"] == 1e-2  # 32 steps: the short-run floor 4/32, capped
+    assert chosen["lr"] == 1e-2  # 32 steps: the short-run floor 24 / (32·128·2/64 firings), capped
     assert chosen["dead_window_tokens"] == max(5 * BATCH, 100 * 64 // 2)  # 100 × the mean gap d_sae/k
     assert chosen["jumprelu_bandwidth"] == pytest.approx(chosen["jumprelu_init_threshold"] / 2)
     assert meta["config"]["jumprelu_bandwidth"] == pytest.approx(chosen["jumprelu_bandwidth"])
@@ -86,6 +87,35 @@ def test_chosen_values_are_recorded_and_jumprelu_starts_calibrated(grid_stores, 
     sae.initialise_from_data(x, "geometric_median", 2, calibrate_jumprelu=True)
     pre = x @ sae.W_enc + sae.b_enc
     assert float((pre > sae.threshold).float().mean()) == pytest.approx(0.25, abs=1e-3)
+
+
+def test_the_automatic_learning_rate_follows_its_rule():
+    bench_synth = TrainConfig(d_sae=512, k=8, batch_size=1024)
+    assert bench_synth.lr_for(512, 128) == pytest.approx(24 / (512 * 1024 * 8 / 512))  # 24 over a latent's firings
+    grid = TrainConfig(d_sae=64, k=3, batch_size=128)
+    assert grid.lr_for(512, 16) == pytest.approx(24 / (512 * 128 * 3 / 64))  # 7.8e-3, as 4/steps gave
+    assert grid.lr_for(512, 400) == pytest.approx(0.07 / 20)  # capped at 0.07/√d_in
+    assert TrainConfig(d_sae=16384, k=32).lr_for(10_000_000, 576) == pytest.approx(2e-4)  # long: Gao et al.'s
+    assert TrainConfig(lr=3e-4).lr_for(8, 16) == 3e-4
+
+
+def test_batchtopk_selects_per_row_until_its_final_steps(grid_stores, tmp_path):
+    from saecore.training import Trainer
+
+    cfg = TrainConfig(architecture="batchtopk", d_sae=64, k=2, batch_size=128, num_tokens=10 * 128,
+                      holdout_fraction=0.0, progress=False)
+    thresholds = []
+    t = Trainer(grid_stores["easy-2x"], tmp_path, cfg, on_step=lambda step, stats: thresholds.append(float(t.sae.threshold[0])))
+    assert [t.selects_per_row(s) for s in range(10)] == [True] * 8 + [False] * 2  # the final 20%
+    assert not Trainer(grid_stores["easy-2x"], tmp_path / "topk", TrainConfig(**{**cfg.to_dict(), "architecture": "topk"})).selects_per_row(0)
+    t.run()
+    assert thresholds[:8] == [0.0] * 8 and min(thresholds[8:]) > 0  # the threshold learns from batch selections only
+    sae, x = t.sae.train(), torch.from_numpy(sample(GRID["easy-2x"], 256, block=3))
+    for per_row in (True, False):
+        sae.select_per_row = per_row
+        counts = torch.bincount(sae(x).rows, minlength=256)
+        assert int(counts.sum()) == 256 * 2
+        assert bool((counts == 2).all()) == per_row  # a batch selection gives rows differing counts
 
 
 def test_b_dec_starts_at_the_data_centre_and_the_pre_activations_are_centred():

@@ -216,8 +216,10 @@ class GridStep:
         vals = F.relu(SelectedPreacts.apply(pre_sel, xs, m.W_enc, m.b_enc, rows, latents, *order))
         return vals, sparse_decode(rows, latents, vals, m.W_dec, xs.shape[0], order)
 
-    def forward(self, xs: Tensor, dead: Tensor | None, sparsity_coefficient: float, aux_coefficient: float) -> dict[str, Any]:
-        """Loss to backpropagate on this rank, plus the pieces of the global statistics."""
+    def forward(self, xs: Tensor, dead: Tensor | None, sparsity_coefficient: float, aux_coefficient: float,
+                per_row: bool = False) -> dict[str, Any]:
+        """Loss to backpropagate on this rank, plus the pieces of the global statistics. ``per_row``:
+        batchtopk selects the k largest per row (see :attr:`SAE.select_per_row`)."""
         m, arch, g = self.local, self.full.architecture, self.grid
         pre = torch.addmm(m.b_enc, xs, m.W_enc)  # (Bl, L)
         sparsity = xs.new_zeros(())
@@ -236,7 +238,8 @@ class GridStep:
         else:
             pre = pre.detach()
             with torch.no_grad():
-                rows, latents = self._top_per_row(pre, self.full.k) if arch == "topk" else self._top_of_batch(pre)
+                per_row = per_row or arch == "topk"
+                rows, latents = self._top_per_row(pre, self.full.k) if per_row else self._top_of_batch(pre)
             vals, partial = self._decode_selected(xs, pre, rows, latents)
             if arch == "matryoshka":
                 partial = self._group_partials(xs, rows, latents, vals)  # (G, Bl, d_in)
@@ -253,7 +256,7 @@ class GridStep:
             mse_sum = recon_sum = (xs_hat - xs).pow(2).sum()
         aux = self._aux(xs, xs_hat, dead) if dead is not None else xs.new_zeros(())
         loss = (recon_sum + sparsity_coefficient * sparsity) / self.B + aux_coefficient * aux
-        if arch in BATCH_TOPK_FAMILY and vals is not None:
+        if arch in BATCH_TOPK_FAMILY and vals is not None and not per_row:
             self._update_threshold(vals.detach())
         return {"loss": loss, "mse_sum": mse_sum.detach(), "sparsity_sum": sparsity.detach(), "aux": aux.detach(),
                 "n_active": n_active, "fired": fired, "xs_hat": xs_hat.detach()}
@@ -394,7 +397,7 @@ class DistributedTrainer(Trainer):
         lam = self.sparsity_coefficient_at(step)
         xs = x.to(self.sae.W_enc.dtype) * self.sae.cfg.input_scale
         dead = self.dead_mask() if arch in AUXK_FAMILY else None
-        out = self.stepper.forward(xs, dead, lam, cfg.aux_coefficient)
+        out = self.stepper.forward(xs, dead, lam, cfg.aux_coefficient, self.selects_per_row(step))
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self._reduce_gradients()

@@ -5,7 +5,8 @@
                λ·Σᵢ fᵢ·‖W_dec,i‖₂ (the L1 penalty weighted by decoder norms, so no norm constraint).
 ``topk``       Gao et al. 2024: keep the k largest pre-activations per token (then ReLU); AuxK loss
                on dead latents. Decoder rows kept at unit norm.
-``batchtopk``  Bussmann et al. 2024: keep the B·k largest over the whole batch while training; at
+``batchtopk``  Bussmann et al. 2024: keep the B·k largest over the whole batch while training (saecore's
+               trainer keeps the k largest per row until its final steps, :attr:`SAE.select_per_row`); at
                inference a learned global threshold (EMA of the smallest kept activation) replaces it.
 ``jumprelu``   Rajamanoharan et al. 2024: f = z·H(z − θ) with a learned per-latent θ, trained with
                straight-through estimators (rectangle kernel) and an L0 penalty.
@@ -486,6 +487,12 @@ class SAE(nn.Module):
     def device(self) -> torch.device:
         return self.W_enc.device
 
+    # BatchTopK family, training only: select the k largest per row instead of the B·k largest of the
+    # batch (the trainer sets this for all but the final steps; the threshold learns only from batch
+    # selections). A batch selection hands rows with large norms many slots, and the latents that fire
+    # together on one row each fit that row's residual, so they merge its co-active directions.
+    select_per_row = False
+
     # -- encode / decode (raw activations in and out) -----------------------------------------------
     def _preacts(self, x: Tensor) -> Tensor:
         return torch.addmm(self.b_enc, x.to(self.W_enc.dtype) * self.cfg.input_scale, self.W_enc)
@@ -601,7 +608,7 @@ class SAE(nn.Module):
         """(rows, latents) of the kept entries, rows ascending: per-row top-k, or batch top-(B·k)."""
         B = pre.shape[0]
         k = self.cfg.k
-        if self.cfg.architecture == "topk":
+        if self.cfg.architecture == "topk" or self.select_per_row:
             idx = pre.topk(k, dim=-1, sorted=False).indices  # (B, k)
             rows = torch.arange(B, device=pre.device).repeat_interleave(k)
             return rows, idx.reshape(-1)
@@ -625,7 +632,7 @@ class SAE(nn.Module):
             pre_ref = xs @ self.W_enc + self.b_enc
             vals = F.relu(pre_ref[rows, latents])
             xs_hat = dense_decode(rows, latents, vals, self.W_dec, B) + self.b_dec
-        if self.training and self.cfg.architecture in BATCH_TOPK_FAMILY:
+        if self.training and self.cfg.architecture in BATCH_TOPK_FAMILY and not self.select_per_row:
             self._update_threshold(vals.detach())
         out = self._finish(xs, xs_hat, None, (rows, latents, vals), xs.new_zeros(()))
         if self.cfg.architecture == "matryoshka":

@@ -53,7 +53,7 @@ from .run import (
     record_path,
     store_path,
 )
-from .sae import AUXK_FAMILY, SAE, SAEConfig, check_matryoshka_groups
+from .sae import AUXK_FAMILY, BATCH_TOPK_FAMILY, SAE, SAEConfig, check_matryoshka_groups
 from .saelens import read_cfg
 from .seeded_init import LatentShard
 
@@ -69,7 +69,7 @@ STEER_RATE = 0.02
 # relu's automatic λ starts at this × √(d_in/k), ≈ the typical scaled activation of a feature when k of them
 # share E‖x‖² = d_in: an L1 price that a feature's MSE reduction (≈ its activation²) clearly pays.
 RELU_START_LAMBDA = 0.5
-SHORT_RUN_LR_STEPS = 4.0  # the automatic learning rate is at least this / total steps…
+SHORT_RUN_LR_FIRINGS = 24.0  # the automatic learning rate is at least this / a latent's firings in the run…
 MAX_AUTO_LR = 1e-2  # …and at most this…
 MAX_RELATIVE_STEP = 0.07  # …and at most this / √d_in
 CALIBRATION_ROWS = 8192  # rows of training data the data-derived initial values are computed from
@@ -125,7 +125,7 @@ class TrainConfig:
 
     lr: float = option(0.0, ge=0, le=1)
     """Adam learning rate; 0 → automatic: 2e-4 / sqrt(d_sae / 16384) (the width scaling Gao et al. fit), raised
-    for short runs to 4 / steps so the weights can travel far enough, at most min(1e-2, 0.07 / sqrt(d_in))."""
+    for short runs to 24 / (steps·batch·k/d_sae), 24 over a latent's firings in the run, at most min(1e-2, 0.07 / sqrt(d_in))."""
 
     batch_size: int = option(4096, ge=1, le=1 << 24)
     """Tokens per step."""
@@ -144,6 +144,11 @@ class TrainConfig:
 
     holdout_fraction: float = option(0.02, ge=0, lt=1)
     """Trailing fraction of the store (whole chunks) kept out of training for ``saecore eval``."""
+
+    batch_selection_frac: float = option(0.2, gt=0, le=1)
+    """batchtopk / matryoshka: final fraction of steps that select the B·k largest of the batch (and learn
+    the inference threshold); the steps before select the k largest per row, as topk. Selecting over the
+    batch from the start merges co-active directions (docs/training.md, "Defaults derived from the data")."""
 
     lambda_warmup_frac: float = option(0.05, ge=0, lt=1)
     """Fraction of steps over which the sparsity coefficient rises linearly from 0."""
@@ -188,15 +193,18 @@ class TrainConfig:
 
     def lr_for(self, total_steps: int, d_in: int) -> float:
         """``lr``, or the automatic rate for a run of ``total_steps``: Gao et al.'s width scaling fits long
-        runs; a run of a few hundred steps moves Adam's weights at most lr·steps, too little to find the
-        features at that rate (toy: 0.71 → 0.92 mean max cosine for batchtopk at 512 steps). Capped at
-        1e-2 and at MAX_RELATIVE_STEP/√d_in: Adam moves every weight by about lr per step, and a unit-norm
+        runs; in a short run each latent fires too few times to find its feature at that rate (toy:
+        0.71 → 0.92 mean max cosine for batchtopk at 512 steps). The floor counts those firings, about
+        tokens·k/d_sae per latent: SHORT_RUN_LR_FIRINGS / that. (A floor of 4/steps, blind to them, put
+        bench-synth's 8,192 firings per latent at 6.2e-3 and cost its TopK family MCC.) Capped at 1e-2
+        and at MAX_RELATIVE_STEP/√d_in: Adam moves every weight by about lr per step, and a unit-norm
         encoder column's entries are ≈ 1/√d_in, so wide inputs need a smaller rate (the quick start's
         d_in = 576 at 1e-2 left half its latents dead)."""
         if self.lr:
             return self.lr
         cap = min(MAX_AUTO_LR, MAX_RELATIVE_STEP / math.sqrt(d_in))
-        return min(cap, max(self.effective_lr, SHORT_RUN_LR_STEPS / max(total_steps, 1)))
+        firings = max(total_steps, 1) * self.batch_size * self.k / self.d_sae
+        return min(cap, max(self.effective_lr, SHORT_RUN_LR_FIRINGS / firings))
 
     @property
     def auto_sparsity(self) -> bool:
@@ -383,6 +391,7 @@ class Trainer:
             )
         self.device = default_device(cfg.device)
         self.dead_window = min(cfg.effective_dead_window, self.total_steps * cfg.batch_size)
+        self.batch_selection_start = self.total_steps - max(1, math.ceil(self.total_steps * cfg.batch_selection_frac))
         # What the trainer chose where the config says 0 (automatic); logged, and saved in cfg.json.
         self.base_lr = cfg.lr_for(self.total_steps, store.d_model(self.hook))
         self.chosen: dict[str, float] = {"lr": self.base_lr, "dead_window_tokens": self.dead_window}
@@ -556,6 +565,10 @@ class Trainer:
             error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / self.cfg.k)))
             self.sparsity_coefficient *= math.exp(STEER_RATE * error)
 
+    def selects_per_row(self, step: int) -> bool:
+        """Whether a batchtopk / matryoshka step selects per row (before the final batch-selection steps)."""
+        return self.cfg.architecture in BATCH_TOPK_FAMILY and step < self.batch_selection_start
+
     # -- dead latents ------------------------------------------------------------------------------
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_window
@@ -611,6 +624,7 @@ class Trainer:
         lam = self.sparsity_coefficient_at(step)
         arch = self.cfg.architecture
         dead = self.dead_mask() if arch in AUXK_FAMILY else None
+        self.sae.select_per_row = self.selects_per_row(step)
         try:
             loss, out = sae_step(self.sae, self.opt, x, lam, self.cfg.aux_coefficient, dead, self.cfg.grad_clip)
         except FloatingPointError as e:
