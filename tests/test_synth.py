@@ -153,6 +153,20 @@ def _mcc_brute_force(dec: np.ndarray, truth: np.ndarray) -> float:
     return float(best)
 
 
+def test_an_sae_seeded_like_the_model_starts_no_closer_to_its_features_than_chance(drawn):
+    """bench-synth trains with the synthetic model's seed. An SAE init drawn from the same random stream as
+    the model's directions (once the case: both were torch.randn from manual_seed(seed)) starts on the
+    most frequent true features and inflates every score, so the seeded init must look like chance."""
+    from saecore.sae import SAE, SAEConfig
+
+    model = drawn[0]
+    truth = model.directions.numpy()
+    seeded = SAE(SAEConfig("topk", d_in=CFG.hidden_dim, d_sae=64, k=4), seed=CFG.seed).W_dec.detach().numpy()
+    chance = np.random.default_rng(99).standard_normal((64, CFG.hidden_dim))
+    assert mcc(seeded, truth[:64]) < mcc(chance, truth[:64]) + 0.1
+    assert mcc(seeded, truth) < mcc(chance, truth) + 0.1
+
+
 @pytest.mark.parametrize("shape", [(4, 4), (3, 6), (6, 3)])
 @pytest.mark.parametrize("seed", range(5))
 def test_mcc_is_the_best_one_to_one_matching(shape, seed):
