@@ -68,8 +68,9 @@ def test_small_saes_learn_atoms_large_ones_composites_and_the_meta_sae_recovers_
                                     toy_steps=1000, seed=0, device="cpu")
     rows, meta, geometry = composite.toy_sweep(cfg)
     small, large = rows
-    # Room for the 12 atoms only: its matched rows are atoms, hardly any a composite.
-    assert small["atoms_found"] >= 5 and small["rows_composite"] <= 2, small
+    # Room for the 12 atoms only: its matched rows are mostly atoms (9 atoms and 2 composites at 1 torch
+    # thread, 9 and 3 at 2: one borderline row changes class with the matmul's summation order).
+    assert small["atoms_found"] >= 5 and small["rows_atom"] > 2 * small["rows_composite"], small
     # Room for the 36 composites: most of them, more composites than atoms.
     assert large["composites_found"] >= 27 and large["rows_composite"] > large["rows_atom"], large
     # The meta-SAE on the composite dictionary finds the atoms again.
