@@ -59,6 +59,28 @@ def test_encoded_store_equals_the_dense_encoding(toy, tmp_path):
     assert before == {p: p.read_bytes() for p in (tmp_path / "f.zarr").rglob("*") if p.is_file()}
 
 
+def test_a_rerun_removes_what_a_killed_writer_was_staging(toy, tmp_path):
+    """SIGKILL between the Rust writer's ``.zarr.json.<pid>.partial`` and its rename leaves that file; the
+    next encode of the store removes it (its process is gone) and keeps one a live process holds."""
+    store, sae_dir = toy
+    out = tmp_path / "f.zarr"
+    encode(store, sae_dir, out, batch_rows=256, shard_rows=1024, progress=False)
+    reference = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = out / f".zarr.json.{gone.pid}.partial"
+    dead.write_bytes(b"")
+    (out / "shards").mkdir(exist_ok=True)
+    dead_deep = out / "shards" / f".zarr.json.{gone.pid}.partial"
+    dead_deep.write_bytes(b"{")
+    live = out / f".zarr.json.{os.getpid()}.partial"
+    live.write_bytes(b"")
+    encode(store, sae_dir, out, batch_rows=256, shard_rows=1024, progress=False)
+    assert not dead.exists() and not dead_deep.exists() and live.exists()
+    live.unlink()
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == reference
+
+
 def test_mismatched_inputs_are_refused(toy, tmp_path):
     store, sae_dir = toy
     with pytest.raises(ValueError, match=r"shard_rows \(1000\) must be a positive multiple of batch_rows \(256\)"):
