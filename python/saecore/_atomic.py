@@ -50,6 +50,31 @@ def remove_partial_files(folder: str | os.PathLike[str]) -> list[Path]:
     return removed
 
 
+_RUST_STAGED_FILE = re.compile(r"^\..+\.(\d+)\.partial$")  # the Rust core's ``write_atomic``: .NAME.<pid>.partial
+
+
+def remove_dead_writers_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove, anywhere under ``folder``, the staging files the Rust core's writer left when its process was
+    killed between writing ``.NAME.<pid>.partial`` and renaming it; one whose process still runs is kept."""
+    removed = []
+    for p in Path(folder).rglob("*.partial"):
+        m = _RUST_STAGED_FILE.match(p.name)
+        if m and p.is_file() and not _process_alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Atomically write ``text`` to ``path``."""
     with atomic_target(path) as tmp:

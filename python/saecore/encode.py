@@ -16,7 +16,6 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,12 @@ import numpy as np
 import torch
 
 from . import cluster, features
-from ._atomic import publish_dir, read_json_object, write_text
+from ._atomic import (
+    publish_dir,
+    read_json_object,
+    remove_dead_writers_files,
+    write_text,
+)
 from ._digest import file_sha256
 from .activations import ActivationStore
 from .config import add_arguments, from_args, option, validate
@@ -158,7 +162,7 @@ def encode(
     writer = open_writer(
         out, sae.cfg.d_sae, spec, value_dtype=cfg.value_dtype, shard_rows=cfg.shard_rows, threads=cfg.writer_threads
     )
-    remove_dead_writers_files(Path(out))
+    remove_dead_writers_files(out)  # what a killed Rust writer was staging
     try:
         if not writer.complete:
             _encode_rows(store, sae, hook, writer, cfg.batch_rows, dev, cfg.progress)
@@ -168,31 +172,6 @@ def encode(
     if cfg.csc:
         build_csc(out, mem_budget_bytes=cfg.csc_mem_budget_bytes)
     return FeatureStore(out)
-
-
-_RUST_STAGED = re.compile(r"^\..+\.(\d+)\.partial$")  # the Rust writer's ``.NAME.<pid>.partial``
-
-
-def remove_dead_writers_files(store: Path) -> list[Path]:
-    """Delete the staging files a killed Rust writer left in the feature store (a SIGKILL between
-    writing ``.zarr.json.<pid>.partial`` and renaming it); a file whose process still runs is kept."""
-    removed = []
-    for p in store.rglob("*.partial"):
-        m = _RUST_STAGED.match(p.name)
-        if m and p.is_file() and not _process_alive(int(m.group(1))):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def _encode_rows(
