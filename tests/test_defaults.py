@@ -34,12 +34,15 @@ ROWS, BATCH = 65536, 128  # 512 steps: a few seconds per run
 # Mean max cosine each architecture must reach with its defaults (measured values in docs/training.md).
 # BatchTopK and matryoshka select per row until their final 20% of steps: a batch selection from the start
 # hands large rows many slots and the latents co-firing on a row merge its directions (hard cell 0.779 →
-# 0.961). Matryoshka's nested prefixes (default groups d/16 … d/2) still force its first few latents to
-# merge several of these independent directions; its place is hierarchical data (bench-synth). JumpReLU
-# merges the same way (many latents per row while θ comes down from its calibrated start); not fixed yet.
+# 0.961). JumpReLU merged them the same way while many latents fire early on; an L1 price on the active
+# values for its first 70% of steps (TrainConfig.jumprelu_l1_frac) stops that (easy-2x-corr 0.931 → 0.965,
+# hard 0.777 → 0.916; seeds 0–3: ≥ 0.965 and ≥ 0.908). Matryoshka's nested prefixes (default groups d/16 …
+# d/2) make its first few latents merge independent or co-occurring directions, and the later latents
+# then learn corrections to them: that is the objective (a co-occurring pair is a parent and its child),
+# not a training failure, so its bar is its own; its place is hierarchical data (bench-synth).
 BARS = {
-    "easy": {"relu": 0.95, "topk": 0.95, "batchtopk": 0.95, "jumprelu": 0.90, "matryoshka": 0.82},
-    "hard": {"relu": 0.95, "topk": 0.94, "batchtopk": 0.93, "jumprelu": 0.74, "matryoshka": 0.76},
+    "easy": {"relu": 0.95, "topk": 0.95, "batchtopk": 0.95, "jumprelu": 0.95, "matryoshka": 0.82},
+    "hard": {"relu": 0.95, "topk": 0.94, "batchtopk": 0.93, "jumprelu": 0.88, "matryoshka": 0.76},
 }
 
 
@@ -116,6 +119,43 @@ def test_batchtopk_selects_per_row_until_its_final_steps(grid_stores, tmp_path):
         counts = torch.bincount(sae(x).rows, minlength=256)
         assert int(counts.sum()) == 256 * 2
         assert bool((counts == 2).all()) == per_row  # a batch selection gives rows differing counts
+
+
+def test_jumprelu_prices_activations_by_the_mean_threshold_until_its_l0_steps(grid_stores, tmp_path):
+    from saecore.training import Trainer
+
+    cfg = TrainConfig(architecture="jumprelu", d_sae=64, k=2, batch_size=128, num_tokens=10 * 128,
+                      holdout_fraction=0.0, progress=False)
+    t = Trainer(grid_stores["easy-2x"], tmp_path, cfg)
+    assert [t.jumprelu_l1_at(s) for s in range(10)] == [True] * 7 + [False] * 3  # the first 70%
+    assert not Trainer(grid_stores["easy-2x"], tmp_path / "b", TrainConfig(**{**cfg.to_dict(), "architecture": "batchtopk"})).jumprelu_l1_at(0)
+    seen = []
+    t = Trainer(grid_stores["easy-2x"], tmp_path / "run", cfg, on_step=lambda step, stats: seen.append(t.sae.jumprelu_l1))
+    t.run()
+    assert seen == [True] * 7 + [False] * 3
+
+    # The two sparsity terms on one batch, against plain formulas: Σ f/θ̄ and the L0 count.
+    sae = SAE(SAEConfig("jumprelu", d_in=16, d_sae=64, jumprelu_bandwidth=0.2), seed=3)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.linspace(0.1, 0.6, 64))
+    x = torch.from_numpy(sample(GRID["easy-2x"], 256, block=5))
+    grads = {}
+    for l1 in (True, False):
+        sae.zero_grad()
+        sae.jumprelu_l1 = l1
+        out = sae(x)
+        pre = x @ sae.W_enc + sae.b_enc
+        f = pre * (pre > sae.threshold)
+        expected = (f / sae.threshold.mean()).sum(1).mean() if l1 else (pre > sae.threshold).float().sum(1).mean()
+        torch.testing.assert_close(out.sparsity_loss, expected.detach())
+        out.sparsity_loss.backward()
+        w_grad = sae.W_enc.grad if sae.W_enc.grad is not None else torch.zeros_like(sae.W_enc)  # None: no path
+        grads[l1] = (w_grad.clone(), sae.threshold.grad.clone())
+    # L0 reaches the encoder only through θ; the L1 form also shrinks the active values (encoder gradient),
+    # and gives θ the L0 form's straight-through gradient scaled by θᵢ/θ̄.
+    assert float(grads[False][0].abs().max()) == 0.0 and float(grads[True][0].abs().max()) > 0
+    theta = sae.threshold.detach()
+    torch.testing.assert_close(grads[True][1], grads[False][1] * theta / theta.mean())
 
 
 def test_b_dec_starts_at_the_data_centre_and_the_pre_activations_are_centred():

@@ -217,9 +217,10 @@ class GridStep:
         return vals, sparse_decode(rows, latents, vals, m.W_dec, xs.shape[0], order)
 
     def forward(self, xs: Tensor, dead: Tensor | None, sparsity_coefficient: float, aux_coefficient: float,
-                per_row: bool = False) -> dict[str, Any]:
+                per_row: bool = False, jumprelu_l1: bool = False) -> dict[str, Any]:
         """Loss to backpropagate on this rank, plus the pieces of the global statistics. ``per_row``:
-        batchtopk selects the k largest per row (see :attr:`SAE.select_per_row`)."""
+        batchtopk selects the k largest per row (see :attr:`SAE.select_per_row`); ``jumprelu_l1``: jumprelu's
+        sparsity term is Σ fᵢ/θ̄ (see :attr:`SAE.jumprelu_l1`)."""
         m, arch, g = self.local, self.full.architecture, self.grid
         pre = torch.addmm(m.b_enc, xs, m.W_enc)  # (Bl, L)
         sparsity = xs.new_zeros(())
@@ -230,7 +231,11 @@ class GridStep:
             else:
                 eps = self.full.jumprelu_bandwidth
                 f = JumpReLUFunction.apply(pre, m.threshold, eps)
-                sparsity = StepFunction.apply(pre, m.threshold, eps).sum()
+                if jumprelu_l1:  # the mean threshold over every latent shard
+                    theta_mean = _all_reduce(m.threshold.detach().sum(), g.latent_group) / self.full.d_sae
+                    sparsity = (f / theta_mean).sum()
+                else:
+                    sparsity = StepFunction.apply(pre, m.threshold, eps).sum()
             partial = f @ m.W_dec
             active = f.detach() > 0
             n_active, fired = active.sum(), active.any(0)
@@ -397,7 +402,8 @@ class DistributedTrainer(Trainer):
         lam = self.sparsity_coefficient_at(step)
         xs = x.to(self.sae.W_enc.dtype) * self.sae.cfg.input_scale
         dead = self.dead_mask() if arch in AUXK_FAMILY else None
-        out = self.stepper.forward(xs, dead, lam, cfg.aux_coefficient, self.selects_per_row(step))
+        out = self.stepper.forward(xs, dead, lam, cfg.aux_coefficient, self.selects_per_row(step),
+                                   self.jumprelu_l1_at(step))
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self._reduce_gradients()

@@ -9,7 +9,9 @@
                trainer keeps the k largest per row until its final steps, :attr:`SAE.select_per_row`); at
                inference a learned global threshold (EMA of the smallest kept activation) replaces it.
 ``jumprelu``   Rajamanoharan et al. 2024: f = z·H(z − θ) with a learned per-latent θ, trained with
-               straight-through estimators (rectangle kernel) and an L0 penalty.
+               straight-through estimators (rectangle kernel) and an L0 penalty (saecore's trainer
+               uses Σᵢ fᵢ/θ̄, an L1 price in units of the mean threshold, for its first steps,
+               :attr:`SAE.jumprelu_l1`).
 ``matryoshka`` Bussmann et al. 2025 / Nabeshima 2024: BatchTopK whose latents form nested groups
                (``matryoshka_groups``); the reconstruction loss is the mean over the nested prefixes
                m₁ < m₂ < … < d_sae of ‖x − (b_dec + Σ_{i<m} fᵢ·W_dec,i)‖², so each prefix must
@@ -190,7 +192,8 @@ class SAEOutput(NamedTuple):
     mse: Tensor
     """Scalar: mean over rows of ‖s·x − s·x̂‖² (s = input_scale)."""
     sparsity_loss: Tensor
-    """Scalar: relu → mean Σᵢ fᵢ‖W_dec,i‖; jumprelu → mean L0 (straight-through); topk family → 0."""
+    """Scalar: relu → mean Σᵢ fᵢ‖W_dec,i‖; jumprelu → mean L0 (straight-through), or mean Σᵢ fᵢ/θ̄ while
+    :attr:`SAE.jumprelu_l1`; topk family → 0."""
     aux_loss: Tensor
     """Scalar: AuxK loss (dead latents reconstructing the residual), 0 without a dead mask."""
     l0: Tensor
@@ -492,6 +495,13 @@ class SAE(nn.Module):
     # selections). A batch selection hands rows with large norms many slots, and the latents that fire
     # together on one row each fit that row's residual, so they merge its co-active directions.
     select_per_row = False
+    # jumprelu, training only: the sparsity term is Σᵢ fᵢ/θ̄ (θ̄ the mean threshold, detached) instead of the
+    # L0 count Σᵢ H(zᵢ − θᵢ). An entry at the mean threshold costs 1 either way, so λ keeps its meaning, and θ
+    # gets the L0 form's straight-through gradient scaled by θᵢ/θ̄; the L1 form also shrinks the active
+    # values, which keeps the many latents firing together on a row early on from merging its directions
+    # (the trainer sets this for its first steps, TrainConfig.jumprelu_l1_frac). Per-latent θᵢ instead of θ̄
+    # priced latents with small thresholds out (toy grid 0.957 vs 0.966 mean max cosine).
+    jumprelu_l1 = False
 
     # -- encode / decode (raw activations in and out) -----------------------------------------------
     def _preacts(self, x: Tensor) -> Tensor:
@@ -601,8 +611,11 @@ class SAE(nn.Module):
         pre = torch.addmm(self.b_enc, xs, self.W_enc)  # (B, d_sae)
         eps = self.cfg.jumprelu_bandwidth
         f = JumpReLUFunction.apply(pre, self.threshold, eps)
-        l0 = StepFunction.apply(pre, self.threshold, eps).sum(-1).mean()
-        return self._finish(xs, torch.addmm(self.b_dec, f, self.W_dec), f, None, l0)
+        if self.jumprelu_l1:
+            sparsity = (f / self.threshold.detach().mean()).sum(-1).mean()
+        else:
+            sparsity = StepFunction.apply(pre, self.threshold, eps).sum(-1).mean()
+        return self._finish(xs, torch.addmm(self.b_dec, f, self.W_dec), f, None, sparsity)
 
     def _select(self, pre: Tensor) -> tuple[Tensor, Tensor]:
         """(rows, latents) of the kept entries, rows ascending: per-row top-k, or batch top-(B·k)."""

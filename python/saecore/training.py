@@ -115,6 +115,11 @@ class TrainConfig:
     jumprelu_bandwidth: float = option(0.0, ge=0)
     """Rectangle-kernel width of the jumprelu straight-through estimators (scaled units); 0 → θ₀/2."""
 
+    jumprelu_l1_frac: float = option(0.7, ge=0, le=1)
+    """jumprelu: initial fraction of steps whose sparsity term is Σᵢ fᵢ/θ̄ (an L1 price in units of the mean
+    threshold, so it also shrinks the active values) instead of the L0 count; an entry at θ̄ costs λ in
+    both. L0 from the start merges co-active directions (docs/training.md)."""
+
     jumprelu_init_threshold: float = option(0.0, ge=0)
     """Initial jumprelu threshold θ₀ (scaled units); 0 → calibrated on the data so that ≈ k latents per token
     start above it."""
@@ -392,6 +397,7 @@ class Trainer:
         self.device = default_device(cfg.device)
         self.dead_window = min(cfg.effective_dead_window, self.total_steps * cfg.batch_size)
         self.batch_selection_start = self.total_steps - max(1, math.ceil(self.total_steps * cfg.batch_selection_frac))
+        self.jumprelu_l0_start = math.ceil(self.total_steps * cfg.jumprelu_l1_frac)
         # What the trainer chose where the config says 0 (automatic); logged, and saved in cfg.json.
         self.base_lr = cfg.lr_for(self.total_steps, store.d_model(self.hook))
         self.chosen: dict[str, float] = {"lr": self.base_lr, "dead_window_tokens": self.dead_window}
@@ -565,6 +571,10 @@ class Trainer:
             error = max(-1.0, min(1.0, math.log(max(l0, 1e-3) / self.cfg.k)))
             self.sparsity_coefficient *= math.exp(STEER_RATE * error)
 
+    def jumprelu_l1_at(self, step: int) -> bool:
+        """Whether a jumprelu step prices activations by Σ fᵢ/θ̄ (before its L0 steps; see SAE.jumprelu_l1)."""
+        return self.cfg.architecture == "jumprelu" and step < self.jumprelu_l0_start
+
     def selects_per_row(self, step: int) -> bool:
         """Whether a batchtopk / matryoshka step selects per row (before the final batch-selection steps)."""
         return self.cfg.architecture in BATCH_TOPK_FAMILY and step < self.batch_selection_start
@@ -625,6 +635,7 @@ class Trainer:
         arch = self.cfg.architecture
         dead = self.dead_mask() if arch in AUXK_FAMILY else None
         self.sae.select_per_row = self.selects_per_row(step)
+        self.sae.jumprelu_l1 = self.jumprelu_l1_at(step)
         try:
             loss, out = sae_step(self.sae, self.opt, x, lam, self.cfg.aux_coefficient, dead, self.cfg.grad_clip)
         except FloatingPointError as e:
